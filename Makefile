@@ -1,0 +1,26 @@
+# Set up and run: `make demo` (end-to-end on synthetic cells, offline) and `make test` (the test suite).
+# Both create .venv with the project installed (editable) on first use; pip's cache is reused.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/cytoretrieve demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) indexes/*.lance indexes/*.faiss* indexes/demo-cells
