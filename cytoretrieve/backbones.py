@@ -1,0 +1,387 @@
+"""timm backbones as feature extractors: creation, weight loading, preprocessing and a content fingerprint.
+
+A `Backbone` is what a table is embedded with. Its `metadata()` is stored with the table so the exact model
+(weights + preprocessing) can be rebuilt for queries later; the fingerprint proves it is the same one.
+Weights come from timm ("timm"), a deterministic random init ("random", for tests and offline demos) or a
+file: safetensors (optionally with a JSON config beside it) or a torch checkpoint, loaded weights_only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import timm.data
+import torch
+from timm.models import get_pretrained_cfg
+
+from cytoretrieve.errors import CytoError
+from cytoretrieve.preprocess import INTERPOLATIONS, Preprocessing
+
+__all__ = ["Backbone", "Preprocessing", "backbone_from_metadata", "fingerprint", "load_backbone", "resolve_device"]
+
+KEYWORD_WEIGHTS = ("timm", "random")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+RANDOM_SEED = 0
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+@dataclass
+class Backbone:
+    """A timm model in eval mode returning pooled features (B, dim), with the preprocessing it expects."""
+
+    arch: str
+    model: torch.nn.Module
+    preprocessing: Preprocessing
+    weights: str
+    fingerprint: str
+    dim: int
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able description stored with a table; `backbone_from_metadata` rebuilds the model from it."""
+        return {
+            "arch": self.arch,
+            "weights": self.weights,
+            "fingerprint": self.fingerprint,
+            "dim": self.dim,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+
+def load_backbone(
+    arch: str | None,
+    weights: str | None = "timm",
+    *,
+    image_size: int | None = None,
+    resize: str | None = None,
+    device: str = "cpu",
+) -> Backbone:
+    """Create `arch` with weights "timm", "random" or from a file; explicit args beat the file's JSON config,
+    which beats the model's timm defaults. `arch` may be None when a JSON config beside the weights names it."""
+    return _build(arch, weights, image_size=image_size, resize=resize, device=device)
+
+
+def backbone_from_metadata(meta: Mapping[str, Any], device: str = "cpu") -> Backbone:
+    """Rebuild the backbone a table was embedded with; CytoError if its fingerprint no longer matches."""
+    try:
+        arch, weights, expected = meta["arch"], meta["weights"], meta["fingerprint"]
+        preprocessing = Preprocessing.from_dict(dict(meta["preprocessing"]))
+    except (KeyError, TypeError) as e:
+        raise CytoError(f"table metadata does not describe a backbone (missing or bad {e}): re-embed the table") from e
+    try:
+        backbone = _build(arch, weights, preprocessing=preprocessing, device=device)
+    except CytoError as e:
+        raise CytoError(f"cannot rebuild the backbone this table was embedded with: {e}") from e
+    if backbone.fingerprint != expected:
+        if weights in KEYWORD_WEIGHTS:
+            what = f"{arch} with {weights} weights no longer matches the table (timm or torch version changed?)"
+        else:
+            what = f"weights file {weights} changed since the table was embedded"
+        raise CytoError(
+            f"{what}: fingerprint {backbone.fingerprint[:16]} now vs {str(expected)[:16]} in the table;"
+            " restore the file or re-embed"
+        )
+    return backbone
+
+
+def fingerprint(model: torch.nn.Module, arch: str, preprocessing: Preprocessing) -> str:
+    """sha256 (hex) of arch, preprocessing and every state-dict tensor (name, dtype, shape, raw bytes)."""
+    digest = hashlib.sha256()
+    header = {"arch": arch, "preprocessing": preprocessing.to_dict()}
+    digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is available, else "cpu"; an unavailable or unknown device is a CytoError."""
+    device = (device or "auto").strip()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise CytoError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from e
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CytoError(f"device {device!r} requested but no CUDA GPU is available: use --device cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CytoError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CytoError(f"device {device!r} requested but MPS is not available: use --device cpu or auto")
+    elif parsed.type != "cpu":
+        raise CytoError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
+    return device
+
+
+# --- building -------------------------------------------------------------------------------------------
+
+
+def _build(
+    arch: str | None,
+    weights: str | None,
+    *,
+    image_size: int | None = None,
+    resize: str | None = None,
+    device: str = "cpu",
+    preprocessing: Preprocessing | None = None,
+) -> Backbone:
+    """Shared by `load_backbone` and `backbone_from_metadata` (which passes the stored preprocessing)."""
+    device = resolve_device(device)
+    weights = "timm" if weights is None else str(weights)
+    if preprocessing is not None:
+        image_size = preprocessing.size
+    path, from_config = None, {}
+    if weights in KEYWORD_WEIGHTS:
+        arch = _check_arch(arch)
+    else:
+        path = _weights_path(weights)
+        config = _read_config(path)
+        arch = _check_arch(_arch_for_file(arch, config, path))
+        from_config = _config_preprocessing(config, path)
+    # a ViT is built at the size its weights were trained at (the JSON's); dynamic_img_size handles image_size
+    create_size = from_config.get("size") or image_size
+    model = _create_model(arch, pretrained=weights == "timm", img_size=create_size)
+    if path is not None:
+        _load_weights(model, _read_state_dict(path), path, arch)
+    model.eval()
+    if preprocessing is None:
+        preprocessing = _resolve_preprocessing(model, create_size, from_config, image_size, resize)
+    digest = fingerprint(model, arch, preprocessing)
+    dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return Backbone(
+        arch=arch,
+        model=model.to(device),
+        preprocessing=preprocessing,
+        weights=str(path) if path is not None else weights,
+        fingerprint=digest,
+        dim=dim,
+    )
+
+
+def _check_arch(arch: str | None) -> str:
+    """The arch if timm knows it (pretrained tags allowed), else a CytoError with close matches."""
+    if not arch:
+        raise CytoError("no backbone given: pass --arch, e.g. resnet50 or vit_small_patch16_224")
+    if arch.startswith(_HUB_PREFIXES) or timm.is_model(arch):
+        return arch
+    family = re.match(r"[a-z]*", arch.lower()).group(0) or "resnet"
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise CytoError(f"unknown backbone {arch!r}: not a timm model (try `timm.list_models('*{family}*')`){hint}")
+
+
+def _create_model(arch: str, *, pretrained: bool, img_size: int | None) -> torch.nn.Module:
+    """timm.create_model with num_classes=0; fixed-size models (ViTs) get img_size and, where they take it,
+    dynamic_img_size (so one model serves any input size). A failed pretrained download is a CytoError."""
+    kwargs: dict[str, Any] = {}
+    cfg = None if arch.startswith(_HUB_PREFIXES) else get_pretrained_cfg(arch)
+    if cfg is not None and cfg.fixed_input_size:
+        kwargs = {"img_size": img_size, "dynamic_img_size": True}
+    try:
+        try:
+            return _seeded_create(arch, pretrained, kwargs)
+        except TypeError as e:  # BEiT, CaiT, LeViT, ... have no dynamic_img_size
+            if "dynamic_img_size" not in str(e):
+                raise
+            return _seeded_create(arch, pretrained, {"img_size": img_size})
+    except OSError as e:  # huggingface_hub and urllib errors are OSErrors
+        if not pretrained:
+            raise
+        raise CytoError(
+            f"could not fetch pretrained weights for {arch} (offline?): pass --weights FILE or --weights random"
+        ) from e
+    except RuntimeError as e:
+        if not (pretrained and "pretrained" in str(e).lower()):
+            raise
+        raise CytoError(f"timm has no pretrained weights for {arch}: pass --weights FILE or --weights random") from e
+
+
+def _seeded_create(arch: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """Create under a forked, seeded CPU RNG: random init is reproducible and the caller's RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+def _resolve_preprocessing(
+    model: torch.nn.Module,
+    create_size: int | None,
+    config: Mapping[str, Any],
+    image_size: int | None,
+    resize: str | None,
+) -> Preprocessing:
+    """Explicit args > JSON config beside the weights > the model's timm data config."""
+    data = timm.data.resolve_model_data_config(model)
+    interpolation = data.get("interpolation", "bicubic")
+    merged: dict[str, Any] = {
+        "size": create_size or int(data["input_size"][-1]),
+        "mean": tuple(data["mean"]),
+        "std": tuple(data["std"]),
+        "interpolation": interpolation if interpolation in INTERPOLATIONS else "bicubic",
+        "resize": "letterbox",
+    }
+    merged.update(config)
+    merged.update({k: v for k, v in (("size", image_size), ("resize", resize)) if v is not None})
+    return Preprocessing.from_dict(merged)
+
+
+# --- weight files ---------------------------------------------------------------------------------------
+
+
+def _weights_path(weights: str) -> Path:
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise CytoError(f"weights file not found: {path} (or use --weights timm / --weights random)")
+    if not path.is_file():
+        raise CytoError(f"weights path is not a file: {path}")
+    return path.resolve()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The JSON config beside a .safetensors file (same stem), as written by the DINO trainer's export; or {}."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    config_path = path.with_suffix(".json")
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CytoError(f"could not read backbone config {config_path}: {_first_line(e)}") from e
+    if not isinstance(config, dict):
+        raise CytoError(f"backbone config {config_path} must be a JSON object with arch and preprocessing")
+    return config
+
+
+def _config_preprocessing(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The (possibly partial) preprocessing of a JSON config; its size must be usable to build the model."""
+    preprocessing = config.get("preprocessing") or {}
+    if not isinstance(preprocessing, dict):
+        raise CytoError(f"'preprocessing' in the config beside {path} must be a JSON object")
+    size = preprocessing.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise CytoError(f"preprocessing size in the config beside {path} must be a positive integer, got {size!r}")
+    return preprocessing
+
+
+def _arch_for_file(arch: str | None, config: Mapping[str, Any], path: Path) -> str:
+    """The given arch, checked against the JSON config's; or the config's when none is given."""
+    config_arch = config.get("arch")
+    if not arch:
+        if not config_arch:
+            raise CytoError(f"no arch given for {path} and no {path.with_suffix('.json').name} beside it: pass --arch")
+        return str(config_arch)
+    if config_arch and str(config_arch).split(".")[0] != arch.split(".")[0]:
+        raise CytoError(
+            f"weights {path} are for {config_arch} (per {path.with_suffix('.json').name}), not {arch}:"
+            " drop --arch or fix it"
+        )
+    return arch
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors by name from a .safetensors file or a weights_only torch checkpoint (never a full unpickle)."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError, ... on a corrupt or foreign file
+            raise CytoError(f"could not read safetensors weights {path}: {_first_line(e)}") from e
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise CytoError(f"unsupported weights file {path}: expected .safetensors, {', '.join(CHECKPOINT_SUFFIXES)}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused is None:  # garbage bytes fail in the same unpickler
+            raise CytoError(f"could not read checkpoint {path}: not a torch checkpoint (or a corrupt one)") from e
+        raise CytoError(
+            f"refusing to unpickle {path}: it holds Python objects besides tensors ({refused.group(1)}) and only"
+            " weights_only loading is allowed; re-save it with torch.save(model.state_dict(), ...) or as .safetensors"
+        ) from e
+    except Exception as e:  # truncated zip, not a checkpoint at all, ...
+        raise CytoError(f"could not read checkpoint {path}: {_first_line(e)}") from e
+    return _find_state_dict(checkpoint, path)
+
+
+def _find_state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or one under 'teacher' (DINO: the teacher is the model to use), 'state_dict' or 'model'."""
+    node = checkpoint
+    while isinstance(node, Mapping):
+        if node and all(isinstance(v, torch.Tensor) for v in node.values()):
+            return {str(k): v for k, v in node.items()}
+        key = next((k for k in ("teacher", "state_dict", "model") if isinstance(node.get(k), Mapping)), None)
+        if key is None:
+            break
+        node = node[key]
+    found = ", ".join(map(str, list(checkpoint)[:6])) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+    raise CytoError(
+        f"no state dict in {path} (found: {found}): expected tensors by name or a 'teacher'/'state_dict'/'model' entry"
+    )
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Strip wrapper prefixes, keep the backbone of a backbone+head wrapper, drop classifier keys, load strictly."""
+    expected = model.state_dict()
+    state = {_strip(k, _WRAPPER_PREFIXES): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state) and not any(k.startswith("backbone.") for k in expected):
+        state = {_strip(k[9:], _WRAPPER_PREFIXES): v for k, v in state.items() if k.startswith("backbone.")}
+    heads = _classifier_prefixes(model)
+    state = {k: v for k, v in state.items() if k in expected or not k.startswith(heads)}
+
+    # old BatchNorm checkpoints lack num_batches_tracked; torch fills it in, so it is not "missing"
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        hint = ""
+        if any(m.startswith("pos_embed:") for m in mismatched):
+            hint = "; a ViT's pos_embed fits the image size it was trained at: pass that --image-size"
+        raise CytoError(
+            f"weights {path} do not fit {arch}: {len(missing)} missing{_examples(missing)},"
+            f" {len(unexpected)} unexpected{_examples(unexpected)},"
+            f" {len(mismatched)} shape mismatches{_examples(mismatched)} (file vs model){hint}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """Key prefixes of classifier / DINO projection heads, dropped unless the num_classes=0 model has them."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = {"head", "fc", *([classifier] if isinstance(classifier, str) else classifier)}
+    return tuple(f"{name}." for name in sorted(names))
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    while key.startswith(prefixes):
+        key = key[len(next(p for p in prefixes if key.startswith(p))) :]
+    return key
+
+
+def _examples(items: list[str], n: int = 3) -> str:
+    return f" (e.g. {', '.join(items[:n])})" if items else ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
