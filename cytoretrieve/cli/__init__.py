@@ -1,0 +1,60 @@
+"""The `cytoretrieve` command line: a typer app, one module per command group, thin over the Python API.
+
+Heavy libraries (torch, timm, lancedb, faiss, sklearn) are imported inside the commands, so `--help` is instant.
+A `CytoError` (a user mistake) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cytoretrieve import __version__
+from cytoretrieve.cli import classify, datasets, demo, embed, search, tables
+from cytoretrieve.errors import CytoError
+
+app = typer.Typer(
+    name="cytoretrieve",
+    help="Pap-smear cytology images to a searchable embedding store: embed once, then evaluate k-NN "
+    "(classify), find similar cells (search), transfer and score slides from the stored vectors.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("embed")(embed.embed)
+app.command("classify")(classify.classify)
+app.command("search")(search.search)
+app.command("tables")(tables.tables)
+app.command("demo")(demo.demo)
+app.add_typer(datasets.app, name="datasets")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cytoretrieve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Pap-smear cytology images to a searchable embedding store."""
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` and return its exit code (what `main` exits with; handy in tests)."""
+    try:
+        app(args=argv, prog_name="cytoretrieve")
+    except SystemExit as e:  # typer's standalone mode: help, usage errors (2), typer.Exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except CytoError as e:
+        print(f"cytoretrieve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,82 @@
+"""`cytoretrieve embed`: embed a cell dataset into a store table (resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from cytoretrieve.cli import options
+
+
+class RateColumn(ProgressColumn):
+    """Images per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:6.1f} img/s" if task.speed else "   ... img/s", style="progress.data.speed")
+
+
+def embed(
+    source: Annotated[Path, typer.Argument(help="Dataset: a Herlev or SIPaKMeD folder, class folders, or a CSV manifest (path,label[,group]).")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Any timm model name: resnet50, vit_small_patch16_224, resnet18...")] = "resnet50",
+    weights: Annotated[str, typer.Option("--weights", "-w", help="'timm' (pretrained, needs internet), 'random' (seeded, for tests), or a file: .safetensors or a cytoretrieve/DINO checkpoint (teacher).")] = "timm",
+    table: Annotated[str | None, typer.Option("--table", "-t", help="Table to write; default <dataset>_<backbone>.")] = None,
+    store: options.Store = options.DEFAULT_STORE,
+    layout: Annotated[str, typer.Option("--layout", help="auto, herlev, sipakmed, folders or manifest.")] = "auto",
+    label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON or CSV (class,binary[,name]) mapping classes to positive (1) / negative (0).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Input side in px; default the model's.")] = None,
+    resize: Annotated[str | None, typer.Option("--resize", help="letterbox (keep aspect, pad with background), stretch, or center-crop.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="DataLoader worker processes; default half the cores.")] = None,
+    device: options.Device = "auto",
+    commit_rows: Annotated[int, typer.Option("--commit-rows", min=1, help="Rows per store commit (a killed job loses at most one commit's work).")] = 2048,
+) -> None:
+    """Embed every image of SOURCE with a backbone into a store table.
+
+    Resumable: rerun the same command after Ctrl-C or a crash and only the missing images are embedded; a
+    finished job adds nothing. A table holds one backbone's vectors: another backbone needs another table.
+    Unreadable images are skipped, counted and listed.
+
+    Example: cytoretrieve embed data/herlev --backbone resnet50 --weights dino_teacher.safetensors
+    """
+    from cytoretrieve.backbones import load_backbone
+    from cytoretrieve.embed import embed as run_embed
+    from cytoretrieve.store import Store
+
+    console = Console(stderr=True)
+    bb = load_backbone(backbone, weights, image_size=image_size, resize=resize)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+        TextColumn("{task.fields[failed]} failed"), TimeRemainingColumn(), console=console,
+    )
+    task = None
+
+    def on_start(dataset, cell_table) -> None:  # noqa: ANN001
+        console.print(f"{dataset.name} ({dataset.layout}, {len(dataset.records)} images) -> table [bold]{cell_table.name}[/] "
+                      f"in {store}; backbone {bb.arch} {bb.fingerprint[:12]} ({bb.dim}-d)")
+
+    def on_progress(done: int, todo: int, failed: int) -> None:
+        nonlocal task
+        if task is None:  # started only once there is work, so an early error prints no empty bar
+            progress.start()
+            task = progress.add_task("embedding", total=todo, failed=0)
+        progress.update(task, completed=done, failed=failed)
+
+    try:
+        report = run_embed(source, bb, Store(store), table=table, layout=layout, label_map=label_map,
+                           batch_size=batch_size, workers=workers, device=device, commit_rows=commit_rows,
+                           on_progress=on_progress, on_start=on_start)
+    finally:
+        progress.stop()
+    out = Console()
+    out.print(f"table [bold]{report.table}[/]: {report.added} added, {report.skipped} already stored, "
+              f"{len(report.failed)} unreadable; {report.images_per_second:.1f} img/s")
+    for row_id, reason in report.failed:
+        out.print(f"  skipped {row_id}: {reason}", markup=False, highlight=False)
+    if report.interrupted:
+        console.print("interrupted: what was embedded is stored; rerun the same command to finish")
+        raise typer.Exit(130)
