@@ -20,6 +20,7 @@ app = typer.Typer(
     "(classify), find similar cells (search), transfer and score slides from the stored vectors.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -29,8 +29,10 @@ def search(
     Each hit shows its cosine similarity, label, source and group (slide location for tiles); for a labelled
     table the neighbours' majority label is given too.
 
-    Examples: cytoretrieve search cell.png --table herlev_resnet50 -k 5
-              cytoretrieve search --id carcinoma_in_situ/149143370-149143378-001.jpg --table herlev_resnet50
+    By image: cytoretrieve search cell.png --table herlev_resnet50 -k 5
+
+    By id, among positives only: cytoretrieve search --id carcinoma_in_situ/149143370-149143378-001.jpg
+    --table herlev_resnet50 --where "binary = 1"
     """
     from cytoretrieve.search import search as run_search
     from cytoretrieve.store import Store
