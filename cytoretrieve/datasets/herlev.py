@@ -6,12 +6,17 @@ not cells. Processed copies (such as the letterboxed JPEG set) keep the folders 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from cytoretrieve.datasets.labels import HERLEV, LabelMap
-from cytoretrieve.datasets.record import CellRecord, IMAGE_SUFFIXES, images_in, relative_id, visible_dirs
-from cytoretrieve.errors import CytoError
+from cytoretrieve.datasets.record import (
+    IMAGE_SUFFIXES,
+    CellRecord,
+    find_class_folders,
+    images_in,
+    relative_id,
+    require_class_folders,
+)
 
 HERLEV_FOLDERS: dict[str, str] = {
     "normal_superficiel": "NS",
@@ -28,19 +33,12 @@ _ALIASES = {"normal_superficial": "NS"}  # the English spelling some copies use
 MIN_FOLDERS = 4  # this many of the 7 class folders make a root Herlev-like
 
 
-def _code_of(folder_name: str) -> str | None:
-    key = folder_name.lower()
-    return HERLEV_FOLDERS.get(key) or _ALIASES.get(key)
+_FOLDER_CODES = {**HERLEV_FOLDERS, **_ALIASES}
 
 
 def class_folders(root: Path) -> dict[str, Path]:
     """Herlev class code -> folder, for the class folders present at `root`."""
-    found: dict[str, Path] = {}
-    for folder in visible_dirs(root):
-        code = _code_of(folder.name)
-        if code and code not in found:
-            found[code] = folder
-    return found
+    return find_class_folders(root, _FOLDER_CODES)
 
 
 def looks_like_herlev(root: Path) -> bool:
@@ -56,14 +54,7 @@ def is_mask(path: Path) -> bool:
 def read_herlev(root: Path, labels: LabelMap | None = None) -> list[CellRecord]:
     """List the cells of each class folder (masks skipped): label = class code, binary from `labels` or HERLEV."""
     labels = labels or HERLEV
-    folders = class_folders(root)
-    if not folders:
-        raise CytoError(f"no Herlev class folders in {root} (expected {', '.join(HERLEV_FOLDERS)})")
-    missing = [code for code in HERLEV.classes if code not in folders]
-    if missing:
-        warnings.warn(
-            f"Herlev root {root} has no folder for {', '.join(missing)}; reading the other classes", stacklevel=3
-        )
+    folders = require_class_folders(root, _FOLDER_CODES, "Herlev", HERLEV.classes)
     records = []
     for code, folder in folders.items():
         for path in images_in(folder):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -105,3 +106,25 @@ def finish(records: list[CellRecord], source: Path) -> list[CellRecord]:
         shown = ", ".join(dups[:5]) + (f" and {len(dups) - 5} more" if len(dups) > 5 else "")
         raise CytoError(f"{source} lists the same image more than once: {shown}; remove the repeated rows")
     return records
+
+
+
+def find_class_folders(root: Path, folder_codes: dict[str, str]) -> dict[str, Path]:
+    """Class code -> folder for the known class folders under `root` (`folder_codes` keys are lower-case names)."""
+    found: dict[str, Path] = {}
+    for folder in visible_dirs(root):
+        code = folder_codes.get(folder.name.lower())
+        if code and code not in found:
+            found[code] = folder
+    return found
+
+
+def require_class_folders(root: Path, folder_codes: dict[str, str], dataset: str, classes: tuple[str, ...]) -> dict[str, Path]:
+    """`find_class_folders`, where none at all is a CytoError and a missing class a warning (the rest is read)."""
+    found = find_class_folders(root, folder_codes)
+    if not found:
+        raise CytoError(f"no {dataset} class folders in {root} (expected {', '.join(dict.fromkeys(folder_codes))})")
+    missing = [code for code in classes if code not in found]
+    if missing:
+        warnings.warn(f"{dataset} root {root} has no folder for {', '.join(missing)}; reading the other classes", stacklevel=3)
+    return found

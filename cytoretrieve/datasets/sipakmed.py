@@ -13,7 +13,14 @@ import warnings
 from pathlib import Path
 
 from cytoretrieve.datasets.labels import SIPAKMED, LabelMap
-from cytoretrieve.datasets.record import CellRecord, images_in, relative_id, visible_dirs
+from cytoretrieve.datasets.record import (
+    CellRecord,
+    find_class_folders,
+    images_in,
+    relative_id,
+    require_class_folders,
+    visible_dirs,
+)
 from cytoretrieve.errors import CytoError
 
 FOLDER_NAMES: dict[str, str] = {
@@ -33,12 +40,7 @@ _PARENT = re.compile(r"^(\d+)(?:_\d+)?$")
 
 def class_folders(root: Path) -> dict[str, Path]:
     """SIPaKMeD class code -> `im_*` folder, for the class folders present at `root`."""
-    found: dict[str, Path] = {}
-    for folder in visible_dirs(root):
-        code = SIPAKMED_FOLDERS.get(folder.name.lower())
-        if code and code not in found:
-            found[code] = folder
-    return found
+    return find_class_folders(root, SIPAKMED_FOLDERS)
 
 
 def looks_like_sipakmed(root: Path) -> bool:
@@ -64,14 +66,7 @@ def _group(folder: Path, path: Path) -> str | None:
 def read_sipakmed(root: Path, labels: LabelMap | None = None, *, full: bool = False) -> list[CellRecord]:
     """List the cropped cells (or, with `full`, the multi-cell images beside CROPPED) of each `im_*` class folder."""
     labels = labels or SIPAKMED
-    folders = class_folders(root)
-    if not folders:
-        raise CytoError(f"no SIPaKMeD class folders in {root} (expected {', '.join(FOLDER_NAMES)})")
-    missing = [code for code in SIPAKMED.classes if code not in folders]
-    if missing:
-        warnings.warn(
-            f"SIPaKMeD root {root} has no folder for {', '.join(missing)}; reading the other classes", stacklevel=3
-        )
+    folders = require_class_folders(root, SIPAKMED_FOLDERS, "SIPaKMeD", SIPAKMED.classes)
     records = []
     without_crops = []
     for code, folder in folders.items():
