@@ -71,6 +71,12 @@ def table_name_for(dataset: str, arch: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", f"{dataset}_{arch}").strip("_").lower()
 
 
+def table_meta(tbl: lancedb.table.Table) -> dict[str, Any]:
+    """The cytoretrieve metadata of any table of the store ({} for a table written by something else)."""
+    raw = (tbl.schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -148,18 +154,21 @@ class Store:
         return cache
 
     def describe(self) -> list[TableInfo]:
+        """One line per table; tables without vectors (tile bags) show dimension 0 and their kind."""
         infos = []
         for name in self.table_names():
-            t = self.open(name)
-            stats = t.tbl.stats()
+            tbl = self.db.open_table(name)
+            meta = table_meta(tbl)
+            backbone = meta.get("backbone") or {}
+            stats = tbl.stats()
             infos.append(
                 TableInfo(
                     name=name,
                     rows=int(stats["num_rows"]),
-                    dim=t.dim,
-                    arch=t.meta.get("backbone", {}).get("arch", "?"),
-                    fingerprint=t.fingerprint,
-                    dataset=t.meta.get("dataset", {}).get("name", "?"),
+                    dim=int(backbone.get("dim", 0)),
+                    arch=backbone.get("arch", f"({meta.get('kind', 'no vectors')})"),
+                    fingerprint=backbone.get("fingerprint", ""),
+                    dataset=(meta.get("dataset") or {}).get("name", ""),
                     bytes=int(stats["total_bytes"]),
                 )
             )
@@ -172,10 +181,10 @@ class CellTable:
     def __init__(self, store: Store, tbl: lancedb.table.Table) -> None:
         self.store = store
         self.tbl = tbl
-        raw = (tbl.schema.metadata or {}).get(META_KEY)
-        if raw is None:
-            raise CytoError(f"table '{tbl.name}' was not written by cytoretrieve (no backbone metadata)")
-        self.meta: dict[str, Any] = json.loads(raw)
+        self.meta: dict[str, Any] = table_meta(tbl)
+        if "backbone" not in self.meta:
+            what = f"a {self.meta['kind']} table" if "kind" in self.meta else "not a table of vectors"
+            raise CytoError(f"table '{tbl.name}' is {what}: it holds no vectors (embed it into a table first)")
 
     @property
     def name(self) -> str:

@@ -91,3 +91,16 @@ def test_row_key_and_table_names() -> None:
     assert -(2**63) <= row_key("carcinoma_in_situ/1.jpg") < 2**63
     assert table_name_for("cric_crops_100px", "vit_small_patch16_224") == "cric_crops_100px_vit_small_patch16_224"
     assert table_name_for("My Set", "resnet18") == "my_set_resnet18"
+
+
+def test_tables_without_vectors_are_listed_but_not_opened_as_vectors(store: Store) -> None:
+    import json
+
+    import pyarrow as pa
+
+    schema = pa.schema([pa.field("id", pa.string())], metadata={b"cytoretrieve": json.dumps({"kind": "tiles"}).encode()})
+    store.db.create_table("bag", schema=schema).add(pa.table({"id": ["s@0,0,320"]}, schema=schema))
+    info = {i.name: i for i in store.describe()}["bag"]
+    assert info.rows == 1 and info.dim == 0 and info.arch == "(tiles)"
+    with pytest.raises(CytoError, match="a tiles table.*no vectors"):
+        store.open("bag")

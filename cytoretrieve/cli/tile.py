@@ -1,0 +1,115 @@
+"""`cytoretrieve tile`: whole slides -> cell-deposit mask -> 320 px tiles at 0.5 um/px -> a tile table (one bag
+per slide)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table as RichTable
+
+from cytoretrieve.cli import options
+
+Mpp = Annotated[float | None, typer.Option("--mpp", help="Level-0 um/px for slides whose metadata has none (openslide.mpp-x), or an implausible one (72 dpi TIFFs).")]
+Objective = Annotated[float | None, typer.Option("--objective", help="Objective power for slides without mpp metadata: P means 10/P um/px (20 -> 0.5).")]
+TargetMpp = Annotated[float, typer.Option("--target-mpp", help="Pixel size of the tiles, um/px (0.5 = 20x).")]
+TileSize = Annotated[int, typer.Option("--tile-size", help="Tile side in px at --target-mpp.")]
+
+
+def tile(
+    slides: Annotated[list[Path] | None, typer.Argument(help="Slide files (any format OpenSlide reads) or folders of them. May be omitted when --labels has a path column.", show_default=False)] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV slide,label[,binary][,path]: slide labels stored with the tiles.")] = None,
+    store: options.Store = options.DEFAULT_STORE,
+    table: Annotated[str, typer.Option("--table", "-t", help="Tile table to write (created if needed; resumable per slide).")] = "tiles",
+    mpp: Mpp = None,
+    objective: Objective = None,
+    tile_size: TileSize = 320,
+    stride: Annotated[int | None, typer.Option("--stride", help="Grid step in px at --target-mpp; default the tile size (no overlap).")] = None,
+    target_mpp: TargetMpp = 0.5,
+    min_coverage: Annotated[float, typer.Option("--min-coverage", help="Keep a tile when at least this fraction of it is cell deposit.")] = 0.5,
+    deposit: Annotated[str, typer.Option("--deposit", help="Deposit detection: saturation (HSV, stained cells) or grey (Otsu on grey level).")] = "saturation",
+    preview: Annotated[Path | None, typer.Option("--preview", help="Write one PNG per slide here: thumbnail, deposit outline, kept tiles.")] = None,
+    json_out: options.JsonOut = None,
+) -> None:
+    """Cut whole slides into tiles: find the cell deposit on a thumbnail, lay a grid of 320 px tiles at
+    0.5 um/px (20x) over it, and store one row per kept tile (slide, level-0 x/y, read level and size, mpp,
+    coverage, slide label) in a tile table. Each slide's rows are its bag.
+
+    A slide that cannot be read (not a slide, truncated, no mpp without --mpp) is skipped and reported; a
+    slide with no deposit gives a warning and 0 tiles. A rerun skips the slides the table already holds.
+
+    Example: cytoretrieve tile slides/ --labels slides.csv --preview qc/
+    """
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.slides.deposit import DepositParams
+    from cytoretrieve.slides.grid import GridSpec
+    from cytoretrieve.slides.labels import read_labels
+    from cytoretrieve.slides.tiling import tile_slides
+    from cytoretrieve.store import Store
+
+    err = Console(stderr=True)
+    spec = GridSpec(tile_size=tile_size, target_mpp=target_mpp, stride=stride, min_coverage=min_coverage)
+    params = DepositParams(method=deposit)
+    slide_labels = read_labels(labels) if labels else None
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"), console=err, disable=not err.is_terminal,
+    )
+    tasks: dict[str, int] = {}
+
+    def on_slide(i: int, n: int, path: Path) -> None:
+        if not tasks:
+            progress.start()
+            tasks["all"] = progress.add_task("slides", total=n, note="")
+            tasks["one"] = progress.add_task("slide", total=1, note="")
+        progress.update(tasks["one"], description=path.name[:40], completed=0, total=1, note="thumbnail")
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(tasks["one"], completed=done, total=total)
+
+    def on_result(result) -> None:  # noqa: ANN001
+        progress.update(tasks["one"], completed=1, total=1, note=f"{result.status}: {result.tiles} tiles")
+        progress.advance(tasks["all"])
+
+    try:
+        report = tile_slides(slides or [], Store(store), table=table, spec=spec, params=params, labels=slide_labels,
+                             mpp=mpp, objective=objective, preview=preview, on_slide=on_slide,
+                             on_progress=on_progress, on_result=on_result)
+    finally:
+        progress.stop()
+
+    out = Console()
+    view = RichTable(title=f"table {report.table} in {report.store} (mm2: deposit area; read: px read at level)",
+                     box=box.SIMPLE_HEAD)
+    longest = max((len(r.slide) for r in report.results), default=5)
+    labelled = any(r.label for r in report.results)
+    for col in ("slide", "status", "tiles", "grid", "mm2", "level", "read", "um/px") + (("label",) if labelled else ()):
+        width = min(longest, 28) if col == "slide" else (7 if col == "status" else len(col))
+        view.add_column(col, justify="left" if col in ("slide", "status", "label") else "right",
+                        no_wrap=col != "label", min_width=width)
+    for r in report.results:
+        view.add_row(
+            r.slide, r.status, str(r.tiles), str(r.grid_tiles) if r.grid_tiles else "",
+            f"{r.deposit_mm2:.3f}" if r.deposit_mm2 is not None else "", "" if r.level is None else str(r.level),
+            "" if r.read_size is None else str(r.read_size), f"{r.tile_mpp:.3f}" if r.tile_mpp else "",
+            *((r.label or "",) if labelled else ()),
+        )
+    out.print(view)
+    out.print(f"{len(report.results)} slides: {report.count('tiled')} tiled ({report.tiles_added} tiles added), "
+              f"{report.count('empty')} empty, {report.count('done')} already in the table, "
+              f"{report.count('skipped')} skipped; {report.seconds:.1f} s", soft_wrap=True)
+    for r in report.results:  # why: one line each
+        if r.status in ("empty", "skipped") or (r.status == "tiled" and r.reason):
+            word = "skipped" if r.status == "skipped" else "warning:"
+            err.print(f"{word} {r.slide}: {r.reason}", markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        options.write_json(report.to_dict(), json_out)
+    if report.results and all(r.status == "skipped" for r in report.results):
+        first = report.results[0]
+        if len(report.results) == 1:
+            raise CytoError(f"{first.slide}: {first.reason}")
+        raise CytoError(f"none of the {len(report.results)} slides could be tiled (first: {first.slide}: {first.reason})")
