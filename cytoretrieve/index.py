@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ KINDS = ("auto", "flat", "ivf", "hnsw")
 AUTO_FLAT_MAX = 100_000  # above this many rows `auto` builds an IVF index
 EF_SEARCH = 128  # HNSW candidate list per query
 NPROBE = 16  # IVF lists visited per query: recall ~1.0 on clustered embeddings (see STACK.md)
+MEMORY_CACHE_TABLES = 4  # indexes kept loaded per process (most recently used); each holds all its vectors
 
 
 def gpu_available() -> bool:
@@ -96,15 +98,56 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
 
 
+# Loaded indexes of this process: {index file: (stat of its .json when loaded, index)}. Reading a 200k x 384 IVF
+# index back from disk takes ~0.1 s (far more at 2048-d), which every search in a long-lived process paid.
+_LOADED: OrderedDict[str, tuple[tuple[int, int], TableIndex]] = OrderedDict()
+
+
+def _meta_stamp(meta_path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of the index's .json, which is written last: it changes whenever the index is rebuilt."""
+    try:
+        st = meta_path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def forget_loaded() -> None:
+    """Drop the indexes this process holds in memory (frees their RAM; the next search reloads the cache file)."""
+    _LOADED.clear()
+
+
+def _remember(index_path: Path, meta_path: Path, loaded: TableIndex) -> TableIndex:
+    stamp = _meta_stamp(meta_path)
+    if stamp is not None:
+        _LOADED[str(index_path)] = (stamp, loaded)
+        _LOADED.move_to_end(str(index_path))
+        while len(_LOADED) > MEMORY_CACHE_TABLES:
+            _LOADED.popitem(last=False)
+    return loaded
+
+
 def table_index(table: CellTable, kind: str = "auto") -> TableIndex:
-    """The index of the table's current version: loaded from the cache, or built (and cached) when stale."""
+    """The index of the table's current version: from memory (loaded earlier in this process), loaded from the
+    cache file, or built (and cached) when stale.
+
+    A loaded index is reused only while the table's version and the cache file's .json are those it was loaded
+    with, so it is never staler than the file cache.
+    """
     index_path, meta_path = _paths(table)
     version = table.version
+    held = _LOADED.get(str(index_path))
+    if held is not None:
+        stamp, loaded = held
+        if loaded.version == version and kind in ("auto", loaded.kind) and stamp == _meta_stamp(meta_path):
+            _LOADED.move_to_end(str(index_path))
+            return loaded
     if meta_path.exists() and index_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("version") == version and kind in ("auto", meta.get("kind")):
             index = faiss.read_index(str(index_path))
-            return TableIndex(to_gpu(index), meta["kind"], version, int(meta["rows"]))
+            loaded = TableIndex(to_gpu(index), meta["kind"], version, int(meta["rows"]))
+            return _remember(index_path, meta_path, loaded)
     vectors, ids = table.vectors(["key"])
     if len(vectors) == 0:
         raise CytoError(f"table '{table.name}' is empty: embed something into it first")
@@ -113,4 +156,4 @@ def table_index(table: CellTable, kind: str = "auto") -> TableIndex:
     faiss.write_index(index, str(tmp))
     tmp.replace(index_path)
     meta_path.write_text(json.dumps({"version": version, "kind": built_kind, "rows": len(vectors), "table": table.name}))
-    return TableIndex(to_gpu(index), built_kind, version, len(vectors))
+    return _remember(index_path, meta_path, TableIndex(to_gpu(index), built_kind, version, len(vectors)))
