@@ -18,17 +18,28 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cytoretrieve.backbones import Backbone, Preprocessing, resolve_device
-from cytoretrieve.datasets import CellDataset, CellRecord, open_dataset
+from cytoretrieve.backbones import Backbone, resolve_device
+from cytoretrieve.datasets import CellRecord, open_dataset
+from cytoretrieve.distributed import barrier, rank_world, shard
+from cytoretrieve.preprocess import ImageFiles, collate_images
 from cytoretrieve.store import CellTable, Store, table_name_for
 
 FLUSH_ROWS = 2048  # rows per LanceDB commit
 FLUSH_SECONDS = 30.0  # ... or sooner, so a kill loses at most this much work
 
 
-def default_workers() -> int:
-    """Decoding is cheap next to the forward pass: leave most cores to torch."""
-    return min(8, max(1, (os.cpu_count() or 2) // 2))
+def default_workers(device: str = "cpu") -> int:
+    """DataLoader workers when none are asked for: half the cores (at most 8), but none for a CPU run on <= 2 cores.
+
+    Decoding is cheap next to the forward pass, so most cores are left to torch. On a 2-core CPU the forward pass
+    already keeps both cores busy: a worker process there only adds its start-up (~3 s to a first batch: a fresh
+    interpreter importing torch, while the main process waits) and competes with torch's threads, and preparing
+    the images in-process costs ~2 ms per image next to ~30 ms of resnet18 forward.
+    """
+    cores = os.cpu_count() or 2
+    if not device.startswith("cuda") and cores <= 2:
+        return 0
+    return min(8, max(1, cores // 2))
 
 
 @dataclass
@@ -46,32 +57,6 @@ class EmbedReport:
     @property
     def images_per_second(self) -> float:
         return self.added / self.seconds if self.seconds > 0 else 0.0
-
-
-class ImageRecords(torch.utils.data.Dataset):
-    """Opens and preprocesses cell images in DataLoader workers; an unreadable image yields its error instead."""
-
-    def __init__(self, records: Sequence[CellRecord], preprocessing: Preprocessing) -> None:
-        self.records = list(records)
-        self.preprocessing = preprocessing
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, bytes | None, str | None]:
-        try:
-            with Image.open(self.records[i].path) as im:
-                im.load()
-                return i, self.preprocessing(im), self.preprocessing.thumbnail(im), None
-        except Exception as e:  # noqa: BLE001 - any decoding failure skips this one image, not the job
-            return i, None, None, f"{type(e).__name__}: {e}".splitlines()[0]
-
-
-def _collate(items: list[tuple[int, Any, Any, Any]]) -> tuple[list[int], torch.Tensor | None, list[bytes], list[tuple[int, str]]]:
-    good = [it for it in items if it[3] is None]
-    bad = [(it[0], it[3]) for it in items if it[3] is not None]
-    tensor = torch.stack([it[1] for it in good]) if good else None
-    return [it[0] for it in good], tensor, [it[2] for it in good], bad
 
 
 def _is_cnn(model: torch.nn.Module) -> bool:
@@ -104,7 +89,7 @@ def embed_images(backbone: Backbone, images: Sequence[Image.Image], device: str 
     return forward(model, torch.stack([backbone.preprocessing(im) for im in images]), device)
 
 
-def _cell_row(record: CellRecord, dataset: str, thumbnail: bytes) -> dict[str, Any]:
+def _cell_row(record: CellRecord, dataset: str) -> dict[str, Any]:
     return {
         "id": record.id,
         "dataset": dataset,
@@ -112,39 +97,66 @@ def _cell_row(record: CellRecord, dataset: str, thumbnail: bytes) -> dict[str, A
         "label": record.label,
         "binary": record.binary,
         "group": record.group,
-        "thumbnail": thumbnail,
     }
 
 
-def embed_records(
-    records: Sequence[CellRecord],
-    dataset: str,
+def embed_rows(
+    rows: Sequence[dict[str, Any]],
     backbone: Backbone,
     table: CellTable,
     *,
+    load: Callable[[dict[str, Any]], Image.Image] | None = None,
+    shard_key: str = "id",
     batch_size: int = 64,
     workers: int | None = None,
     device: str = "auto",
     commit_rows: int = FLUSH_ROWS,
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> EmbedReport:
-    """Embed the records the table does not hold yet; `on_progress(done, todo, failed)` is called after each batch."""
+    """Embed the rows the table does not hold yet and append them with their vectors and thumbnails.
+
+    `rows` carry the table's metadata columns (`id`, `path`, `label`, ...); `load(row)` gives the image (default:
+    open `row["path"]`). Under torchrun each process takes the rows whose `shard_key` hashes to its rank.
+    `on_progress(done, todo, failed)` is called after each batch.
+    """
     start = time.perf_counter()
+    rows = shard(rows, lambda r: str(r[shard_key]))
     have = table.ids()
-    todo = [r for r in records if r.id not in have]
-    report = EmbedReport(table=table.name, total=len(records), skipped=len(records) - len(todo))
-    if not todo:
-        return report
+    todo = [r for r in rows if r["id"] not in have]
+    report = EmbedReport(table=table.name, total=len(rows), skipped=len(rows) - len(todo))
+    if todo:
+        _run(todo, load, backbone, table, report, batch_size, workers, device, commit_rows, on_progress)
+    barrier()  # every process has committed its rows before one compacts the table
+    if rank_world()[0] == 0 and (report.added or rank_world()[1] > 1):
+        table.finish()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run(
+    todo: list[dict[str, Any]],
+    load: Callable[[dict[str, Any]], Image.Image] | None,
+    backbone: Backbone,
+    table: CellTable,
+    report: EmbedReport,
+    batch_size: int,
+    workers: int | None,
+    device: str,
+    commit_rows: int,
+    on_progress: Callable[[int, int, int], None] | None,
+) -> None:
+    """The loop: DataLoader workers decode, the model embeds, rows are committed every `commit_rows` or 30 s."""
     if on_progress:
         on_progress(0, len(todo), 0)
     device = resolve_device(device)
     model = prepare(backbone, device)
     workers = default_workers() if workers is None else workers
+    items = [r["path"] for r in todo] if load is None else todo
     loader = torch.utils.data.DataLoader(
-        ImageRecords(todo, backbone.preprocessing),
+        ImageFiles(items, backbone.preprocessing, load),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_images,
         pin_memory=device.startswith("cuda"),
         # forkserver, not fork: LanceDB's runtime threads make a forked child liable to deadlock
         multiprocessing_context="forkserver" if workers > 0 else None,
@@ -164,10 +176,10 @@ def embed_records(
 
     try:
         for idx, batch, thumbs, bad in loader:
-            report.failed.extend((todo[i].id, reason) for i, reason in bad)
+            report.failed.extend((todo[i]["id"], reason) for i, reason in bad)
             if batch is not None:
                 vectors.append(forward(model, batch, device))
-                rows.extend(_cell_row(todo[i], dataset, t) for i, t in zip(idx, thumbs))
+                rows.extend({**todo[i], "thumbnail": t} for i, t in zip(idx, thumbs))
             if len(rows) >= commit_rows or time.monotonic() - last_flush > FLUSH_SECONDS:
                 flush()
             if on_progress:
@@ -176,10 +188,6 @@ def embed_records(
     except KeyboardInterrupt:
         flush()  # keep what was embedded: the rerun resumes from here
         report.interrupted = True
-    if report.added:
-        table.finish()
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def embed(
@@ -195,15 +203,19 @@ def embed(
     device: str = "auto",
     commit_rows: int = FLUSH_ROWS,
     on_progress: Callable[[int, int, int], None] | None = None,
-    on_start: Callable[[CellDataset, CellTable], None] | None = None,
+    on_start: Callable[[str, int, CellTable], None] | None = None,
 ) -> EmbedReport:
-    """Embed a cell dataset (Herlev, SIPaKMeD, class folders, CSV manifest) into a table of the store.
+    """Embed a cell dataset (Herlev, SIPaKMeD, class folders, CSV manifest) or a tile table into a store table.
 
+    SOURCE is a path to a dataset, or the name of a tile table of the store (`cytoretrieve tile` writes those).
     The table defaults to `<dataset>_<arch>`; it records the backbone, so appending another backbone's vectors
-    to it is refused.
+    to it is refused. `on_start(description, images, table)` is called once the source is read.
     """
-    dataset = open_dataset(source, layout=layout, label_map=label_map)
     store = store or Store()
+    if not Path(source).exists() and str(source) in store.table_names():
+        return embed_tiles(str(source), backbone, store, table=table, batch_size=batch_size, workers=workers,
+                           device=device, commit_rows=commit_rows, on_progress=on_progress, on_start=on_start)
+    dataset = open_dataset(source, layout=layout, label_map=label_map)
     name = table or table_name_for(dataset.name, backbone.arch)
     dataset_meta = {
         "name": dataset.name,
@@ -213,12 +225,52 @@ def embed(
     }
     cell_table = store.create_or_open(name, backbone.metadata(), dataset_meta)
     if on_start:
-        on_start(dataset, cell_table)
-    return embed_records(
-        dataset.records,
-        dataset.name,
+        on_start(f"{dataset.name} ({dataset.layout})", len(dataset.records), cell_table)
+    return embed_rows(
+        [_cell_row(r, dataset.name) for r in dataset.records],
         backbone,
         cell_table,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        commit_rows=commit_rows,
+        on_progress=on_progress,
+    )
+
+
+def embed_tiles(
+    tiles: str,
+    backbone: Backbone,
+    store: Store,
+    *,
+    table: str | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    commit_rows: int = FLUSH_ROWS,
+    on_progress: Callable[[int, int, int], None] | None = None,
+    on_start: Callable[[str, int, CellTable], None] | None = None,
+) -> EmbedReport:
+    """Embed the tiles of a tile table (regions read from their slides in the workers) into `<tiles>_<arch>`.
+
+    Vector rows keep the tile's slide id and level-0 location; under torchrun, slides are sharded over processes.
+    """
+    from cytoretrieve.slides.bag import SHARED_COLUMNS, open_tile_table
+    from cytoretrieve.slides.reader import SlideReader
+
+    tile_table = open_tile_table(store, tiles)
+    columns = [*SHARED_COLUMNS, "read_size"]
+    rows = tile_table.rows(columns)
+    dataset_meta = {"name": tiles, "layout": "tiles", "tiles": tile_table.meta, "labels": None}
+    vector_table = store.create_or_open(table or table_name_for(tiles, backbone.arch), backbone.metadata(), dataset_meta)
+    if on_start:
+        on_start(f"tile table {tiles} ({len({r['slide'] for r in rows})} slides)", len(rows), vector_table)
+    return embed_rows(
+        rows,
+        backbone,
+        vector_table,
+        load=SlideReader().read_row,
+        shard_key="slide",
         batch_size=batch_size,
         workers=workers,
         device=device,

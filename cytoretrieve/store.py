@@ -125,24 +125,27 @@ class Store:
         return CellTable(self, self.db.open_table(name))
 
     def create_or_open(self, name: str, backbone: dict[str, Any], dataset: dict[str, Any]) -> CellTable:
-        """Open `name` for appending vectors of `backbone`, creating it if needed; refuse another backbone's table."""
-        if name in self.table_names():
-            table = self.open(name)
-            have, want = table.fingerprint, backbone["fingerprint"]
-            if have != want:
-                raise CytoError(
-                    f"table '{name}' holds vectors of backbone {table.meta['backbone']['arch']} "
-                    f"({have[:16]}), not of {backbone['arch']} ({want[:16]}): pass another --table"
-                )
-            return table
+        """Open `name` for appending vectors of `backbone`, creating it if needed; refuse another backbone's table.
+
+        Safe when several processes of one job (torchrun) call it at once: the first creates, the others open.
+        """
         meta = {
             "backbone": backbone,
             "dataset": dataset,
             "cytoretrieve": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        tbl = self.db.create_table(name, schema=table_schema(int(backbone["dim"]), meta))
-        return CellTable(self, tbl)
+        if name in self.table_names():
+            table = self.open(name)
+        else:
+            table = CellTable(self, self.db.create_table(name, schema=table_schema(int(backbone["dim"]), meta), exist_ok=True))
+        have, want = table.fingerprint, backbone["fingerprint"]
+        if have != want:
+            raise CytoError(
+                f"table '{name}' holds vectors of backbone {table.meta['backbone']['arch']} "
+                f"({have[:16]}), not of {backbone['arch']} ({want[:16]}): pass another --table"
+            )
+        return table
 
     def index_dir(self) -> Path:
         """Where FAISS indexes are cached: beside the tables for a local store, else a per-URI cache folder."""

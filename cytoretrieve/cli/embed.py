@@ -21,7 +21,7 @@ class RateColumn(ProgressColumn):
 
 
 def embed(
-    source: Annotated[Path, typer.Argument(help="Dataset: a Herlev or SIPaKMeD folder, class folders, or a CSV manifest (path,label[,group]).")],
+    source: Annotated[Path, typer.Argument(help="Dataset: a Herlev or SIPaKMeD folder, class folders, a CSV manifest (path,label[,group]), or the name of a tile table of the store (`cytoretrieve tile`).")],
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="Any timm model name: resnet50, vit_small_patch16_224, resnet18...")] = "resnet50",
     weights: Annotated[str, typer.Option("--weights", "-w", help="'timm' (pretrained, needs internet), 'random' (seeded, for tests), or a file: .safetensors or a cytoretrieve/DINO checkpoint (teacher).")] = "timm",
     table: Annotated[str | None, typer.Option("--table", "-t", help="Table to write; default <dataset>_<backbone>.")] = None,
@@ -55,9 +55,9 @@ def embed(
     )
     task = None
 
-    def on_start(dataset, cell_table) -> None:  # noqa: ANN001
-        console.print(f"{dataset.name} ({dataset.layout}, {len(dataset.records)} images) -> table [bold]{cell_table.name}[/] "
-                      f"in {store}; backbone {bb.arch} {bb.fingerprint[:12]} ({bb.dim}-d)")
+    def on_start(what: str, images: int, cell_table) -> None:  # noqa: ANN001
+        console.print(f"{what}, {images} images -> table [bold]{cell_table.name}[/] in {store}; "
+                      f"backbone {bb.arch} {bb.fingerprint[:12]} ({bb.dim}-d)")
 
     def on_progress(done: int, todo: int, failed: int) -> None:
         nonlocal task
@@ -77,6 +77,9 @@ def embed(
               f"{len(report.failed)} unreadable; {report.images_per_second:.1f} img/s")
     for row_id, reason in report.failed:
         out.print(f"  skipped {row_id}: {reason}", markup=False, highlight=False)
+    partial = sorted({row_id.split("@")[0] for row_id, _ in report.failed if "@" in row_id})
+    if partial:
+        out.print(f"partial slides (some tiles unreadable): {', '.join(partial)}", markup=False, highlight=False)
     if report.interrupted:
         console.print("interrupted: what was embedded is stored; rerun the same command to finish")
         raise typer.Exit(130)

@@ -45,12 +45,15 @@ def search(
     console = Console()
     tiles = any(h.slide is not None for h in result.hits)
     view = RichTable(title=f"{len(result.hits)} nearest to {result.query} in {t.name}", box=box.SIMPLE_HEAD)
-    for col in ("#", "score", "label", "id", "group", *(("slide", "x", "y") if tiles else ()), "source"):
+    labelled = any(h.label for h in result.hits)
+    columns = ("#", "score", *(("label",) if labelled else ()), "id", *(("x", "y") if tiles else ("group", "source")))
+    for col in columns:
         view.add_column(col, justify="right" if col in ("#", "score", "x", "y") else "left",
-                        no_wrap=col in ("#", "score", "id"), overflow="fold")
+                        no_wrap=col != "source", overflow="fold")
     for rank, h in enumerate(result.hits, 1):
-        loc = (h.slide or "", str(h.x), str(h.y)) if tiles else ()
-        view.add_row(str(rank), f"{h.score:.4f}", h.label or "", h.id, h.group or "", *loc, h.path or "")
+        cells = {"#": str(rank), "score": f"{h.score:.4f}", "label": h.label or "", "id": h.id, "group": h.group or "",
+                 "source": h.path or "", "slide": h.slide or "", "x": str(h.x), "y": str(h.y)}
+        view.add_row(*[cells[c] for c in columns])
     console.print(view)
     if result.majority_label is not None:
         votes = Counter(h.label for h in result.hits)[result.majority_label]

@@ -17,6 +17,7 @@ from typing import Any
 
 import openslide
 
+from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
 from cytoretrieve.slides.bag import BagWriter, table_meta, tile_id
 from cytoretrieve.slides.deposit import DepositParams, deposit_mask
@@ -161,6 +162,7 @@ def tile_slides(
         matched = labels
     else:
         raise CytoError("no slides given")
+    paths = shard(paths, lambda p: slide_id(p))  # under torchrun, each process tiles its share of the slides
     if preview is not None:
         try:
             Path(preview).mkdir(parents=True, exist_ok=True)
@@ -192,6 +194,8 @@ def tile_slides(
         report.results.append(result)
         if on_result:
             on_result(result)
-    writer.finish()
+    barrier()  # every process has committed its slides before one compacts the table
+    if rank_world()[0] == 0:
+        writer.finish()
     report.seconds = time.perf_counter() - start
     return report
