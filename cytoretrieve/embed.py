@@ -21,6 +21,8 @@ from PIL import Image
 from cytoretrieve.backbones import Backbone, resolve_device
 from cytoretrieve.datasets import CellRecord, open_dataset
 from cytoretrieve.distributed import barrier, rank_world, shard
+from cytoretrieve.errors import CytoError
+from cytoretrieve.slides.reader import SLIDE_EXTENSIONS, slide_id
 from cytoretrieve.preprocess import ImageFiles, collate_images
 from cytoretrieve.store import CellTable, Store, table_name_for
 
@@ -205,15 +207,21 @@ def embed(
     on_progress: Callable[[int, int, int], None] | None = None,
     on_start: Callable[[str, int, CellTable], None] | None = None,
 ) -> EmbedReport:
-    """Embed a cell dataset (Herlev, SIPaKMeD, class folders, CSV manifest) or a tile table into a store table.
+    """Embed a cell dataset (Herlev, SIPaKMeD, class folders, CSV manifest) or slide tiles into a store table.
 
-    SOURCE is a path to a dataset, or the name of a tile table of the store (`cytoretrieve tile` writes those).
+    SOURCE is a path to a dataset, the name of a tile table of the store (`cytoretrieve tile` writes those), or
+    one slide file, which is first tiled with the default grid into the tile table `<slide>_tiles`.
     The table defaults to `<dataset>_<arch>`; it records the backbone, so appending another backbone's vectors
     to it is refused. `on_start(description, images, table)` is called once the source is read.
     """
     store = store or Store()
+    tiles = None
     if not Path(source).exists() and str(source) in store.table_names():
-        return embed_tiles(str(source), backbone, store, table=table, batch_size=batch_size, workers=workers,
+        tiles = str(source)
+    elif Path(source).is_file() and Path(source).suffix.lower() in SLIDE_EXTENSIONS:
+        tiles = _tile_with_defaults(Path(source), store)
+    if tiles is not None:
+        return embed_tiles(tiles, backbone, store, table=table, batch_size=batch_size, workers=workers,
                            device=device, commit_rows=commit_rows, on_progress=on_progress, on_start=on_start)
     dataset = open_dataset(source, layout=layout, label_map=label_map)
     name = table or table_name_for(dataset.name, backbone.arch)
@@ -236,6 +244,18 @@ def embed(
         commit_rows=commit_rows,
         on_progress=on_progress,
     )
+
+
+def _tile_with_defaults(slide: Path, store: Store) -> str:
+    """Tile one slide with the default grid (320 px at 0.5 um/px) into `<slide>_tiles`; that table's name."""
+    from cytoretrieve.slides.tiling import tile_slides
+
+    name = table_name_for(slide_id(slide), "tiles")
+    report = tile_slides([slide], store, table=name)
+    skipped = [r for r in report.results if r.status == "skipped"]
+    if skipped:
+        raise CytoError(f"cannot tile {slide}: {skipped[0].reason} (use `cytoretrieve tile` for its options)")
+    return name
 
 
 def embed_tiles(

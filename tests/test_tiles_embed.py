@@ -81,3 +81,30 @@ def test_two_torchrun_processes_embed_one_table(tmp_path: Path) -> None:
     assert len(added) == 2 and all(n > 0 for n in added) and sum(added) == 28  # both processes wrote their share
     ids = Store(store).open("cells").read(["id"]).column("id").to_pylist()
     assert len(ids) == 28 and len(set(ids)) == 28
+
+
+def test_embed_a_slide_directly_tiles_it_first(tmp_path: Path) -> None:
+    if not SVS.exists():
+        pytest.skip(f"{SVS} not found")
+    store = Store(tmp_path / "s")
+    report = embed(SVS, load_backbone("resnet18", "random", image_size=48), store, workers=0)
+    assert report.table == "cmu_1_small_region_tiles_resnet18"
+    assert report.added == store.db.open_table("cmu_1_small_region_tiles").count_rows() > 0
+
+
+def test_two_torchrun_processes_tile_their_share_of_slides(tmp_path: Path) -> None:
+    if not SVS.exists():
+        pytest.skip(f"{SVS} not found")
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(4):
+        (slides / f"slide{i}.svs").symlink_to(SVS)
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "cytoretrieve", "tile", str(slides), "--store", str(store)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = Store(store).db.open_table("tiles").to_arrow()
+    ids = rows.column("id").to_pylist()
+    assert len(ids) == len(set(ids))  # no slide tiled twice
+    assert set(rows.column("slide").to_pylist()) == {f"slide{i}" for i in range(4)}

@@ -28,7 +28,8 @@ def tables(store: options.Store = options.DEFAULT_STORE) -> None:
         return
     view = RichTable(title=f"tables in {store}", box=box.SIMPLE_HEAD)
     for col in ("table", "rows", "dim", "backbone", "fingerprint", "size"):
-        view.add_column(col, justify="right" if col in ("rows", "dim", "size") else "left", no_wrap=True)
+        view.add_column(col, justify="right" if col in ("rows", "dim", "size") else "left", no_wrap=col != "table",
+                        overflow="fold", min_width=12 if col == "fingerprint" else len(col))
     for i in infos:
         view.add_row(i.name, str(i.rows), str(i.dim), i.arch, i.fingerprint[:12], _size(i.bytes))
     Console().print(view)
