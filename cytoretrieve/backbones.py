@@ -177,7 +177,7 @@ def _build(
 def _check_arch(arch: str | None) -> str:
     """The arch if timm knows it (pretrained tags allowed), else a CytoError with close matches."""
     if not arch:
-        raise CytoError("no backbone given: pass --arch, e.g. resnet50 or vit_small_patch16_224")
+        raise CytoError("no backbone architecture given: name one (--backbone for embed, --arch for train), e.g. resnet50")
     if arch.startswith(_HUB_PREFIXES) or timm.is_model(arch):
         return arch
     family = re.match(r"[a-z]*", arch.lower()).group(0) or "resnet"
@@ -285,12 +285,12 @@ def _arch_for_file(arch: str | None, config: Mapping[str, Any], path: Path) -> s
     config_arch = config.get("arch")
     if not arch:
         if not config_arch:
-            raise CytoError(f"no arch given for {path} and no {path.with_suffix('.json').name} beside it: pass --arch")
+            raise CytoError(f"no arch given for {path} and no {path.with_suffix('.json').name} beside it: name the architecture (--backbone / --arch)")
         return str(config_arch)
     if config_arch and str(config_arch).split(".")[0] != arch.split(".")[0]:
         raise CytoError(
             f"weights {path} are for {config_arch} (per {path.with_suffix('.json').name}), not {arch}:"
-            " drop --arch or fix it"
+            " drop the architecture option or fix it"
         )
     return arch
 

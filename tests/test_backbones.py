@@ -161,7 +161,7 @@ def test_wrong_arch_names_the_counts(tmp_path: Path) -> None:
 def test_unknown_arch_suggests_close_matches() -> None:
     with pytest.raises(CytoError, match=r"unknown backbone 'resnet181': not a timm model .*resnet18"):
         load_backbone("resnet181", "random")
-    with pytest.raises(CytoError, match="no backbone given"):
+    with pytest.raises(CytoError, match="no backbone architecture given"):
         load_backbone(None, "random")
 
 

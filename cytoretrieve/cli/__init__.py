@@ -11,7 +11,7 @@ import sys
 import typer
 
 from cytoretrieve import __version__
-from cytoretrieve.cli import annotate, classify, datasets, demo, embed, search, split, tables, tile
+from cytoretrieve.cli import annotate, classify, datasets, demo, embed, search, split, tables, tile, train
 from cytoretrieve.errors import CytoError
 
 app = typer.Typer(
@@ -29,6 +29,8 @@ app.command("classify")(classify.classify)
 app.command("search")(search.search)
 app.command("tables")(tables.tables)
 app.command("demo")(demo.demo)
+app.command("train")(train.train)
+app.command("export")(train.export)
 app.command("tile")(tile.tile)
 app.command("split")(split.split)
 app.add_typer(annotate.app, name="annotations")

@@ -22,7 +22,7 @@ class RateColumn(ProgressColumn):
 
 def embed(
     source: Annotated[Path, typer.Argument(help="Dataset: a Herlev or SIPaKMeD folder, class folders, a CSV manifest (path,label[,group]), or the name of a tile table of the store (`cytoretrieve tile`).")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Any timm model name: resnet50, vit_small_patch16_224, resnet18...")] = "resnet50",
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="Any timm model name: resnet50, vit_small_patch16_224, resnet18... Default: the arch in the JSON beside --weights FILE, else resnet50.")] = None,
     weights: Annotated[str, typer.Option("--weights", "-w", help="'timm' (pretrained, needs internet), 'random' (seeded, for tests), or a file: .safetensors or a cytoretrieve/DINO checkpoint (teacher).")] = "timm",
     table: Annotated[str | None, typer.Option("--table", "-t", help="Table to write; default <dataset>_<backbone>.")] = None,
     store: options.Store = options.DEFAULT_STORE,
@@ -48,6 +48,8 @@ def embed(
     from cytoretrieve.store import Store
 
     console = Console(stderr=True)
+    if backbone is None and weights in ("timm", "random"):
+        backbone = "resnet50"
     bb = load_backbone(backbone, weights, image_size=image_size, resize=resize)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
