@@ -11,7 +11,19 @@ import sys
 import typer
 
 from cytoretrieve import __version__
-from cytoretrieve.cli import annotate, classify, datasets, demo, embed, search, split, tables, tile, train
+from cytoretrieve.cli import (
+    annotate,
+    classify,
+    datasets,
+    demo,
+    embed,
+    search,
+    split,
+    tables,
+    tile,
+    train,
+    transfer,
+)
 from cytoretrieve.errors import CytoError
 
 app = typer.Typer(
@@ -33,6 +45,7 @@ app.command("train")(train.train)
 app.command("export")(train.export)
 app.command("tile")(tile.tile)
 app.command("split")(split.split)
+app.command("transfer")(transfer.transfer)
 app.add_typer(annotate.app, name="annotations")
 app.add_typer(datasets.app, name="datasets")
 

@@ -1,0 +1,104 @@
+"""`cytoretrieve transfer`: k-NN fitted on support tables' binary labels, scored on a target table (paper's Table 3)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from cytoretrieve.cli import options
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _column_names(groups: list[list]) -> list[str]:
+    """One column per support set: its datasets joined by '+' (herlev+sipakmed); table names when those collide."""
+    def dataset(t) -> str:  # noqa: ANN001 - a store.CellTable
+        return str((t.meta.get("dataset") or {}).get("name") or t.name)
+
+    names = ["+".join(dataset(t) for t in group) for group in groups]
+    if len(set(names)) != len(names):
+        names = ["+".join(t.name for t in group) for group in groups]
+    return names
+
+
+def transfer(
+    support: Annotated[list[str], typer.Option("--support", "-s", help="Support table(s), comma-separated to merge (H+S); repeat for more columns.")],
+    target: Annotated[str, typer.Option("--target", help="Table the k-NN is evaluated on (its binary labels).")],
+    store: options.Store = options.DEFAULT_STORE,
+    k: Annotated[int | None, typer.Option("--k", help="Neighbours; default: chosen by weighted F1 in cross-validation on the support.")] = None,
+    ks: Annotated[str, typer.Option("--ks", help="k values tried when --k is not given: 1-50, or 1,5,10,20.")] = "1-50",
+    folds: Annotated[int, typer.Option("--folds", help="Stratified folds of the cross-validation choosing k.")] = 5,
+    vote: Annotated[str, typer.Option("--vote", help="majority, or weighted (DINO: each neighbour votes exp(sim/T)).")] = "majority",
+    temperature: Annotated[float, typer.Option("--temperature", help="T of the weighted vote.")] = 0.07,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the cross-validation folds.")] = 0,
+    json_out: options.JsonOut = None,
+) -> None:
+    """Cross-dataset transfer, as in the paper (Table 3): fit k-NN on support tables, evaluate on a target table.
+
+    Support tables are reduced to their binary labels (positive / negative; rows with neither are left out) and
+    merged. k is the k with the best weighted F1 in --folds stratified cross-validation on the support, unless
+    --k is given. On the target: sensitivity when it holds positives only; otherwise also specificity, F1,
+    balanced accuracy and the confusion matrix. Every table must come from the same backbone. Each --support is
+    one column of the output.
+
+    Example: cytoretrieve transfer --support herlev_resnet50 --support sipakmed_resnet50 --support herlev_resnet50,sipakmed_resnet50 --target cric_resnet50 --json t3.json
+    """
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.knn import parse_ks
+    from cytoretrieve.store import Store
+    from cytoretrieve.transfer import check_fingerprints, transfer as run_transfer
+
+    specs = [[name.strip() for name in s.split(",")] for s in support]
+    if any(not name for spec in specs for name in spec):
+        raise CytoError(f"empty table name in --support {', '.join(support)!r}")
+    if k is not None and k < 1:
+        raise CytoError(f"--k must be >= 1 (got {k})")
+    k_values = parse_ks(ks) if k is None else None
+    st = Store(store)
+    opened = {name: st.open(name) for spec in specs for name in spec}
+    target_table = st.open(target)
+    check_fingerprints([*opened.values(), target_table])  # every column at once: one error names them all
+    groups = [[opened[name] for name in spec] for spec in specs]
+    results = [run_transfer(group, target_table, k, ks=k_values, folds=folds, vote=vote, temperature=temperature,
+                            seed=seed) for group in groups]
+    columns = _column_names(groups)
+
+    first = results[0]
+    negatives = first.n_target - first.n_target_positive
+    view = RichTable(title=f"Transfer to {target}: {first.n_target} cells ({first.n_target_positive} positive, "
+                           f"{negatives} negative), {vote} vote", box=box.SIMPLE_HEAD)
+    view.add_column("backbone", no_wrap=True)
+    view.add_column("", no_wrap=True)
+    for name in columns:
+        view.add_column(name, justify="right", overflow="fold", min_width=min(len(name), 24))
+    backbone = f"{first.arch} {first.fingerprint[:12]}"
+    view.add_row(backbone, "sensitivity", *[_num(r.sensitivity) for r in results], style="bold")
+    if not first.positives_only:
+        view.add_row("", "specificity", *[_num(r.specificity) for r in results])
+        view.add_row("", "F1", *[_num(r.f1) for r in results])
+        view.add_row("", "balanced accuracy", *[_num(r.balanced_accuracy) for r in results])
+    view.add_row("", "k", *[f"{r.k} (cv)" if r.k_selected else str(r.k) for r in results])
+    console = Console()
+    console.print(view)
+    for name, r in zip(columns, results):
+        line = (f"{name}: support {r.n_support} vectors ({r.n_support_positive} positive) from "
+                f"{', '.join(r.support)}")
+        if r.k_selected:
+            line += f"; k by {r.folds}-fold weighted F1 {max(r.cv_f1_curve):.3f}"
+        if r.confusion is not None:
+            (tn, fp), (fn, tp) = r.confusion
+            line += f"; confusion TN {tn} FP {fp} FN {fn} TP {tp}"
+        console.print(line, soft_wrap=True)
+    if first.n_target_unlabelled:
+        console.print(f"{target}: {first.n_target_unlabelled} rows without a binary label left out", soft_wrap=True)
+
+    if json_out:
+        options.write_json({"target": target, "backbone": target_table.meta["backbone"],
+                            "results": [{"column": name, **r.to_dict()} for name, r in zip(columns, results)]},
+                           json_out)
