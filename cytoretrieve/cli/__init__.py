@@ -17,6 +17,7 @@ from cytoretrieve.cli import (
     datasets,
     demo,
     embed,
+    score,
     search,
     split,
     tables,
@@ -46,6 +47,7 @@ app.command("export")(train.export)
 app.command("tile")(tile.tile)
 app.command("split")(split.split)
 app.command("transfer")(transfer.transfer)
+app.command("score")(score.score)
 app.add_typer(annotate.app, name="annotations")
 app.add_typer(datasets.app, name="datasets")
 

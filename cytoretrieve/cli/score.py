@@ -1,0 +1,93 @@
+"""`cytoretrieve score`: slide scoring by multiple-instance learning over stored tile vectors, cross-validated over
+the split file's folds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cytoretrieve.cli import options
+
+
+_SHORT = {"auc": "AUC", "balanced_accuracy": "bal. acc.", "sensitivity": "sens.", "specificity": "spec.", "f1": "F1",
+          "accuracy": "acc."}
+
+
+def score(
+    tiles: Annotated[str, typer.Option("--tiles", "-t", help="Vector table of tiles (or any vector table with a group column).")],
+    labels: Annotated[Path, typer.Option("--labels", help="Slide labels CSV (slide,label,binary): the group-label file.")],
+    split: Annotated[Path, typer.Option("--split", help="Split file from `cytoretrieve split` covering the labelled slides.")],
+    method: Annotated[str, typer.Option("--method", "-m", help="abmil, gated, mean, max, topk, or retrieval (training-free, FAISS).")] = "abmil",
+    store: options.Store = options.DEFAULT_STORE,
+    group_column: Annotated[str, typer.Option("--group-column", help="Column naming each row's bag (slide, group).")] = "slide",
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (trained methods).")] = 40,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 5e-4,
+    instance_negatives: Annotated[float, typer.Option("--instance-negatives", help="Weight of the loss making every tile of a negative slide a negative instance (0 = off).")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="k of top-k instance pooling (--method topk).")] = 4,
+    positives: Annotated[str | None, typer.Option("--positives", help="Table of annotated cells / tiles; its binary = 1 rows are the retrieval positives (default: tiles of positive training slides).")] = None,
+    neighbours: Annotated[int, typer.Option("--neighbours", help="Neighbours per reference set (retrieval).")] = 10,
+    top_m: Annotated[int, typer.Option("--top-m", help="Slide score = mean of its top-m tile scores (retrieval).")] = 10,
+    device: options.Device = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the training runs.")] = 0,
+    json_out: options.JsonOut = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder: roc.png, top_tiles.json (each slide's top tiles), scores.csv.")] = None,
+    n_top: Annotated[int, typer.Option("--n-top", help="Top tiles per slide written by --out.")] = 10,
+) -> None:
+    """Score whole slides from their tile vectors, cross-validated over the folds of --split.
+
+    Each slide is a bag of its tile vectors. For each fold f: test = fold f, validation = fold f+1, train = the
+    rest; the threshold maximises sensitivity + specificity - 1 on validation. Reports AUC, balanced accuracy,
+    sensitivity, specificity and F1 per fold and as mean ± std. Tiles of slides without a label are ignored (and
+    counted); labels naming slides without tiles are an error.
+
+    Example: cytoretrieve score --tiles cohort_tiles_dino_vits --labels slides.csv --split split.json --method gated --out scores/
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.mil.evaluate import ALL_METHODS, METRICS, plot_roc, score_table, top_tiles
+    from cytoretrieve.mil.retrieval import RetrievalConfig
+    from cytoretrieve.mil.train import TrainConfig, resolve_device
+
+    if method not in ALL_METHODS:
+        raise CytoError(f"unknown --method '{method}' (one of {', '.join(ALL_METHODS)})")
+    if epochs < 1 or top_k < 1 or neighbours < 1 or top_m < 1 or n_top < 1 or lr <= 0 or instance_negatives < 0:
+        raise CytoError("--epochs, --top-k, --neighbours, --top-m, --n-top must be >= 1, --lr > 0, --instance-negatives >= 0")
+    if out is not None and out.exists() and not out.is_dir():
+        raise CytoError(f"--out {out} exists and is not a folder")
+    train_cfg = TrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k,
+                            instance_negatives=instance_negatives, seed=seed, device=resolve_device(device))
+    ret_cfg = RetrievalConfig(k=neighbours, top_m=top_m)
+    result, bags = score_table(store, tiles, labels, split, method, group_column=group_column, train_config=train_cfg,
+                               retrieval_config=ret_cfg, positives_table=positives)
+
+    console = Console()
+    view = RichTable(title=f"{method}: slide scores, {len(result.folds)} folds of {split.name}", box=box.SIMPLE_HEAD)
+    view.add_column("fold", no_wrap=True)
+    view.add_column("tr/va/te", justify="right", no_wrap=True)
+    for k in METRICS:
+        view.add_column(_SHORT[k], justify="right")
+    for fr in result.folds:
+        view.add_row(str(fr.fold), f"{fr.n_train}/{fr.n_val}/{fr.n_test}", *[f"{fr.metrics[k]:.3f}" for k in METRICS])
+    view.add_row("mean", "", *[f"{result.mean[k]:.3f}" for k in METRICS], style="bold")
+    view.add_row("± std", "", *[f"{result.std[k]:.3f}" for k in METRICS])
+    console.print(view)
+    console.print(f"{len(bags)} slides ({int(bags.y.sum())} positive), {bags.instances} tiles of dimension {bags.dim}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+    if json_out:
+        options.write_json({"tiles": tiles, "labels": str(labels), "split": str(split), **result.to_dict()}, json_out)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_roc(result, out / "roc.png", title=f"{tiles}: {method}")
+        options.write_json(top_tiles(result, bags, n_top), str(out / "top_tiles.json"))
+        with (out / "scores.csv").open("w") as f:
+            f.write("slide,binary,fold,score\n")
+            for s, y, fo, sc in zip(result.slides, result.y, result.fold_of, result.scores):
+                f.write(f"{s},{y},{fo},{sc:.6g}\n")
+        console.print(f"written: {out / 'roc.png'}, {out / 'top_tiles.json'}, {out / 'scores.csv'}")

@@ -1,0 +1,12 @@
+"""Multiple-instance learning over bags of stored vectors: slide scoring (`cytoretrieve score`).
+
+    bags.py       bags from any vector table with a group column + a group-label file (streamed); MIL benchmark
+                  readers (.npz, PRTools .mat) and their import into a store table
+    models.py     ABMIL (attention, gated attention), mean / max pooling, top-k instance pooling (torch)
+    train.py      the training loop (padded mini-batches of bags), optional instance-level negatives
+    retrieval.py  the training-free retrieval score (FAISS): tiles vs annotated positives and negative-slide tiles
+    evaluate.py   cross-validation over the split file's folds, metrics; the MIL-benchmark protocol (10 x 5 CV)
+
+Heavy libraries (torch, faiss, sklearn, lancedb) are imported by the modules that need them; importing this
+package is light.
+"""

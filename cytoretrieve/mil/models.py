@@ -1,0 +1,92 @@
+"""MIL models over padded mini-batches of bags: x (B, N, D) with a mask (B, N) of real instances.
+
+Every model is `encoder -> pooling -> classifier`:
+- encoder: Linear(D, hidden) + ReLU + dropout (one layer by default; `layers` stacks more);
+- pooling:
+  - `abmil`: attention pooling of Ilse et al. 2018, a_i = softmax_i(w^T tanh(V h_i));
+  - `gated`: gated attention, a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)));
+  - `mean`, `max`: embedding-level mean / max over the bag's instances;
+  - `topk`: instance-level pooling, the bag logit is the mean of its k highest instance logits;
+- classifier: Linear(hidden, 1), one logit per bag.
+
+`forward` returns (bag logits (B,), instance scores (B, N)): the attention weights for abmil/gated, else the
+classifier applied to each instance embedding (its logit). `instance_logits` (the classifier on each instance
+embedding) is what the instance-level negatives of `train.py` are trained on, for every method.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+METHODS = ("abmil", "gated", "mean", "max", "topk")
+NEG_INF = -1e9
+
+
+class MILModel(nn.Module):
+    def __init__(self, dim: int, method: str = "abmil", hidden: int = 128, attention: int = 64, layers: int = 1,
+                 dropout: float = 0.25, top_k: int = 4) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown MIL method '{method}' (one of {', '.join(METHODS)})")
+        self.method, self.top_k = method, top_k
+        enc: list[nn.Module] = []
+        d = dim
+        for _ in range(layers):
+            enc += [nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            d = hidden
+        self.encoder = nn.Sequential(*enc)
+        if method in ("abmil", "gated"):
+            self.att_v = nn.Linear(hidden, attention)
+            self.att_w = nn.Linear(attention, 1)
+            if method == "gated":
+                self.att_u = nn.Linear(hidden, attention)
+        self.classifier = nn.Linear(hidden, 1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def instance_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The classifier on each instance embedding: (B, N)."""
+        return self.classifier(h).squeeze(-1)
+
+    def attention(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(self.att_v(h))
+        if self.method == "gated":
+            a = a * torch.sigmoid(self.att_u(h))
+        a = self.att_w(a).squeeze(-1).masked_fill(~mask, NEG_INF)
+        return torch.softmax(a, dim=1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(bag logits (B,), instance scores (B, N), instance logits (B, N)); padded positions score 0 / -1e9."""
+        h = self.embed(x)
+        inst = self.instance_logits(h)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        if self.method in ("abmil", "gated"):
+            a = self.attention(h, mask)
+            bag = self.classifier((a.unsqueeze(-1) * h).sum(1)).squeeze(-1)
+            return bag, a, inst
+        if self.method == "mean":
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)
+            bag = self.classifier(pooled).squeeze(-1)
+        elif self.method == "max":
+            pooled = h.masked_fill(~mask.unsqueeze(-1), NEG_INF).amax(1)
+            bag = self.classifier(pooled).squeeze(-1)
+        else:  # topk: mean of the k highest instance logits among the real instances
+            k = min(self.top_k, x.shape[1])
+            top, idx = inst.masked_fill(~mask, NEG_INF).topk(k, dim=1)
+            valid = mask.gather(1, idx).to(top.dtype)
+            bag = (top * valid).sum(1) / valid.sum(1).clamp_min(1)
+        return bag, inst.masked_fill(~mask, NEG_INF), inst
+
+
+def pad(bags: list, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a list of (n_i, D) arrays into x (B, N, D) float32 and mask (B, N) bool."""
+    n = max(len(b) for b in bags)
+    d = bags[0].shape[1]
+    x = torch.zeros(len(bags), n, d, dtype=torch.float32)
+    mask = torch.zeros(len(bags), n, dtype=torch.bool)
+    for i, b in enumerate(bags):
+        x[i, : len(b)] = torch.as_tensor(b, dtype=torch.float32)
+        mask[i, : len(b)] = True
+    return x.to(device), mask.to(device)

