@@ -23,7 +23,7 @@ def test_cli_import_loads_no_heavy_library() -> None:
 @pytest.mark.parametrize(
     "command, expected",
     [
-        ([], ["embed", "classify", "search", "tables", "demo", "datasets", "tile", "transfer", "train", "export"]),
+        ([], ["embed", "classify", "search", "tables", "demo", "datasets", "tile", "transfer", "score", "train", "export"]),
         (["transfer"], ["--support", "--target", "--k", "--json"]),
         (["embed"], ["--backbone", "--weights", "--table", "--store", "--batch-size", "--workers", "--device", "Resumable"]),
         (["classify"], ["--runs", "--train-fraction", "--k", "--vote", "--temperature", "--seed", "--json", "--plot"]),
