@@ -152,7 +152,7 @@ def _run(
         on_progress(0, len(todo), 0)
     device = resolve_device(device)
     model = prepare(backbone, device)
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(device) if workers is None else workers
     items = [r["path"] for r in todo] if load is None else todo
     loader = torch.utils.data.DataLoader(
         ImageFiles(items, backbone.preprocessing, load),

@@ -1,0 +1,95 @@
+"""Helpers shared by the benchmark scripts: machine description, timing statistics and the optional JSON output.
+
+Benchmarks on these shared 2-core machines are noisy, so every script measures the things it compares side by
+side in one process and reports ratios; the helpers here only describe and summarise, they time nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HERLEV = ROOT.parent / "shared" / "data" / "herlev_derived_jpg"
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: cores, CPU, Python and library versions, date (UTC)."""
+    import numpy as np
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "loadavg_start": loadavg(),
+    }
+    for name in ("torch", "timm", "faiss", "lancedb", "PIL"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            continue
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.is_available()
+    except ImportError:
+        pass
+    return info
+
+
+def loadavg() -> str:
+    """/proc/loadavg's 1/5/15-minute load: above ~2 on 2 cores, other processes were competing for the CPU."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def print_machine(info: dict[str, Any]) -> None:
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+
+
+def print_load(when: str) -> str:
+    """Print and return the load average (benchmarks print it at start and end: the figures' noise context)."""
+    load = loadavg()
+    print(f"load average {when}: {load}")
+    return load
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation (numpy's default)."""
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Write the results as JSON to `path` (nothing when None)."""
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"results written to {path}")
