@@ -1,7 +1,7 @@
 """Run the three benchmark figures one after the other (never in parallel: they share the machine's cores).
 
-    .venv/bin/python benchmarks/run_all.py             # full figures (~30 min on 2 cores)
-    .venv/bin/python benchmarks/run_all.py --quick     # smoke run of each (~6 min)
+    .venv/bin/python benchmarks/run_all.py             # full figures (~20 min on 2 cores)
+    .venv/bin/python benchmarks/run_all.py --quick     # smoke run of each (~5 min)
     .venv/bin/python benchmarks/run_all.py --json-dir /tmp/bench   # also keep each script's JSON there
 
 `make bench` calls this. Each script is its own process, so one figure's imports and caches do not touch the next.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,14 @@ class TableIndex:
             return self.index.search(queries, k)
         return self.index.search(queries, k, params=params)
 
+    def stored_vector(self, key: int) -> np.ndarray | None:
+        """The L2-normalised vector stored under `key`, or None when the key is not in the index or this index
+        cannot look vectors up by key (a GPU copy, an IVF index without its key map)."""
+        try:
+            return self.index.reconstruct(int(key))
+        except (RuntimeError, TypeError):
+            return None
+
 
 def _search_params(kind: str, sel: faiss.IDSelector) -> faiss.SearchParameters:
     if kind == "ivf":
@@ -81,12 +90,20 @@ def build(vectors: np.ndarray, keys: np.ndarray, kind: str = "auto") -> tuple[fa
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.nprobe = NPROBE
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # key -> stored vector, for `stored_vector`
     else:
         hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efSearch = EF_SEARCH
         index = faiss.IndexIDMap2(hnsw)
     index.add_with_ids(x, np.ascontiguousarray(keys, dtype=np.int64))
     return index, kind
+
+
+def _with_key_map(index: faiss.Index) -> faiss.Index:
+    """An IVF index cached before it kept a key -> vector map gets one (flat and HNSW sit in an IndexIDMap2)."""
+    if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
 
 
 def to_gpu(index: faiss.Index) -> faiss.Index:
@@ -101,6 +118,7 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
 # Loaded indexes of this process: {index file: (stat of its .json when loaded, index)}. Reading a 200k x 384 IVF
 # index back from disk takes ~0.1 s (far more at 2048-d), which every search in a long-lived process paid.
 _LOADED: OrderedDict[str, tuple[tuple[int, int], TableIndex]] = OrderedDict()
+_LOADED_LOCK = threading.Lock()  # searches may run in several threads of one process
 
 
 def _meta_stamp(meta_path: Path) -> tuple[int, int] | None:
@@ -114,16 +132,18 @@ def _meta_stamp(meta_path: Path) -> tuple[int, int] | None:
 
 def forget_loaded() -> None:
     """Drop the indexes this process holds in memory (frees their RAM; the next search reloads the cache file)."""
-    _LOADED.clear()
+    with _LOADED_LOCK:
+        _LOADED.clear()
 
 
 def _remember(index_path: Path, meta_path: Path, loaded: TableIndex) -> TableIndex:
     stamp = _meta_stamp(meta_path)
     if stamp is not None:
-        _LOADED[str(index_path)] = (stamp, loaded)
-        _LOADED.move_to_end(str(index_path))
-        while len(_LOADED) > MEMORY_CACHE_TABLES:
-            _LOADED.popitem(last=False)
+        with _LOADED_LOCK:
+            _LOADED[str(index_path)] = (stamp, loaded)
+            _LOADED.move_to_end(str(index_path))
+            while len(_LOADED) > MEMORY_CACHE_TABLES:
+                _LOADED.popitem(last=False)
     return loaded
 
 
@@ -140,12 +160,14 @@ def table_index(table: CellTable, kind: str = "auto") -> TableIndex:
     if held is not None:
         stamp, loaded = held
         if loaded.version == version and kind in ("auto", loaded.kind) and stamp == _meta_stamp(meta_path):
-            _LOADED.move_to_end(str(index_path))
+            with _LOADED_LOCK:
+                if str(index_path) in _LOADED:
+                    _LOADED.move_to_end(str(index_path))
             return loaded
     if meta_path.exists() and index_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("version") == version and kind in ("auto", meta.get("kind")):
-            index = faiss.read_index(str(index_path))
+            index = _with_key_map(faiss.read_index(str(index_path)))
             loaded = TableIndex(to_gpu(index), meta["kind"], version, int(meta["rows"]))
             return _remember(index_path, meta_path, loaded)
     vectors, ids = table.vectors(["key"])

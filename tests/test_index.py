@@ -66,3 +66,29 @@ def test_where_selector_restricts_hits(tmp_path) -> None:
     _, keys = idx.search(l2_normalise(x[1:2]), 20, allowed)
     assert set(keys[0]) <= set(allowed)
     assert row_key("r1") not in keys[0]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_stored_vector_is_the_normalised_row(tmp_path, kind: str) -> None:
+    x = clustered(2000)
+    keys = np.array([row_key(f"r{i}") for i in range(2000)])
+    index, _ = build(x, keys, kind)
+    from cytoretrieve.index import TableIndex
+
+    ti = TableIndex(index, kind, 1, 2000)
+    np.testing.assert_allclose(ti.stored_vector(int(keys[7])), l2_normalise(x[7:8])[0], atol=1e-6)
+    assert ti.stored_vector(12345) is None
+
+
+def test_search_by_id_sees_rows_added_after_the_first_search(tmp_path) -> None:
+    from cytoretrieve.search import search
+
+    t, x = _table(tmp_path)
+    before = search(t, row_id="r0", k=5)
+    assert before.hits and all(h.id != "r0" for h in before.hits)
+    scores = l2_normalise(x) @ l2_normalise(x[:1])[0]
+    expected = [f"r{i}" for i in np.argsort(-scores)[1:6]]
+    assert [h.id for h in before.hits] == expected
+    t.add(t.make_rows([{"id": "twin", "label": "B"}], x[:1] * 2))  # same direction as r0: the nearest hit
+    after = search(t, row_id="r0", k=5)
+    assert after.hits[0].id == "twin" and after.hits[0].label == "B"
