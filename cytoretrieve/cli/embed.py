@@ -31,7 +31,7 @@ def embed(
     image_size: Annotated[int | None, typer.Option("--image-size", help="Input side in px; default the model's.")] = None,
     resize: Annotated[str | None, typer.Option("--resize", help="letterbox (keep aspect, pad with background), stretch, or center-crop.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
-    workers: Annotated[int | None, typer.Option("--workers", min=0, help="DataLoader worker processes; default half the cores.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="DataLoader worker processes; default half the cores (at most 8), or 0 (decode in-process) for a CPU run on 2 or fewer cores.")] = None,
     device: options.Device = "auto",
     commit_rows: Annotated[int, typer.Option("--commit-rows", min=1, help="Rows per store commit (a killed job loses at most one commit's work).")] = 2048,
 ) -> None:
