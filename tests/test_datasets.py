@@ -64,15 +64,22 @@ def test_herlev_real_ids_stable(herlev_root: Path) -> None:
     assert open_dataset(herlev_root).records == open_dataset(herlev_root, layout="herlev").records
 
 
-def test_cric_as_plain_folders(cric_root: Path) -> None:
+def test_cric_folders_get_the_bethesda_binary_mapping(cric_root: Path) -> None:
     ds = open_dataset(cric_root)
     assert (ds.layout, ds.name) == ("folders", "cric_crops_100px")
     assert len(ds.records) == 2121
     counts = Counter(r.label for r in ds.records)
     assert counts["Negative for intraepithelial lesion"] == 902 and counts["SCC"] == 43
-    assert {r.binary for r in ds.records} == {None}
-    assert ds.labels is not None and "Negative for intraepithelial lesion" in ds.labels.classes
+    assert Counter(r.binary for r in ds.records) == {1: 2121 - 902, 0: 902}
+    assert ds.labels is not None and ds.labels.name == "bethesda"
     assert any(r.id.startswith("Negative for intraepithelial lesion/") for r in ds.records)
+
+
+def test_folders_with_other_class_names_stay_without_binary(tmp_path: Path) -> None:
+    for cls in ("HSIL", "blood"):
+        touch(tmp_path / "set" / cls / "a.bmp")
+    ds = open_dataset(tmp_path / "set")
+    assert ds.labels is not None and ds.labels.name != "bethesda" and {r.binary for r in ds.records} == {None}
 
 
 def test_cric_with_label_map(cric_root: Path, tmp_path: Path) -> None:
@@ -230,7 +237,8 @@ def test_manifest_relative_absolute_and_group(manifest_dir: Path, tmp_path: Path
     rec = {r.id: r for r in ds.records}
     assert rec["slides/s1/a.png"].group == "s1" and rec[outside.as_posix()].group is None
     assert rec["slides/s2/c.jpg"].label is None
-    assert ds.labels is not None and ds.labels.classes == ("HSIL", "NILM")
+    assert ds.labels is not None and ds.labels.classes == ("NILM", "HSIL")  # Bethesda names: order and binary
+    assert rec["slides/s1/b.PNG"].binary == 1 and rec["slides/s1/a.png"].binary == 0
 
 
 def test_manifest_file_column_and_label_maps(manifest_dir: Path, tmp_path: Path) -> None:

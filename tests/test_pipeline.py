@@ -200,3 +200,38 @@ def test_vectors_match_a_direct_forward(herlev_store: Store, herlev_root: Path, 
     with Image.open(row["path"]) as im:
         direct = embed_images(backbone, [im.convert("RGB")], "cpu")[0]
     np.testing.assert_allclose(np.asarray(row["vector"]), direct, rtol=1e-3, atol=1e-4)
+
+
+def test_transfer_cli_from_stored_herlev_to_stored_cric(herlev_store: Store, cric_root: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    """The paper's transfer on real stored tables: CRIC (Bethesda folders, found without a label map) embedded by
+    the CLI with the same seeded backbone, then k-NN fitted on Herlev's binary labels and scored on CRIC."""
+    import json
+
+    from cytoretrieve.cli import run
+
+    assert run(["embed", str(cric_root), *EMBED_ARGS, "--store", herlev_store.uri]) == 0
+    cric = herlev_store.open("cric_crops_100px_resnet18")
+    assert cric.count() == 2121 and cric.fingerprint == herlev_store.open("herlev_resnet18").fingerprint
+    out = tmp_path / "transfer.json"
+    capsys.readouterr()
+    assert run(["transfer", "--support", "herlev_resnet18", "--target", "cric_crops_100px_resnet18",
+                "--store", herlev_store.uri, "--ks", "1,5,11", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "herlev_resnet18" in printed and "sensitivity" in printed.lower()
+    res = json.loads(out.read_text())
+    text = json.dumps(res)
+    assert '"k"' in text and "specificity" in text and "balanced_accuracy" in text
+    cm = [v for v in _find(res, "confusion") if isinstance(v, list)][0]
+    assert sum(map(sum, cm)) == 2121 and cm[0][0] + cm[0][1] == 902  # CRIC: 902 NILM crops, 1219 abnormal
+
+
+def _find(obj, key: str):  # noqa: ANN001, ANN202 - every value stored under a key containing `key`
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if key in k:
+                yield v
+            yield from _find(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _find(v, key)

@@ -67,6 +67,7 @@ def test_import_writes_labelled_crops_and_tiles(slides, geojson, tmp_path, capsy
     t = tiles["p1"]  # 320 px at 0.5 um/px = 640 level-0 px centred on (1600, 960), read at level 1
     assert (t["x"], t["y"], t["extent"], t["level"], t["read_size"], t["tile_size"]) == (1280, 640, 640, 1, 320, 320)
     assert t["label"] == "HSIL" and t["source"] == "annotation" and t["id"] == "standard@1280,640,640"
+    assert {a: r["binary"] for a, r in cells.items()} == {"p1": 1, "mp#0": 0, "sq": 1}  # Bethesda by default
     c = cells["p1"]  # 128 px crop = 256 level-0 px
     assert (c["x"], c["y"], c["extent"], c["tile_size"]) == (1472, 832, 256, 128)
     sq = cells["sq"]  # 400 x 200 level-0 px polygon + 10% a side = 480 level-0 px = 240 px
@@ -94,3 +95,12 @@ def test_pairing_and_bad_inputs(slides, geojson, tmp_path, capsys) -> None:
     assert run(["annotations", "import", str(geojson), "--slide", str(slides["truncated"]), "--store", str(store)]) == 2
     assert "truncated" in capsys.readouterr().err.splitlines()[-1]
     assert Store(store).table_names() == []
+
+
+def test_import_label_map_sets_binary(slides, geojson, tmp_path) -> None:
+    store = tmp_path / "store"
+    (tmp_path / "map.csv").write_text("class,binary\nHSIL,1\nLSIL,\nNILM,0\n")
+    assert run(["annotations", "import", str(geojson), "--slide", str(slides["standard"]), "--store", str(store),
+                "--label-map", str(tmp_path / "map.csv")]) == 0
+    cells = {r["annotation"]: r["binary"] for r in open_tile_table(Store(store), "annotations_cells").rows()}
+    assert cells == {"p1": 1, "mp#0": 0, "sq": None}

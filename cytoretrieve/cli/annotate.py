@@ -28,6 +28,7 @@ def import_(
     target_mpp: TargetMpp = 0.5,
     tile_size: TileSize = 320,
     cell_size: Annotated[int, typer.Option("--cell-size", help="Crop side in px around a point (a polygon gets its bounding box plus 10% a side, at least this).")] = 128,
+    label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON or CSV label map giving each class its binary label (default: Bethesda categories; HSIL, LSIL, ASC-US, ASC-H, SCC positive). `score --positives` uses the positive rows.")] = None,
     json_out: options.JsonOut = None,
 ) -> None:
     """Import annotations (points or polygons with a classification) into two labelled tile tables: a cell
@@ -42,9 +43,12 @@ def import_(
     from cytoretrieve.slides.annotations import import_annotations, pair_annotations
     from cytoretrieve.store import Store
 
+    from cytoretrieve.datasets.labels import BETHESDA, load_label_map
+
+    labels = load_label_map(label_map) if label_map is not None else BETHESDA
     pairs = pair_annotations(annotations, slide)
     report = import_annotations(pairs, Store(store), table=table, target_mpp=target_mpp, tile_size=tile_size,
-                                cell_size=cell_size, mpp=mpp, objective=objective)
+                                cell_size=cell_size, mpp=mpp, objective=objective, labels=labels)
     out = Console()
     view = RichTable(title=f"{report.cells_table} + {report.tiles_table} in {store}", box=box.SIMPLE_HEAD)
     for col in ("slide", "status", "cells", "tiles", "outside", "left out", "note"):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from cytoretrieve.datasets.folders import looks_like_folders, plain_label_map, read_folders
 from cytoretrieve.datasets.herlev import looks_like_herlev, read_herlev
-from cytoretrieve.datasets.labels import HERLEV, SIPAKMED, LabelMap, load_label_map
+from cytoretrieve.datasets.labels import BETHESDA, HERLEV, SIPAKMED, LabelMap, load_label_map
 from cytoretrieve.datasets.manifest import read_manifest
 from cytoretrieve.datasets.record import (
     CellDataset,
@@ -127,6 +128,12 @@ def open_dataset(source: str | Path, layout: str = "auto", label_map: str | Path
     source_for_errors = csv_path if layout == "manifest" else root
     records = finish(records, source_for_errors)
     name = _dataset_name(layout, root, source_for_errors)
+    found = {r.label for r in records if r.label is not None}
+    if labels is None and found and found <= set(BETHESDA.classes):  # CRIC Cervix and other Bethesda-named sets
+        classes = tuple(c for c in BETHESDA.classes if c in found)  # the categories present, in Bethesda order
+        labels = LabelMap("bethesda", classes, {c: BETHESDA.binary[c] for c in classes},
+                          {c: BETHESDA.names[c] for c in classes})
+        records = [replace(r, binary=BETHESDA.binary_of(r.label)) for r in records]
     if labels is None:
         labels = plain_label_map(name, records)
     else:

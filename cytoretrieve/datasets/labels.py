@@ -196,3 +196,21 @@ SIPAKMED = LabelMap(
     },
 )
 """SIPaKMeD: koilocytotic and dyskeratotic are abnormal (positive); metaplastic is benign but not normal, so neither."""
+
+BETHESDA = LabelMap(
+    name="bethesda",
+    classes=("Negative for intraepithelial lesion", "NILM", "ASC-US", "LSIL", "ASC-H", "HSIL", "SCC"),
+    binary={"Negative for intraepithelial lesion": 0, "NILM": 0, "ASC-US": 1, "LSIL": 1, "ASC-H": 1, "HSIL": 1,
+            "SCC": 1},
+    names={
+        "Negative for intraepithelial lesion": "negative for intraepithelial lesion or malignancy (NILM)",
+        "NILM": "negative for intraepithelial lesion or malignancy",
+        "ASC-US": "atypical squamous cells of undetermined significance",
+        "LSIL": "low-grade squamous intraepithelial lesion",
+        "ASC-H": "atypical squamous cells, cannot exclude HSIL",
+        "HSIL": "high-grade squamous intraepithelial lesion",
+        "SCC": "squamous cell carcinoma",
+    },
+)
+"""The Bethesda categories as the CRIC Cervix release names its class folders (and NILM, its usual short form):
+NILM negative, every other category positive (an abnormal cell). Applied to class folders and manifests whose labels are all among these."""

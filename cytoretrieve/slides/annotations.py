@@ -10,7 +10,9 @@ Two tile tables (kind `tiles`, source `annotations`) come out of one import, bot
 - `<table>_cells`: a square crop around each annotation: `cell_size` px for a point, the polygon's bounding
   box plus `margin` on each side for a polygon (at least `cell_size`);
 - `<table>_tiles`: a `tile_size` px tile (320) centred on each annotation.
-The annotation's class is the row's `label`; `annotation` holds the feature id. Rows read like grid tiles
+The annotation's class is the row's `label` and its `binary` comes from a label map (default: the Bethesda
+categories, HSIL / LSIL / ASC-US / ASC-H / SCC positive, "Negative for intraepithelial lesion" negative; classes
+the map lacks get a null binary): `score --positives` uses the binary = 1 rows. `annotation` holds the feature id. Rows read like grid tiles
 (`SlideReader.read_row`). Regions that cross the slide's edge are read padded with the background colour.
 """
 
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cytoretrieve.datasets.labels import BETHESDA, LabelMap
 from cytoretrieve.errors import CytoError
 from cytoretrieve.slides.bag import BagWriter, table_meta, tile_id
 from cytoretrieve.slides.labels import expand_slides
@@ -176,8 +179,10 @@ def annotation_rows(
     cell_size: int = CELL_SIZE,
     margin: float = MARGIN,
     tables: tuple[str, str] = ("annotations_cells", "annotations_tiles"),
+    labels: LabelMap = BETHESDA,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], list[str]]:
-    """(cell rows, tile rows, outside, duplicates) for the annotations of one open slide."""
+    """(cell rows, tile rows, outside, duplicates) for the annotations of one open slide; each row's `binary`
+    is its class's in `labels` (null for a class the map does not name)."""
     info = slide.info
     choice = slide.choose_level(target_mpp, tile_size)
     per_px = choice.extent / tile_size  # level-0 px per output px
@@ -192,7 +197,7 @@ def annotation_rows(
         x, y = round(a.cx - extent / 2), round(a.cy - extent / 2)
         return {
             "id": tile_id(info.id, x, y, extent), "dataset": table, "path": info.path, "label": a.label,
-            "binary": None, "group": info.id, "slide": info.id, "x": x, "y": y, "level": choice.level,
+            "binary": labels.binary_of(a.label), "group": info.id, "slide": info.id, "x": x, "y": y, "level": choice.level,
             "tile_size": size, "mpp": choice.tile_mpp, "read_size": read_size, "extent": extent, "coverage": None,
             "source": "annotation", "annotation": a.id,
         }
@@ -253,6 +258,7 @@ def import_annotations(
     mpp: float | None = None,
     objective: float | None = None,
     on_result: Callable[[AnnotationResult], None] | None = None,
+    labels: LabelMap = BETHESDA,
 ) -> AnnotationReport:
     """Import (slide, GeoJSON) pairs into `<table>_cells` and `<table>_tiles`, one commit per slide and table.
 
@@ -281,7 +287,7 @@ def import_annotations(
                 with Slide(path, mpp=mpp, objective=objective) as slide:
                     cells, tiles, outside, dups = annotation_rows(
                         slide, anns, target_mpp=target_mpp, tile_size=tile_size, cell_size=cell_size,
-                        margin=margin, tables=names)
+                        margin=margin, tables=names, labels=labels)
                 result.outside, result.problems = outside, result.problems + dups
                 if sid not in cells_w.done:
                     cells_w.write(sid, cells)
