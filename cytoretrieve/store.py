@@ -217,9 +217,12 @@ class CellTable:
         """Every row id already stored: what a resumed job skips."""
         return set(self.read(["id"]).column("id").to_pylist())
 
-    def scan(self, columns: Sequence[str], where: str | None = None) -> pa.RecordBatchReader:
-        """Stream the given columns in batches, optionally filtered by a SQL `where`."""
+    def scan(self, columns: Sequence[str], where: str | None = None, row_id: bool = False) -> pa.RecordBatchReader:
+        """Stream the given columns in batches, optionally filtered by a SQL `where`; `row_id` adds LanceDB's
+        `_rowid` (the address `take_vectors` reads by; valid for this table version)."""
         query = self.tbl.search().select(list(columns)).limit(None)
+        if row_id:
+            query = query.with_row_id(True)
         if where:
             query = query.where(where)
         try:
@@ -242,6 +245,15 @@ class CellTable:
             meta.append(batch.select(list(columns)))
         schema = pa.schema([reader.schema.field(c) for c in columns])
         return np.concatenate(chunks).astype(np.float32, copy=False), pa.Table.from_batches(meta, schema)
+
+    def take_vectors(self, row_ids: np.ndarray) -> np.ndarray:
+        """Vectors (n, dim) float32 of the rows at these `_rowid`s, in ascending row-id order (LanceDB's take
+        returns them so): random access to a few thousand rows without scanning the table."""
+        if not len(row_ids):
+            return np.zeros((0, self.dim), np.float32)
+        vec = self.tbl.take_row_ids(np.asarray(row_ids, dtype=np.uint64).tolist()).select(["vector"]).to_arrow()
+        vec = vec.column("vector").combine_chunks()
+        return vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), self.dim).astype(np.float32, copy=False)
 
     def rows_by_keys(self, keys: Sequence[int], columns: Sequence[str]) -> dict[int, dict[str, Any]]:
         """Metadata of the rows with these FAISS keys, as {key: row dict}."""

@@ -79,10 +79,38 @@ def test_load_bags_streams_labelled_groups_and_counts_the_rest(cohort) -> None:
         np.testing.assert_allclose(v, ref[order])
     assert loaded.unlabelled_groups == 2
     assert loaded.unlabelled_rows == len(bags.vectors[40]) + len(bags.vectors[41])
-    from cytoretrieve.mil.bags import iter_group_vectors
 
-    (name, x, ids), = iter_group_vectors(store.open("tiles"), [bags.names[5]])
-    assert name == bags.names[5] and len(x) == len(ids) == len(bags.vectors[5])
+
+def test_streamed_bags_read_the_same_vectors_bag_by_bag(cohort) -> None:
+    from cytoretrieve.mil.bags import StoredVectors
+
+    store, _, labels, _ = cohort
+    held = load_bags(store.open("tiles"), labels, stream=False)
+    streamed = load_bags(store.open("tiles"), labels, stream=True)
+    assert isinstance(streamed.vectors, StoredVectors) and not isinstance(held.vectors, StoredVectors)
+    assert streamed.names == held.names and streamed.ids == held.ids and streamed.dim == held.dim
+    assert streamed.instances == held.instances
+    for i in (0, 7, len(held) - 1):
+        np.testing.assert_array_equal(streamed.vectors[i], held.vectors[i])
+    part = streamed.subset([3, 1])
+    assert isinstance(part.vectors, StoredVectors) and part.names == [held.names[3], held.names[1]]
+    np.testing.assert_array_equal(part.vectors[1], held.vectors[1])
+    assert [len(v) for v in part.vectors[0:2]] == [len(held.vectors[3]), len(held.vectors[1])]
+    with pytest.raises(IndexError):
+        part.vectors[2]
+
+
+def test_scoring_streamed_bags_gives_the_in_memory_result(cohort) -> None:
+    from cytoretrieve.mil.evaluate import cross_validate
+    from cytoretrieve.mil.train import TrainConfig
+    from cytoretrieve.slides.split import load_split
+
+    store, _, labels, split = cohort
+    cfg = TrainConfig(epochs=5, lr=3e-3, device="cpu")
+    runs = [cross_validate(load_bags(store.open("tiles"), labels, stream=s), load_split(split), "abmil",
+                           train_config=cfg, folds=[0]) for s in (False, True)]
+    np.testing.assert_allclose(runs[0].scores, runs[1].scores, rtol=1e-5)
+    assert runs[0].tile_scores.keys() == runs[1].tile_scores.keys()
 
 
 def test_repeated_cv_gives_one_accuracy_per_fold_and_repeat() -> None:
@@ -140,3 +168,29 @@ def test_score_cli_bad_inputs_exit_2_and_write_nothing(cohort, tmp_path: Path, c
     assert "holds no vectors" in capsys.readouterr().err
     assert run([*base, "--labels", str(labels), "--split", str(split), "--method", "median"]) == 2
     assert not out.exists()
+
+
+def test_score_cli_positive_bag_augmentation_leaves_out_held_out_slides_cells(cohort, tmp_path: Path, capsys) -> None:
+    store, bags, labels, split = cohort
+    _, masks = synthetic_bags(42, shift=8.0, seed=3)  # the cohort's positive instances: its "annotated cells"
+    tiles = store.open("tiles")
+    cells = store.create_or_open("cells", tiles.meta["backbone"], {"name": "annotations", "kind": "cells"})
+    rows, x = [], []
+    for name, v, m in zip(bags.names[:40], bags.vectors, masks):
+        for j in np.flatnonzero(m):
+            rows.append({"id": f"{name}/cell{j}", "label": "HSIL", "binary": 1, "slide": name, "group": name})
+            x.append(v[j])
+    cells.add(cells.make_rows(rows, np.stack(x)))
+    base = ["score", "--tiles", "tiles", "--labels", str(labels), "--split", str(split), "--store", store.uri,
+            "--epochs", "20", "--lr", "0.003", "--device", "cpu"]
+    out = tmp_path / "aug.json"
+    assert run([*base, "--augment-positives", "0.5", "--positives", "cells", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["augment_positives"] == 0.5 and res["mean"]["auc"] > 0.8
+    left_out = [n for n in res["notes"] if "annotated positive(s) of its validation / test slides left out" in n]
+    assert len(left_out) == 4  # every fold holds out slides with annotated cells
+    capsys.readouterr()
+    assert run([*base, "--augment-positives", "0.5"]) == 2
+    assert "needs --positives" in capsys.readouterr().err
+    assert run([*base, "--positives", "cells"]) == 2  # positives without a method that uses them
+    assert "--augment-positives" in capsys.readouterr().err

@@ -64,3 +64,33 @@ def test_unknown_method_is_refused() -> None:
 
     with pytest.raises(ValueError, match="unknown MIL method"):
         MILModel(4, "median")
+
+
+def test_augmented_bag_is_the_negative_bag_plus_a_few_annotated_positives() -> None:
+    from cytoretrieve.mil.train import augmented_bag
+
+    rng = np.random.default_rng(0)
+    neg = np.zeros((10, 3), np.float32)
+    pos = np.ones((5, 3), np.float32)
+    sizes = set()
+    for _ in range(50):
+        bag = augmented_bag(neg, pos, 4, rng)
+        inserted = int(bag[:, 0].sum())
+        assert len(bag) == 10 + inserted and 1 <= inserted <= 4 and (bag[bag[:, 0] == 0] == 0).all()
+        sizes.add(inserted)
+    assert sizes == {1, 2, 3, 4}
+
+
+def test_positive_bag_augmentation_learns_from_negative_slides_and_annotated_cells(data) -> None:
+    """Trained on negative bags only, the positives all coming from annotated cells inserted into them, the model
+    still ranks the real positive test bags first: the augmentation is what supplies the positive class."""
+    train, test, masks = data
+    negatives = train.subset(np.flatnonzero(train.y == 0))
+    annotated, cell_masks = synthetic_bags(20, seed=2)
+    cells = np.concatenate([v[m] for v, m in zip(annotated.vectors, cell_masks)])  # annotated positive cells
+    with pytest.raises(Exception, match="annotated positive"):
+        fit(negatives, TrainConfig(augment_positives=0.5, device="cpu"))
+    scorer = fit(negatives, TrainConfig(method="abmil", epochs=30, augment_positives=0.5, device="cpu"), cells)
+    p, att = scorer.predict(test.vectors)
+    assert auc(test.y, p) >= 0.9
+    assert np.mean([m[np.argmax(a)] for a, m, y in zip(att, masks, test.y) if y == 1]) > 0.7

@@ -26,13 +26,16 @@ def score(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 5e-4,
     instance_negatives: Annotated[float, typer.Option("--instance-negatives", help="Weight of the loss making every tile of a negative slide a negative instance (0 = off).")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", help="k of top-k instance pooling (--method topk).")] = 4,
-    positives: Annotated[str | None, typer.Option("--positives", help="Table of annotated cells / tiles; its binary = 1 rows are the retrieval positives (default: tiles of positive training slides).")] = None,
+    positives: Annotated[str | None, typer.Option("--positives", help="Table of annotated cells / tiles (e.g. an embedded `annotations import` table); its binary = 1 rows are the retrieval positives (default: tiles of positive training slides) and the cells --augment-positives inserts. A fold never uses those of its own validation / test slides.")] = None,
+    augment_positives: Annotated[float, typer.Option("--augment-positives", min=0.0, max=1.0, help="Positive-bag augmentation (trained methods, needs --positives): each epoch, each negative training slide is, with this probability, also trained on as a positive holding 1..--augment-max annotated positives (0 = off).")] = 0.0,
+    augment_max: Annotated[int, typer.Option("--augment-max", min=1, help="Most annotated positives inserted into one augmented bag.")] = 4,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Read each slide's vectors from the store when needed instead of holding all bags in memory (default: stream only when they would take over half the available memory).", show_default=False)] = None,
     neighbours: Annotated[int, typer.Option("--neighbours", help="Neighbours per reference set (retrieval).")] = 10,
     top_m: Annotated[int, typer.Option("--top-m", help="Slide score = mean of its top-m tile scores (retrieval).")] = 10,
     device: options.Device = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training runs.")] = 0,
     json_out: options.JsonOut = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Folder: roc.png, top_tiles.json (each slide's top tiles), scores.csv.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder: roc.png, top_tiles.json (each slide's top tiles, ids `search --id` opens), scores.csv, and heatmaps/<slide>.png (tile scores over the slide thumbnail; tile tables only).")] = None,
     n_top: Annotated[int, typer.Option("--n-top", help="Top tiles per slide written by --out.")] = 10,
 ) -> None:
     """Score whole slides from their tile vectors, cross-validated over the folds of --split.
@@ -42,7 +45,13 @@ def score(
     sensitivity, specificity and F1 per fold and as mean ± std. Tiles of slides without a label are ignored (and
     counted); labels naming slides without tiles are an error.
 
+    Cytology-aware options: --instance-negatives (every tile of a negative slide is a negative instance),
+    --method topk, --augment-positives with --positives (annotated abnormal cells inserted into negative slides
+    make extra positive bags). Bags larger than half the free memory are streamed from the store.
+
     Example: cytoretrieve score --tiles cohort_tiles_dino_vits --labels slides.csv --split split.json --method gated --out scores/
+
+    With annotated cells: cytoretrieve score --tiles cohort_tiles_dino_vits --labels slides.csv --split split.json --positives cohort_annotations_cells_dino_vits --augment-positives 0.3
     """
     from rich import box
     from rich.console import Console
@@ -60,10 +69,11 @@ def score(
     if out is not None and out.exists() and not out.is_dir():
         raise CytoError(f"--out {out} exists and is not a folder")
     train_cfg = TrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k,
-                            instance_negatives=instance_negatives, seed=seed, device=resolve_device(device))
+                            instance_negatives=instance_negatives, augment_positives=augment_positives,
+                            augment_max=augment_max, seed=seed, device=resolve_device(device))
     ret_cfg = RetrievalConfig(k=neighbours, top_m=top_m)
     result, bags = score_table(store, tiles, labels, split, method, group_column=group_column, train_config=train_cfg,
-                               retrieval_config=ret_cfg, positives_table=positives)
+                               retrieval_config=ret_cfg, positives_table=positives, stream=stream)
 
     console = Console()
     view = RichTable(title=f"{method}: slide scores, {len(result.folds)} folds of {split.name}", box=box.SIMPLE_HEAD)
@@ -83,11 +93,18 @@ def score(
     if json_out:
         options.write_json({"tiles": tiles, "labels": str(labels), "split": str(split), **result.to_dict()}, json_out)
     if out is not None:
+        from cytoretrieve.mil.heatmap import write_heatmaps
+        from cytoretrieve.store import Store
+
         out.mkdir(parents=True, exist_ok=True)
+        maps, map_notes = write_heatmaps(Store(store).open(tiles), result, bags, out, group_column=group_column)
+        for note in map_notes:
+            console.print(f"note: {note}")
         plot_roc(result, out / "roc.png", title=f"{tiles}: {method}")
         options.write_json(top_tiles(result, bags, n_top), str(out / "top_tiles.json"))
         with (out / "scores.csv").open("w") as f:
             f.write("slide,binary,fold,score\n")
             for s, y, fo, sc in zip(result.slides, result.y, result.fold_of, result.scores):
                 f.write(f"{s},{y},{fo},{sc:.6g}\n")
-        console.print(f"written: {out / 'roc.png'}, {out / 'top_tiles.json'}, {out / 'scores.csv'}")
+        heat = f", {len(maps)} heat maps in {out / 'heatmaps'}" if maps else ""
+        console.print(f"written: {out / 'roc.png'}, {out / 'top_tiles.json'}, {out / 'scores.csv'}{heat}")

@@ -1,10 +1,9 @@
 """Bags of vectors: one bag per group (slide, patient, MIL-benchmark bag) of a vector table, labelled by a group-label
 file (the slide labels CSV: `slide,label,binary`).
 
-`load_bags` streams the table in batches (`CellTable.scan`) and keeps only the vectors of labelled groups, so the
-memory held is that of the labelled bags (optionally as float16), never a copy of the whole table first.
-`iter_group_vectors` yields one group at a time (one filtered query per group) for inference over stores too
-large to hold.
+`load_bags` reads ids and groups first, then either copies the labelled groups' vectors into one array in a
+streamed pass (when they fit in memory: never a copy of the whole table first) or leaves them in the table as
+`StoredVectors`, read bag by bag by row id when a training batch or an inference pass needs them.
 
 MIL benchmark files (Musk1/2, Fox, Tiger, Elephant, UCSB breast): `read_npz` (X, bag_offsets, bag_name, y_bag)
 and `read_prtools_mat` (the miproblems.org PRTools dataset object: data, nlab, ident.milbag) give `Bags`;
@@ -37,7 +36,7 @@ class Bags:
 
     names: list[str]
     y: np.ndarray
-    vectors: list[np.ndarray]
+    vectors: Sequence[np.ndarray]  # a list of arrays, or `StoredVectors` read from the table on access
     ids: list[list[str]] | None = None  # instance (tile) ids per bag, when read from a table
     unlabelled_groups: int = 0  # groups in the table without a (binary) label: ignored
     unlabelled_rows: int = 0
@@ -48,17 +47,22 @@ class Bags:
 
     @property
     def dim(self) -> int:
-        return int(self.vectors[0].shape[1]) if self.vectors else 0
+        if isinstance(self.vectors, StoredVectors):
+            return self.vectors.table.dim
+        return int(self.vectors[0].shape[1]) if len(self.vectors) else 0
 
     @property
     def instances(self) -> int:
+        if isinstance(self.vectors, StoredVectors):
+            return int(sum(len(r) for r in self.vectors.row_ids))
         return int(sum(len(v) for v in self.vectors))
 
     def subset(self, index: Sequence[int] | np.ndarray) -> Bags:
         index = [int(i) for i in index]
+        vectors = self.vectors
         return Bags(
             names=[self.names[i] for i in index], y=self.y[index],
-            vectors=[self.vectors[i] for i in index],
+            vectors=vectors.subset(index) if isinstance(vectors, StoredVectors) else [vectors[i] for i in index],
             ids=[self.ids[i] for i in index] if self.ids is not None else None,
         )
 
@@ -91,64 +95,143 @@ def _group_column(table: CellTable, group_column: str) -> str:
     return group_column
 
 
-def load_bags(table: CellTable, labels: dict[str, SlideLabel] | str | Path, *, group_column: str = "slide",
-              dtype: Any = np.float32) -> Bags:
-    """The bags of a vector table, one per labelled group, streamed in batches.
+MEMORY_FRACTION = 0.5  # bags are held in memory when their vectors take at most this share of available RAM
 
-    Labels naming groups without rows are a `CytoError` (listed); rows of groups without a binary label are
-    ignored and counted (`unlabelled_rows`, `unlabelled_groups`). Instances keep the table's order within a group.
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable; the physical total where that is unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class StoredVectors(Sequence[np.ndarray]):
+    """Bags whose vectors stay in the table: `[i]` reads bag i's rows by row id (one LanceDB take, ~50 ms for
+    5,000 x 384) each time it is accessed. What `load_bags` gives when the labelled vectors do not fit in memory:
+    a training epoch or an inference pass then holds one mini-batch of bags at a time.
+
+    Row ids address the table version that was read; keep the table unchanged (no `optimize`) while scoring.
     """
+
+    def __init__(self, table: CellTable, row_ids: list[np.ndarray], dtype: Any = np.float32) -> None:
+        self.table, self.row_ids, self.dtype = table, row_ids, dtype
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def __getitem__(self, i: int | slice) -> Any:  # noqa: ANN401 - an array for an int, a list for a slice
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.table.take_vectors(self.row_ids[i]).astype(self.dtype, copy=False)
+
+    def subset(self, index: Sequence[int]) -> StoredVectors:
+        return StoredVectors(self.table, [self.row_ids[int(i)] for i in index], self.dtype)
+
+
+def load_bags(table: CellTable, labels: dict[str, SlideLabel] | str | Path, *, group_column: str = "slide",
+              dtype: Any = np.float32, stream: bool | None = None) -> Bags:
+    """The bags of a vector table, one per labelled group.
+
+    A first pass reads only ids and groups. Then, when the labelled vectors fit (`stream` None: at most
+    MEMORY_FRACTION of the available memory; False: always), one streamed pass copies them into a single array
+    (one view per bag, no second copy); otherwise (`stream` True, or too large) the bags stay in the table as
+    `StoredVectors`. Instances are in row-id order within a bag. Labels naming groups without rows are a
+    `CytoError` (listed); rows of groups without a binary label are ignored and counted.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     wanted, no_binary = binary_labels(labels)
     col = _group_column(table, group_column)
     dim = table.dim
-    parts: dict[str, list[np.ndarray]] = {}
-    id_parts: dict[str, list[list[str]]] = {}
-    unlabelled_groups: set[str] = set()
-    unlabelled_rows = 0
-    for batch in table.scan(["id", col, "vector"]):
-        groups = np.asarray(batch.column(col).to_pylist(), dtype=object)
-        vec = batch.column("vector")
-        x = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim)
-        ids = np.asarray(batch.column("id").to_pylist(), dtype=object)
-        order = np.argsort(groups.astype(str), kind="stable")
-        sorted_groups = groups[order].astype(str)
-        starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        for a, b in zip(starts, ends):
-            g = sorted_groups[a]
-            rows = order[a:b]
-            if g not in wanted:
-                unlabelled_groups.add(g)
-                unlabelled_rows += len(rows)
-                continue
-            parts.setdefault(g, []).append(x[rows].astype(dtype, copy=True))
-            id_parts.setdefault(g, []).append(list(ids[rows]))
-    missing = sorted(set(wanted) - set(parts))
+    meta = table.scan(["id", col], row_id=True).read_all()
+    groups = pc.dictionary_encode(meta.column(col).combine_chunks())
+    names_in_table = [str(g) for g in groups.dictionary.to_pylist()]
+    codes = pc.fill_null(groups.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)  # -1: no group
+    names = sorted(g for g in set(names_in_table) if g in wanted)
+    missing = sorted(set(wanted) - set(names))
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         raise CytoError(f"the labels name {len(missing)} slide(s) without rows in table '{table.name}' "
                         f"(column '{col}'): {shown}")
-    names = sorted(parts)
+    position = {g: i for i, g in enumerate(names)}
+    bag_of_code = np.array([position.get(g, -1) for g in names_in_table] + [-1], dtype=np.int64)
+    bag = bag_of_code[codes]  # code -1 picks the trailing -1
+    labelled = bag >= 0
+    unlabelled_rows = int((~labelled).sum())
+    unlabelled_groups = len(set(names_in_table) - set(names)) + int((codes < 0).any())
+    row_id = meta.column("_rowid").to_numpy()
+    rows = np.flatnonzero(labelled)
+    rows = rows[np.lexsort((row_id[rows], bag[rows]))]  # bag by bag, row-id order within a bag
+    bounds = np.r_[0, np.cumsum(np.bincount(bag[rows], minlength=len(names)))]
+    all_ids = meta.column("id").take(pa.array(rows)).to_pylist()
+    ids = [all_ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    nbytes = len(rows) * dim * np.dtype(dtype).itemsize
+    if stream is None:
+        stream = nbytes > MEMORY_FRACTION * available_memory()
     notes = []
+    if stream:
+        sorted_rid = row_id[rows]
+        vectors: Sequence[np.ndarray] = StoredVectors(
+            table, [sorted_rid[a:b] for a, b in zip(bounds[:-1], bounds[1:])], dtype)
+        notes.append(f"bags streamed from the table ({nbytes / 2**30:.1f} GiB of vectors left on disk)")
+    else:
+        x = np.empty((len(rows), dim), dtype=dtype)
+        dest_rid = row_id[rows]
+        by_rid = np.argsort(dest_rid, kind="stable")
+        sorted_rid = dest_rid[by_rid]
+        for batch in table.scan(["vector"], row_id=True):
+            rid = batch.column("_rowid").to_numpy()
+            pos = np.minimum(np.searchsorted(sorted_rid, rid), max(len(sorted_rid) - 1, 0))
+            hit = sorted_rid[pos] == rid if len(sorted_rid) else np.zeros(len(rid), bool)
+            if hit.any():
+                vec = batch.column("vector")
+                xb = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim)
+                x[by_rid[pos[hit]]] = xb[hit]
+        vectors = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     if unlabelled_rows:
-        notes.append(f"{unlabelled_rows} rows of {len(unlabelled_groups)} unlabelled group(s) ignored")
+        notes.append(f"{unlabelled_rows} rows of {unlabelled_groups} unlabelled group(s) ignored")
     if no_binary:
         notes.append(f"{len(no_binary)} labelled slide(s) without a binary label left out")
     return Bags(
-        names=names, y=np.array([wanted[g] for g in names], dtype=np.int8),
-        vectors=[np.concatenate(parts[g]) for g in names],
-        ids=[sum(id_parts[g], []) for g in names],
-        unlabelled_groups=len(unlabelled_groups), unlabelled_rows=unlabelled_rows, notes=notes,
+        names=names, y=np.array([wanted[g] for g in names], dtype=np.int8), vectors=vectors, ids=ids,
+        unlabelled_groups=unlabelled_groups, unlabelled_rows=unlabelled_rows, notes=notes,
     )
 
 
-def iter_group_vectors(table: CellTable, groups: Sequence[str], *, group_column: str = "slide"
-                       ) -> Iterator[tuple[str, np.ndarray, list[str]]]:
-    """(group, vectors, ids) one group at a time (one filtered scan each): bounded memory for inference."""
-    col = _group_column(table, group_column)
-    for g in groups:
-        x, meta = table.vectors(["id"], where=f"{col} = '" + g.replace("'", "''") + "'")
-        yield g, x, meta.column("id").to_pylist()
+@dataclass
+class Positives:
+    """Annotated positive instances (cell or tile vectors, binary = 1) and the slide each came from (None when
+    unknown): the retrieval method's positive references and the cells of positive-bag augmentation. Slides are
+    kept so a fold never uses the annotated cells of its own validation or test slides."""
+
+    vectors: np.ndarray
+    slides: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def excluding(self, slides: set[str]) -> Positives:
+        keep = np.array([s not in slides for s in self.slides], dtype=bool)
+        return Positives(self.vectors[keep], [s for s, k in zip(self.slides, keep) if k])
+
+
+def load_positives(table: CellTable) -> Positives:
+    """The binary = 1 rows of an annotation (or any) vector table, with their slide (else group) column."""
+    x, meta = table.vectors(["slide", "group"], where="binary = 1")
+    if not len(x):
+        raise CytoError(f"table '{table.name}' has no positive rows (binary = 1)")
+    slides = [s if s is not None else g for s, g in zip(meta.column("slide").to_pylist(), meta.column("group").to_pylist())]
+    return Positives(x, slides)
 
 
 def check_split(bags: Bags, split: Split) -> None:

@@ -13,13 +13,14 @@ repeated R times, 10 x 5 = 50 folds, accuracy at probability 0.5, no validation 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.mil.bags import Bags
+from cytoretrieve.mil.bags import Bags, Positives
 
 METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
 ALL_METHODS = ("abmil", "gated", "mean", "max", "topk", "retrieval")
@@ -128,24 +129,28 @@ class CVResult:
         return d
 
 
-def _fit_predict(method: str, train: Bags, tests: list[list[np.ndarray]], train_config, retrieval_config,  # noqa: ANN001
-                 positives: np.ndarray | None) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+def _fit_predict(method: str, train: Bags, tests: list[Sequence[np.ndarray]], train_config, retrieval_config,  # noqa: ANN001
+                 positives: Positives | None) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     if method == "retrieval":
         from cytoretrieve.mil.retrieval import fit_retrieval
 
-        scorer = fit_retrieval(train, positives, retrieval_config)
+        scorer = fit_retrieval(train, positives.vectors if positives is not None else None, retrieval_config)
     else:
         from dataclasses import replace
 
         from cytoretrieve.mil.train import TrainConfig, fit
 
-        scorer = fit(train, replace(train_config or TrainConfig(), method=method))
+        cfg = replace(train_config or TrainConfig(), method=method)
+        scorer = fit(train, cfg, positives.vectors if positives is not None and cfg.augment_positives > 0 else None)
     return [scorer.predict(t) for t in tests]
 
 
 def cross_validate(bags: Bags, split, method: str = "abmil", *, train_config=None, retrieval_config=None,  # noqa: ANN001
-                   positives: np.ndarray | None = None, folds: list[int] | None = None) -> CVResult:
-    """Cross-validate `method` over the folds of `split` (a `slides.split.Split` covering every bag)."""
+                   positives: Positives | None = None, folds: list[int] | None = None) -> CVResult:
+    """Cross-validate `method` over the folds of `split` (a `slides.split.Split` covering every bag).
+
+    `positives` (annotated cells / tiles) serve the retrieval method and positive-bag augmentation; in each fold,
+    those of the validation and test slides are left out."""
     from cytoretrieve.mil.bags import check_split
 
     if method not in ALL_METHODS:
@@ -164,14 +169,25 @@ def cross_validate(bags: Bags, split, method: str = "abmil", *, train_config=Non
         val_i = np.flatnonzero(fold_arr == v)
         train_i = np.flatnonzero((fold_arr != f) & (fold_arr != v))
         train = bags.subset(train_i)
-        if len(set(train.y.tolist())) < 2:
+        augmenting = method != "retrieval" and positives is not None and train_config is not None \
+            and train_config.augment_positives > 0
+        if len(set(train.y.tolist())) < 2 and not augmenting:
             raise CytoError(f"fold {f}: the training folds hold only one class; use fewer folds")
+        fold_positives = None
+        if positives is not None:
+            held_out = {bags.names[i] for i in np.r_[test_i, val_i]}
+            fold_positives = positives.excluding(held_out)
+            if not len(fold_positives):
+                raise CytoError(f"fold {f}: every annotated positive comes from its validation or test slides")
+            if len(fold_positives) < len(positives):
+                notes.append(f"fold {f}: {len(positives) - len(fold_positives)} annotated positive(s) of its "
+                             "validation / test slides left out")
         y_val = bags.y[val_i]
         on_val = len(set(y_val.tolist())) == 2
-        groups = [[bags.vectors[i] for i in test_i], [bags.vectors[i] for i in val_i]]
+        groups = [bags.subset(test_i).vectors, bags.subset(val_i).vectors]
         if not on_val:
             groups.append(train.vectors)
-        preds = _fit_predict(method, train, groups, train_config, retrieval_config, positives)
+        preds = _fit_predict(method, train, groups, train_config, retrieval_config, fold_positives)
         (s_test, t_test), (s_val, _) = preds[0], preds[1]
         if on_val:
             thr = youden_threshold(y_val, s_val)
@@ -213,7 +229,7 @@ def repeated_cv(bags: Bags, config=None, *, folds: int = 10, repeats: int = 5, s
         kf = KFold(n_splits=folds, shuffle=True, random_state=seed + r)
         for f, (tr, te) in enumerate(kf.split(np.arange(len(bags)))):
             scorer = fit(bags.subset(tr), replace(cfg, seed=cfg.seed + 1000 * r + f))
-            p, _ = scorer.predict([bags.vectors[i] for i in te])
+            p, _ = scorer.predict(bags.subset(te).vectors)
             accs.append(float(((p >= 0.5) == (bags.y[te] == 1)).mean()))
     return np.asarray(accs)
 
@@ -222,14 +238,15 @@ def repeated_cv(bags: Bags, config=None, *, folds: int = 10, repeats: int = 5, s
 
 
 def score_table(store, tiles: str, labels, split, method: str = "abmil", *, group_column: str = "slide",  # noqa: ANN001
-                train_config=None, retrieval_config=None, positives_table: str | None = None  # noqa: ANN001
-                ) -> tuple[CVResult, Bags]:
+                train_config=None, retrieval_config=None, positives_table: str | None = None,  # noqa: ANN001
+                stream: bool | None = None) -> tuple[CVResult, Bags]:
     """`cytoretrieve score` as a function: bags of table `tiles` (grouped by `group_column`, labelled by the labels
     CSV `labels`), cross-validated over `split` (a split file path or a `Split`). `positives_table`: annotated
-    cells / tiles (rows with binary = 1) used as the retrieval method's positives; same backbone required."""
+    cells / tiles (rows with binary = 1, same backbone) for the retrieval method's positives and for positive-bag
+    augmentation. `stream`: see `load_bags` (None: hold the bags in memory when they fit)."""
     from pathlib import Path
 
-    from cytoretrieve.mil.bags import check_split, load_bags
+    from cytoretrieve.mil.bags import check_split, load_bags, load_positives
     from cytoretrieve.slides.split import load_split
     from cytoretrieve.store import Store
 
@@ -237,19 +254,20 @@ def score_table(store, tiles: str, labels, split, method: str = "abmil", *, grou
     if isinstance(split, (str, Path)):
         split = load_split(split)
     table = st.open(tiles)
+    augment = train_config is not None and train_config.augment_positives > 0 and method != "retrieval"
+    if augment and not positives_table:
+        raise CytoError("--augment-positives needs --positives TABLE (annotated positive cells or tiles)")
+    if positives_table and method != "retrieval" and not augment:
+        raise CytoError("--positives is used by --method retrieval and by --augment-positives")
     positives = None
     if positives_table:
-        if method != "retrieval":
-            raise CytoError("--positives is used by --method retrieval only")
         pt = st.open(positives_table)
         if pt.fingerprint != table.fingerprint:
             raise CytoError(f"tables '{tiles}' and '{positives_table}' hold vectors of different backbones "
                             f"({table.meta['backbone'].get('arch')} {table.fingerprint[:12]} vs "
                             f"{pt.meta['backbone'].get('arch')} {pt.fingerprint[:12]})")
-        positives, _ = pt.vectors(["id"], where="binary = 1")
-        if not len(positives):
-            raise CytoError(f"table '{positives_table}' has no positive rows (binary = 1)")
-    bags = load_bags(table, labels, group_column=group_column)
+        positives = load_positives(pt)
+    bags = load_bags(table, labels, group_column=group_column, stream=stream)
     check_split(bags, split)
     result = cross_validate(bags, split, method, train_config=train_config, retrieval_config=retrieval_config,
                             positives=positives)
