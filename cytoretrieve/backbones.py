@@ -193,6 +193,7 @@ def _create_model(arch: str, *, pretrained: bool, img_size: int | None) -> torch
     cfg = None if arch.startswith(_HUB_PREFIXES) else get_pretrained_cfg(arch)
     if cfg is not None and cfg.fixed_input_size:
         kwargs = {"img_size": img_size, "dynamic_img_size": True}
+    offline = pretrained and _go_offline_when_hub_unreachable()
     try:
         try:
             return _seeded_create(arch, pretrained, kwargs)
@@ -203,13 +204,31 @@ def _create_model(arch: str, *, pretrained: bool, img_size: int | None) -> torch
     except OSError as e:  # huggingface_hub and urllib errors are OSErrors
         if not pretrained:
             raise
+        why = "huggingface.co is unreachable and they are not in the local cache" if offline else "offline?"
         raise CytoError(
-            f"could not fetch pretrained weights for {arch} (offline?): pass --weights FILE or --weights random"
+            f"could not fetch pretrained weights for {arch} ({why}): pass --weights FILE or --weights random"
         ) from e
     except RuntimeError as e:
         if not (pretrained and "pretrained" in str(e).lower()):
             raise
         raise CytoError(f"timm has no pretrained weights for {arch}: pass --weights FILE or --weights random") from e
+
+
+def _go_offline_when_hub_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Without a connection to the Hugging Face Hub, switch huggingface_hub to offline mode (HF_HUB_OFFLINE):
+    cached weights still load, and missing ones fail at once instead of after ~45 s of retries. True if switched."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return False
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+        return True
 
 
 def _seeded_create(arch: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:

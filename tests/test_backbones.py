@@ -217,6 +217,7 @@ def test_timm_weights_offline_gives_the_hint(monkeypatch: pytest.MonkeyPatch) ->
         return real(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(backbones.timm, "create_model", offline)
+    monkeypatch.setattr(backbones, "_go_offline_when_hub_unreachable", lambda: False)  # as if the hub answered
     offline_hint = r"could not fetch pretrained weights for resnet18 \(offline\?\).*--weights random"
     with pytest.raises(CytoError, match=offline_hint):
         load_backbone("resnet18", "timm")
@@ -229,6 +230,23 @@ def test_timm_weights_offline_gives_the_hint(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(backbones.timm, "create_model", no_weights)
     with pytest.raises(CytoError, match="timm has no pretrained weights for resnet18"):
         load_backbone("resnet18", "timm")
+
+
+def test_unreachable_hub_fails_fast_with_the_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No route to huggingface.co: offline mode at once (cache only), not ~45 s of download retries."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    def unreachable(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(CytoError, match=r"resnet18 \(huggingface.co is unreachable and they are not in the local cache\)"):
+        load_backbone("resnet18", "timm")
+    assert hub.HF_HUB_OFFLINE is True  # switched: huggingface_hub reads the cache only, no retries
 
 
 # --- rebuilding from table metadata ------------------------------------------------------------------------
