@@ -47,3 +47,62 @@ def test_annotated_positives_are_used_instead_of_positive_slide_tiles() -> None:
 def test_slide_score_is_mean_of_top_m() -> None:
     assert slide_score(np.array([0.1, 0.9, 0.5, 0.7]), 2) == 0.8
     assert slide_score(np.array([0.3]), 5) == 0.3
+
+
+def _clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    return centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, dim)).astype(np.float32)
+
+
+def test_compressed_index_tile_scores_match_exact_search() -> None:
+    """Above `exact_max` references the IVF-PQ index (re-ranked with float16 copies) is used; its tile scores stay
+    within a small error of exact search on clustered data."""
+    from cytoretrieve.mil.retrieval import RetrievalScorer
+
+    pos, neg, queries = _clustered(6000, seed=1), _clustered(8000, seed=2), _clustered(1500, seed=3)
+    approx = RetrievalScorer(pos, neg, RetrievalConfig(k=5, exact_max=1000, nlist=128))
+    exact = RetrievalScorer(pos, neg, RetrievalConfig(k=5, index="flat"))
+    assert approx.describe()["negatives"]["kind"] == "ivfpq" and exact.describe()["negatives"]["kind"] == "flat"
+    a, e = approx.tile_scores(queries), exact.tile_scores(queries)
+    assert np.corrcoef(a, e)[0, 1] > 0.99 and np.abs(a - e).mean() < 0.1 * e.std()
+
+
+def test_query_order_does_not_change_the_scores() -> None:
+    from cytoretrieve.mil.retrieval import RetrievalScorer
+
+    pos, neg = _clustered(6000, seed=1), _clustered(8000, seed=2)
+    bags = [_clustered(int(n), seed=10 + i) for i, n in enumerate([300, 50, 700, 5])]
+    scores = []
+    for sort in (True, False):
+        scorer = RetrievalScorer(pos, neg, RetrievalConfig(k=5, exact_max=1000, nlist=128, sort_queries=sort,
+                                                           query_batch=800))
+        assert (scorer.describe()["sorted_queries"]) == sort
+        slide, tiles = scorer.predict(bags)
+        assert [len(t) for t in tiles] == [len(b) for b in bags]
+        alone = [scorer.tile_scores(b) for b in bags]  # bag by bag: the same numbers as batched across bags
+        for t, a in zip(tiles, alone):
+            np.testing.assert_allclose(t, a, atol=1e-6)
+        scores.append(np.concatenate(tiles))
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-6)
+
+
+def test_unknown_index_is_a_user_error() -> None:
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.mil.retrieval import RetrievalScorer
+
+    with pytest.raises(CytoError, match="unknown retrieval index 'hnsw'"):
+        RetrievalScorer(_clustered(100), _clustered(100), RetrievalConfig(index="hnsw"))
+
+
+def test_pad_standardises_like_numpy() -> None:
+    from cytoretrieve.mil.models import pad
+
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(n, 6)).astype(np.float16 if n == 3 else np.float32) for n in (5, 3, 1)]
+    mean, std = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 2, 6).astype(np.float32)
+    x, mask = pad(bags, "cpu", mean, std)
+    assert x.shape == (3, 5, 6) and mask.sum(1).tolist() == [5, 3, 1]
+    for i, b in enumerate(bags):
+        np.testing.assert_array_equal(x[i, : len(b)].numpy(), (b.astype(np.float32) - mean) / std)
+        assert not x[i, len(b):].any()

@@ -16,6 +16,9 @@ embedding) is what the instance-level negatives of `train.py` are trained on, fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +36,8 @@ class MILModel(nn.Module):
         enc: list[nn.Module] = []
         d = dim
         for _ in range(layers):
-            enc += [nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            # in-place ReLU: the Linear's output is not needed for its backward, so one (B, N, hidden) tensor less
+            enc += [nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             d = hidden
         self.encoder = nn.Sequential(*enc)
         if method in ("abmil", "gated"):
@@ -64,7 +68,8 @@ class MILModel(nn.Module):
         m = mask.unsqueeze(-1).to(h.dtype)
         if self.method in ("abmil", "gated"):
             a = self.attention(h, mask)
-            bag = self.classifier((a.unsqueeze(-1) * h).sum(1)).squeeze(-1)
+            pooled = torch.bmm(a.unsqueeze(1), h).squeeze(1)  # sum_i a_i h_i without a (B, N, hidden) product
+            bag = self.classifier(pooled).squeeze(-1)
             return bag, a, inst
         if self.method == "mean":
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)
@@ -80,13 +85,28 @@ class MILModel(nn.Module):
         return bag, inst.masked_fill(~mask, NEG_INF), inst
 
 
-def pad(bags: list, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a list of (n_i, D) arrays into x (B, N, D) float32 and mask (B, N) bool."""
-    n = max(len(b) for b in bags)
-    d = bags[0].shape[1]
-    x = torch.zeros(len(bags), n, d, dtype=torch.float32)
+def pad(bags: Sequence, device: str | torch.device = "cpu", mean: np.ndarray | None = None,
+        std: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a list of (n_i, D) arrays (any float dtype) into x (B, N, D) float32 and mask (B, N) bool.
+
+    With `mean` and `std`, each bag is standardised, (v - mean) / std in float32 (the same numbers as numpy's), as
+    it is copied in: the batch exists once, not also as a standardised copy of every bag first.
+    """
+    n = max((len(b) for b in bags), default=0)
+    d = int(bags[0].shape[1])
+    x = torch.empty(len(bags), n, d, dtype=torch.float32)
     mask = torch.zeros(len(bags), n, dtype=torch.bool)
+    xn = x.numpy()  # the tensor's memory: bags (read-only ones too) are copied straight in
+    m = np.asarray(mean, dtype=np.float32) if mean is not None else None
+    s = np.asarray(std, dtype=np.float32) if std is not None else None
     for i, b in enumerate(bags):
-        x[i, : len(b)] = torch.as_tensor(b, dtype=torch.float32)
-        mask[i, : len(b)] = True
+        k = len(b)
+        xi = xn[i, :k]
+        xi[...] = b
+        if m is not None:
+            xi -= m
+        if s is not None:
+            xi /= s
+        xn[i, k:] = 0
+        mask[i, :k] = True
     return x.to(device), mask.to(device)

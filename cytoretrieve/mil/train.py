@@ -65,9 +65,6 @@ class MILScorer:
     def __init__(self, model, mean: np.ndarray, std: np.ndarray, device: str) -> None:  # noqa: ANN001
         self.model, self.mean, self.std, self.device = model, mean, std, device
 
-    def _prep(self, v: np.ndarray) -> np.ndarray:
-        return (np.asarray(v, dtype=np.float32) - self.mean) / self.std
-
     def predict(self, vectors: list[np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
         import torch
 
@@ -76,10 +73,10 @@ class MILScorer:
         self.model.eval()
         probs: list[float] = []
         inst: list[np.ndarray] = []
-        with torch.no_grad():
+        with torch.inference_mode():
             for a in range(0, len(vectors), batch_size):
-                chunk = [self._prep(v) for v in vectors[a:a + batch_size]]
-                x, mask = pad(chunk, self.device)
+                chunk = vectors[a:a + batch_size]
+                x, mask = pad(chunk, self.device, self.mean, self.std)
                 bag, scores, _ = self.model(x, mask)
                 probs.extend(torch.sigmoid(bag).cpu().numpy().tolist())
                 s = scores.cpu().numpy()
@@ -150,8 +147,8 @@ def fit(bags: Bags, config: TrainConfig | None = None, positives: np.ndarray | N
                     v = v[np.sort(rng.choice(len(v), cfg.max_instances, replace=False))]
                 if augmented:
                     v = augmented_bag(v, pos, cfg.augment_max, rng)
-                chunk.append((np.asarray(v, dtype=np.float32) - mean) / std)
-            x, mask = pad(chunk, device)
+                chunk.append(v)
+            x, mask = pad(chunk, device, mean, std)  # standardised as it is copied into the batch
             target = torch.as_tensor(labels[idx], device=device)
             bag, _, inst = model(x, mask)
             loss = bce(bag, target, pos_weight=pos_weight)
