@@ -194,3 +194,22 @@ def test_score_cli_positive_bag_augmentation_leaves_out_held_out_slides_cells(co
     assert "needs --positives" in capsys.readouterr().err
     assert run([*base, "--positives", "cells"]) == 2  # positives without a method that uses them
     assert "--augment-positives" in capsys.readouterr().err
+
+
+def test_score_cli_on_the_real_musk1_table(tmp_path: Path, capsys) -> None:
+    """A real MIL benchmark stored as a table (one row per instance, slide = bag) scored from the CLI, as a tile
+    table would be; its rows have no slide coordinates, so --out writes no heat maps and says so."""
+    bags = read_npz(MIL / "npz" / "musk1.npz")
+    store = Store(tmp_path / "store")
+    bags_to_table(store, "musk1", bags)
+    labels = write_group_labels(bags, tmp_path / "musk1.csv")
+    split, _ = make_split(read_labels(labels), folds=5, seed=0)
+    write_split(split, tmp_path / "split.json")
+    out = tmp_path / "out"
+    assert run(["score", "--tiles", "musk1", "--labels", str(labels), "--split", str(tmp_path / "split.json"),
+                "--store", store.uri, "--method", "gated", "--epochs", "30", "--lr", "0.002", "--device", "cpu",
+                "--json", str(tmp_path / "musk1.json"), "--out", str(out)]) == 0
+    res = json.loads((tmp_path / "musk1.json").read_text())
+    assert len(res["slides"]) == 92 and res["mean"]["auc"] > 0.75
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "heat maps need a tile table" in printed and not (out / "heatmaps").exists()
