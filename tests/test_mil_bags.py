@@ -194,6 +194,8 @@ def test_score_cli_positive_bag_augmentation_leaves_out_held_out_slides_cells(co
     assert "needs --positives" in capsys.readouterr().err
     assert run([*base, "--positives", "cells"]) == 2  # positives without a method that uses them
     assert "--augment-positives" in capsys.readouterr().err
+    assert run([*base, "--method", "retrieval", "--positives", "cells", "--augment-positives", "0.5"]) == 2
+    assert "trains none" in capsys.readouterr().err
 
 
 def test_score_cli_on_the_real_musk1_table(tmp_path: Path, capsys) -> None:

@@ -254,7 +254,9 @@ def score_table(store, tiles: str, labels, split, method: str = "abmil", *, grou
     if isinstance(split, (str, Path)):
         split = load_split(split)
     table = st.open(tiles)
-    augment = train_config is not None and train_config.augment_positives > 0 and method != "retrieval"
+    augment = train_config is not None and train_config.augment_positives > 0
+    if augment and method == "retrieval":
+        raise CytoError("--augment-positives trains a model; --method retrieval trains none (drop one of them)")
     if augment and not positives_table:
         raise CytoError("--augment-positives needs --positives TABLE (annotated positive cells or tiles)")
     if positives_table and method != "retrieval" and not augment:
