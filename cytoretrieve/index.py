@@ -11,8 +11,9 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -41,6 +42,7 @@ class TableIndex:
     kind: str
     version: int
     rows: int
+    derived: dict[str, Any] = field(default_factory=dict)  # data of this table version kept as long as the index
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, keys) for L2-normalised queries; `allowed` restricts hits to these keys."""
