@@ -168,3 +168,10 @@ def test_cli_import_loads_no_slide_library() -> None:
     code = "import sys, cytoretrieve.cli; print(','.join(m for m in ('openslide', 'scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_tile_ids_parse_back() -> None:
+    from cytoretrieve.slides.bag import parse_tile_id, tile_id
+
+    assert parse_tile_id(tile_id("case@7", 1280, -64, 640)) == ("case@7", 1280, -64, 640)
+    assert parse_tile_id("carcinoma_in_situ/149143370.jpg") is None and parse_tile_id("a@1,2") is None

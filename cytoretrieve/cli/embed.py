@@ -79,7 +79,9 @@ def embed(
               f"{len(report.failed)} unreadable; {report.images_per_second:.1f} img/s")
     for row_id, reason in report.failed:
         out.print(f"  skipped {row_id}: {reason}", markup=False, highlight=False)
-    partial = sorted({row_id.split("@")[0] for row_id, _ in report.failed if "@" in row_id})
+    from cytoretrieve.slides.bag import parse_tile_id
+
+    partial = sorted({tile[0] for row_id, _ in report.failed if (tile := parse_tile_id(row_id))})
     if partial:
         out.print(f"partial slides (some tiles unreadable): {', '.join(partial)}", markup=False, highlight=False)
     if report.interrupted:

@@ -43,7 +43,6 @@ ALPHA = 0.5  # opacity of the tile colours over the thumbnail
 CMAP = "turbo"
 PLAIN_BACKGROUND = (242, 242, 242)
 PERCENTILES = (1.0, 99.0)
-_TILE_ID = re.compile(r"@(-?\d+),(-?\d+),(\d+)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 MEANING = {
@@ -105,27 +104,32 @@ def _thumbnail(path: str | None) -> tuple[Image.Image, tuple[int, int], float | 
     """(thumbnail, level-0 size, level-0 mpp or None) of a slide file, or None when it cannot be opened."""
     import openslide
 
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.slides.reader import resolve_mpp
+
     if not path:
         return None
     try:
         with openslide.OpenSlide(path) as osr:
             thumb = osr.get_thumbnail((LONG_SIDE, LONG_SIDE))
             try:
-                mpp = float(osr.properties.get(openslide.PROPERTY_NAME_MPP_X, "") or "nan")
-            except ValueError:
-                mpp = float("nan")
-            return thumb.convert("RGB"), (int(osr.dimensions[0]), int(osr.dimensions[1])), (mpp if mpp > 0 else None)
+                mpp: float | None = resolve_mpp(osr.properties)[0]
+            except CytoError:  # no plausible pixel size in the metadata
+                mpp = None
+            return thumb.convert("RGB"), (int(osr.dimensions[0]), int(osr.dimensions[1])), mpp
     except (openslide.OpenSlideError, OSError, ValueError):
         return None
 
 
 def _extents(rows: dict[str, dict[str, Any]], slide_mpp: float | None) -> dict[str, float]:
     """Level-0 side of each tile: from its id, else tile_size * tile mpp / slide mpp, else tile_size."""
+    from cytoretrieve.slides.bag import parse_tile_id
+
     out = {}
     for tid, r in rows.items():
-        m = _TILE_ID.search(tid)
-        if m and int(m.group(1)) == r["x"] and int(m.group(2)) == r["y"]:
-            out[tid] = float(m.group(3))
+        parsed = parse_tile_id(tid)
+        if parsed and parsed[1] == r["x"] and parsed[2] == r["y"]:
+            out[tid] = float(parsed[3])
         elif r.get("tile_size") and r.get("mpp") and slide_mpp:
             out[tid] = float(r["tile_size"]) * float(r["mpp"]) / slide_mpp
         else:
