@@ -54,7 +54,7 @@ class Bags:
     @property
     def instances(self) -> int:
         if isinstance(self.vectors, StoredVectors):
-            return int(sum(len(r) for r in self.vectors.row_ids))
+            return int(sum(self.vectors.sizes()))
         return int(sum(len(v) for v in self.vectors))
 
     def subset(self, index: Sequence[int] | np.ndarray) -> Bags:
@@ -136,6 +136,10 @@ class StoredVectors(Sequence[np.ndarray]):
     def subset(self, index: Sequence[int]) -> StoredVectors:
         return StoredVectors(self.table, [self.row_ids[int(i)] for i in index], self.dtype)
 
+    def sizes(self) -> list[int]:
+        """Rows of each bag, without reading any."""
+        return [len(r) for r in self.row_ids]
+
 
 def load_bags(table: CellTable, labels: dict[str, SlideLabel] | str | Path, *, group_column: str = "slide",
               dtype: Any = np.float32, stream: bool | None = None) -> Bags:
@@ -175,20 +179,19 @@ def load_bags(table: CellTable, labels: dict[str, SlideLabel] | str | Path, *, g
     bounds = np.r_[0, np.cumsum(np.bincount(bag[rows], minlength=len(names)))]
     all_ids = meta.column("id").take(pa.array(rows)).to_pylist()
     ids = [all_ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    bag_rid = row_id[rows]  # the row ids of the labelled rows, bag by bag
     nbytes = len(rows) * dim * np.dtype(dtype).itemsize
     if stream is None:
         stream = nbytes > MEMORY_FRACTION * available_memory()
     notes = []
     if stream:
-        sorted_rid = row_id[rows]
         vectors: Sequence[np.ndarray] = StoredVectors(
-            table, [sorted_rid[a:b] for a, b in zip(bounds[:-1], bounds[1:])], dtype)
+            table, [bag_rid[a:b] for a, b in zip(bounds[:-1], bounds[1:])], dtype)
         notes.append(f"bags streamed from the table ({nbytes / 2**30:.1f} GiB of vectors left on disk)")
     else:
         x = np.empty((len(rows), dim), dtype=dtype)
-        dest_rid = row_id[rows]
-        by_rid = np.argsort(dest_rid, kind="stable")
-        sorted_rid = dest_rid[by_rid]
+        by_rid = np.argsort(bag_rid, kind="stable")  # where each row id, in ascending order, goes in x
+        sorted_rid = bag_rid[by_rid]
         for batch in table.scan(["vector"], row_id=True):
             rid = batch.column("_rowid").to_numpy()
             pos = np.minimum(np.searchsorted(sorted_rid, rid), max(len(sorted_rid) - 1, 0))

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.mil.bags import Bags
+from cytoretrieve.mil.bags import Bags, StoredVectors
 
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
 ADD_BATCH = 16_384  # references normalised and added at once
@@ -78,11 +78,8 @@ def auto_nlist(n: int) -> int:
 
 
 def _sizes(chunks: Sequence[np.ndarray]) -> list[int]:
-    """Rows of each chunk without reading a `StoredVectors` bag (its row ids say how many)."""
-    row_ids = getattr(chunks, "row_ids", None)
-    if row_ids is not None:
-        return [len(r) for r in row_ids]
-    return [len(c) for c in chunks]
+    """Rows of each chunk, without reading the bags of a `StoredVectors`."""
+    return chunks.sizes() if isinstance(chunks, StoredVectors) else [len(c) for c in chunks]
 
 
 def _sample(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
