@@ -94,3 +94,27 @@ def test_positive_bag_augmentation_learns_from_negative_slides_and_annotated_cel
     p, att = scorer.predict(test.vectors)
     assert auc(test.y, p) >= 0.9
     assert np.mean([m[np.argmax(a)] for a, m, y in zip(att, masks, test.y) if y == 1]) > 0.7
+
+
+def test_augmentation_still_needs_negative_training_slides() -> None:
+    """Augmented bags can stand in for missing positive training slides, never for missing negative ones."""
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.mil.bags import Positives
+    from cytoretrieve.mil.evaluate import cross_validate
+    from cytoretrieve.slides.split import Split
+
+    bags, masks = synthetic_bags(16, seed=4)
+    cells = np.concatenate([v[m] for v, m in zip(bags.vectors, masks)])
+    positives = Positives(cells, [None] * len(cells))
+    cfg = TrainConfig(epochs=2, augment_positives=0.5, device="cpu")
+
+    def split(fold_of_class: dict[int, list[int]]) -> Split:  # folds by class: bag i goes to a fold of its class
+        fold_of = {n: fold_of_class[int(y)][i % len(fold_of_class[int(y)])] for i, (n, y) in enumerate(zip(bags.names, bags.y))}
+        return Split(4, 0, fold_of, {n: str(y) for n, y in zip(bags.names, bags.y)}, dict(zip(bags.names, bags.y.tolist())))
+
+    only_negatives = cross_validate(bags, split({0: [0, 1, 2, 3], 1: [0, 1]}), "abmil", train_config=cfg,
+                                    positives=positives, folds=[0])  # fold 0 trains on folds 2-3: negatives only
+    assert len(only_negatives.folds) == 1
+    with pytest.raises(CytoError, match="only one class"):  # fold 0 trains on folds 2-3: positives only
+        cross_validate(bags, split({0: [0, 1], 1: [0, 1, 2, 3]}), "abmil", train_config=cfg, positives=positives,
+                       folds=[0])

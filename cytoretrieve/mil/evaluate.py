@@ -163,15 +163,17 @@ def cross_validate(bags: Bags, split, method: str = "abmil", *, train_config=Non
     tiles: dict[str, list[float]] = {}
     results: list[FoldResult] = []
     notes: list[str] = []
+    # positive-bag augmentation supplies positive training bags; negative ones must come from the folds
+    augmenting = method != "retrieval" and positives is not None and train_config is not None \
+        and train_config.augment_positives > 0
     for f in folds if folds is not None else range(split.folds):
         v = (f + 1) % split.folds
         test_i = np.flatnonzero(fold_arr == f)
         val_i = np.flatnonzero(fold_arr == v)
         train_i = np.flatnonzero((fold_arr != f) & (fold_arr != v))
         train = bags.subset(train_i)
-        augmenting = method != "retrieval" and positives is not None and train_config is not None \
-            and train_config.augment_positives > 0
-        if len(set(train.y.tolist())) < 2 and not augmenting:
+        classes = set(train.y.tolist())
+        if 0 not in classes or (1 not in classes and not augmenting):
             raise CytoError(f"fold {f}: the training folds hold only one class; use fewer folds")
         fold_positives = None
         if positives is not None:
