@@ -219,21 +219,12 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def fold_sets(split, names: list[str], fold: int):  # noqa: ANN001, ANN201
-    """(train, test) bag indices as `cytoretrieve score` uses them: test = fold, validation = fold + 1, train = rest."""
-    import numpy as np
-
-    folds = np.array([split.fold_of[n] for n in names])
-    val = (fold + 1) % split.folds
-    return np.flatnonzero((folds != fold) & (folds != val)), np.flatnonzero(folds == fold)
-
-
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One method in this (fresh) process: load, fit, infer over every slide; times, memory and AUC."""
     import numpy as np
 
     from cytoretrieve.mil.bags import load_bags
-    from cytoretrieve.mil.evaluate import auc
+    from cytoretrieve.mil.evaluate import auc, fold_roles
     from cytoretrieve.slides.split import load_split
     from cytoretrieve.store import Store
 
@@ -259,7 +250,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     bags = load_bags(table, base.with_suffix(".labels.csv"), stream=args.stream)
     out.update(load_s=time.perf_counter() - t0, rss_after_load=peak_rss(), slides=len(bags),
                tiles=bags.instances, notes=bags.notes)
-    train_i, test_i = fold_sets(split, bags.names, args.fold)
+    train_i, _, test_i = fold_roles(np.array([split.fold_of[n] for n in bags.names]), args.fold, split.folds)
     train = bags.subset(train_i)
     out.update(train_slides=len(train_i), test_slides=len(test_i), train_tiles=train.instances)
     print(f"[{method}] loaded {len(bags)} slides / {bags.instances:,} tiles in {out['load_s']:.1f} s", file=sys.stderr,

@@ -145,6 +145,14 @@ def _fit_predict(method: str, train: Bags, tests: list[Sequence[np.ndarray]], tr
     return [scorer.predict(t) for t in tests]
 
 
+def fold_roles(fold_of_bag: np.ndarray, fold: int, folds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) bag indices of `fold`: test = that fold, validation = the next one, train = the
+    rest; `fold_of_bag[i]` is bag i's fold."""
+    val = (fold + 1) % folds
+    return (np.flatnonzero((fold_of_bag != fold) & (fold_of_bag != val)), np.flatnonzero(fold_of_bag == val),
+            np.flatnonzero(fold_of_bag == fold))
+
+
 def cross_validate(bags: Bags, split, method: str = "abmil", *, train_config=None, retrieval_config=None,  # noqa: ANN001
                    positives: Positives | None = None, folds: list[int] | None = None) -> CVResult:
     """Cross-validate `method` over the folds of `split` (a `slides.split.Split` covering every bag).
@@ -168,9 +176,7 @@ def cross_validate(bags: Bags, split, method: str = "abmil", *, train_config=Non
         and train_config.augment_positives > 0
     for f in folds if folds is not None else range(split.folds):
         v = (f + 1) % split.folds
-        test_i = np.flatnonzero(fold_arr == f)
-        val_i = np.flatnonzero(fold_arr == v)
-        train_i = np.flatnonzero((fold_arr != f) & (fold_arr != v))
+        train_i, val_i, test_i = fold_roles(fold_arr, f, split.folds)
         train = bags.subset(train_i)
         classes = set(train.y.tolist())
         if 0 not in classes or (1 not in classes and not augmenting):
