@@ -40,10 +40,9 @@ def import_(
     Example: cytoretrieve annotations import case-001.geojson --slide slides/case-001.svs
     """
     from cytoretrieve.errors import CytoError
+    from cytoretrieve.datasets.labels import BETHESDA, load_label_map
     from cytoretrieve.slides.annotations import import_annotations, pair_annotations
     from cytoretrieve.store import Store
-
-    from cytoretrieve.datasets.labels import BETHESDA, load_label_map
 
     labels = load_label_map(label_map) if label_map is not None else BETHESDA
     pairs = pair_annotations(annotations, slide)
