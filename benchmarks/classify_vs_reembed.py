@@ -24,7 +24,7 @@ import _common
 
 def time_classify(store: Any, table: str, runs: int, ks: str, repeats: int) -> tuple[list[float], dict[str, Any]]:
     """Seconds of each repeat of: open the table, read its vectors, classify with majority and weighted votes."""
-    from cytoretrieve.knn import classify_table, parse_ks
+    from cytoretrieve.queries.knn import classify_table, parse_ks
 
     times: list[float] = []
     results: dict[str, Any] = {}
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from cytoretrieve.backbones import load_backbone
     from cytoretrieve.embed import embed
-    from cytoretrieve.knn import classify_table
-    from cytoretrieve.store import Store
+    from cytoretrieve.queries.knn import classify_table
+    from cytoretrieve.store.tables import Store
 
     backbone = load_backbone(args.arch, "random", image_size=args.image_size, device="cpu")
     size = backbone.preprocessing.size

@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from cytoretrieve.backbones import load_backbone, resolve_device
-    from cytoretrieve.datasets import open_dataset
+    from cytoretrieve.sources.cells import open_dataset
     from cytoretrieve.embed import default_workers, embed, forward, prepare
-    from cytoretrieve.store import Store
+    from cytoretrieve.store.tables import Store
 
     device = resolve_device(args.device)
     backbone = load_backbone(args.arch, "random", image_size=args.image_size, device=device)

@@ -44,12 +44,12 @@ def main() -> None:
 
     import torch
 
-    from cytoretrieve.mil.bags import read_npz
-    from cytoretrieve.mil.evaluate import repeated_cv
-    from cytoretrieve.mil.train import TrainConfig
+    from cytoretrieve.queries.mil.bags import read_npz
+    from cytoretrieve.queries.mil.evaluate import repeated_cv
+    from cytoretrieve.queries.mil.train import MILTrainConfig
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(method=args.method, epochs=args.epochs, device=args.device)
+    cfg = MILTrainConfig(method=args.method, epochs=args.epochs, device=args.device)
     out = {"config": cfg.to_dict(), "folds": args.folds, "repeats": args.repeats, "results": {}}
     for name in args.datasets.split(","):
         bags = read_npz(DATA / f"{name}.npz")

@@ -5,7 +5,7 @@
                                             [--methods abmil,retrieval] [--epochs 10] [--store DIR]
 
 1. The store (built once, reused while it holds the right rows): one LanceDB vector table written through the
-   package's API (`Store.create_or_open`, `CellTable.make_rows` / `add` in ~20k-row batches, `finish`), with
+   package's API (`Store.create_or_open`, `VectorTable.make_rows` / `add` in ~20k-row batches, `finish`), with
    `slide`, `group`, `x`, `y` set as `cytoretrieve tile` + `embed` would. Vectors are clustered: 50 "normal" cluster
    centres, each with its own 16-dimensional subspace of variation, plus isotropic noise and a small per-slide
    offset; every slide mixes the normal clusters in its own (Dirichlet) proportions. Half the slides are positive,
@@ -20,7 +20,7 @@
    Each reports load / train (index build) / inference seconds, peak RSS and the AUC of the slide scores on the
    test fold (a sanity check that the synthetic signal is found); retrieval also reports, on a sample of tiles,
    recall@k of its neighbours and the error of its tile scores against exact (flat) search.
-3. `--baseline-slides N` also times the previous retrieval code (cytoretrieve.index "auto": IVFFlat, nlist 4 sqrt(n),
+3. `--baseline-slides N` also times the previous retrieval code (cytoretrieve.store.index "auto": IVFFlat, nlist 4 sqrt(n),
    nprobe 16, queries slide by slide, unsorted) on N query slides and extrapolates to all slides.
 
 Run it alone on the machine: it uses every core (torch and FAISS threads), and each method holds the 2.1 GiB of
@@ -134,9 +134,9 @@ def build_store(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.slides.labels import read_labels
-    from cytoretrieve.slides.split import make_split, write_split
-    from cytoretrieve.store import Store
+    from cytoretrieve.sources.cohort.labels import read_labels
+    from cytoretrieve.sources.cohort.split import make_split, write_split
+    from cytoretrieve.store.tables import Store
 
     store = Store(args.store)
     name = table_name(args)
@@ -223,10 +223,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One method in this (fresh) process: load, fit, infer over every slide; times, memory and AUC."""
     import numpy as np
 
-    from cytoretrieve.mil.bags import load_bags
-    from cytoretrieve.mil.evaluate import auc, fold_roles
-    from cytoretrieve.slides.split import load_split
-    from cytoretrieve.store import Store
+    from cytoretrieve.queries.mil.bags import load_bags
+    from cytoretrieve.queries.mil.evaluate import auc, fold_roles
+    from cytoretrieve.sources.cohort.split import load_split
+    from cytoretrieve.store.tables import Store
 
     method = args.worker
     out: dict[str, Any] = {"method": method, "rss_after_imports": peak_rss()}
@@ -257,9 +257,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
           flush=True)
 
     if method == "abmil":
-        from cytoretrieve.mil.train import TrainConfig, fit
+        from cytoretrieve.queries.mil.train import MILTrainConfig, fit
 
-        cfg = TrainConfig(method="abmil", epochs=args.epochs, device="cpu", seed=args.seed)
+        cfg = MILTrainConfig(method="abmil", epochs=args.epochs, device="cpu", seed=args.seed)
         t0 = time.perf_counter()
         scorer = fit(train, cfg)
         out.update(train_s=time.perf_counter() - t0, epochs=args.epochs, rss_after_train=peak_rss(),
@@ -270,7 +270,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         out["inference_s"] = time.perf_counter() - t0
         out["peak_rss"] = peak_rss()
     else:
-        from cytoretrieve.mil.retrieval import RetrievalConfig, fit_retrieval
+        from cytoretrieve.queries.mil.retrieval import RetrievalConfig, fit_retrieval
 
         cfg = RetrievalConfig(index=args.retrieval_index, nprobe=args.nprobe, refine=args.refine)
         t0 = time.perf_counter()
@@ -312,7 +312,7 @@ def exact_neighbours(chunks, q, k: int):  # noqa: ANN001, ANN201
     import faiss
     import numpy as np
 
-    from cytoretrieve.knn import l2_normalise
+    from cytoretrieve.queries.knn import l2_normalise
 
     heap = faiss.ResultHeap(len(q), k, keep_max=True)
     offset = 0
@@ -377,7 +377,7 @@ def retrieval_accuracy(scorer, train, x, abnormal) -> tuple[dict[str, Any], Any]
     returns the comparison and the exact results (for the baseline)."""
     import numpy as np
 
-    from cytoretrieve.knn import l2_normalise
+    from cytoretrieve.queries.knn import l2_normalise
 
     q = l2_normalise(x)
     k = scorer.config.k
@@ -395,7 +395,7 @@ def retrieval_accuracy(scorer, train, x, abnormal) -> tuple[dict[str, Any], Any]
 
 def retrieval_baseline(train, bags, n_slides: int, cfg, seed: int, sample=None) -> dict[str, Any]:  # noqa: ANN001
     """The retrieval code before this benchmark (commit 821ea7e's retrieval.py): both reference sets concatenated
-    and indexed by `cytoretrieve.index.build(..., "auto")` (IVFFlat above 100k rows: nlist = 4 sqrt(n), nprobe 16,
+    and indexed by `cytoretrieve.store.index.build(..., "auto")` (IVFFlat above 100k rows: nlist = 4 sqrt(n), nprobe 16,
     k-means with FAISS defaults), queries searched slide by slide. Times the build and the search of `n_slides`
     query slides, extrapolates the search to every slide, and (with `sample` = (x, abnormal, exact)) compares its
     neighbours with exact search as `compare` does."""
@@ -403,8 +403,8 @@ def retrieval_baseline(train, bags, n_slides: int, cfg, seed: int, sample=None) 
 
     import numpy as np
 
-    from cytoretrieve.index import build
-    from cytoretrieve.knn import l2_normalise
+    from cytoretrieve.store.index import build
+    from cytoretrieve.queries.knn import l2_normalise
 
     t0 = time.perf_counter()
     neg = np.concatenate([train.vectors[i] for i in range(len(train)) if train.y[i] == 0]).astype(np.float32)

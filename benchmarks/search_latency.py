@@ -1,9 +1,9 @@
 """Figure 3: latency of `search` by row id on a 200k-row table, with the recall of the index it uses.
 
-The table is synthetic but built through the store API (`Store`, `CellTable.make_rows` / `add` / `finish`), with
+The table is synthetic but built through the store API (`Store`, `VectorTable.make_rows` / `add` / `finish`), with
 CLUSTERED vectors (iid random vectors have no neighbourhoods, so any ANN index looks wrong on them; see
 STACK.md): 100 groups x 20 sub-clusters, unit-norm. The index is built and cached first (`table_index`, timed
-separately); then `cytoretrieve.search.search(table, row_id=..., k=10)` is timed for random ids after one
+separately); then `cytoretrieve.queries.search.search(table, row_id=..., k=10)` is timed for random ids after one
 warm-up call: p50 / p95. Recall@10 compares the ids `search` returned with exact cosine neighbours (brute force in
 numpy), so a fast but wrong index cannot pass. Target: p50 <= 20 ms.
 
@@ -71,9 +71,9 @@ def breakdown(table: Any, ids: list[str]) -> dict[str, float]:
     """p50 ms of the steps of a search by id, timed one by one through public calls on the same ids: the ones
     `search` makes now (all in memory but the FAISS search), and the two LanceDB queries it made before (the
     query row, the hits' metadata), to show what keeping those in memory saves."""
-    from cytoretrieve.index import table_index
-    from cytoretrieve.search import HIT_COLUMNS
-    from cytoretrieve.store import row_key
+    from cytoretrieve.store.index import table_index
+    from cytoretrieve.queries.search import HIT_COLUMNS
+    from cytoretrieve.store.tables import row_key
 
     names = ["table_index (memory)", "query vector from the index", "FAISS search",
              "before: query row as a Lance query", "before: hit metadata as a Lance query"]
@@ -97,8 +97,8 @@ def breakdown(table: Any, ids: list[str]) -> dict[str, float]:
 
 def bench_dim(store: Any, n: int, dim: int, queries: int, seed: int) -> dict[str, Any]:
     """One table of `n` x `dim`: ingest, index build, then timed searches and their recall@10."""
-    from cytoretrieve.index import forget_loaded, table_index
-    from cytoretrieve.search import search
+    from cytoretrieve.store.index import forget_loaded, table_index
+    from cytoretrieve.queries.search import search
 
     vectors = clustered_vectors(n, dim, seed)
     table, ingest_s = make_table(store, f"synthetic_{dim}", vectors)
@@ -168,7 +168,7 @@ def main() -> None:
         dims, args.queries = [384], 100
     info = _common.machine()
     _common.print_machine(info)
-    from cytoretrieve.store import Store
+    from cytoretrieve.store.tables import Store
 
     figures = []
     with tempfile.TemporaryDirectory(prefix="cytoretrieve-bench-") as tmp:

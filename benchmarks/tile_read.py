@@ -43,8 +43,8 @@ def rss_mib(field: str = "VmRSS") -> float:
 
 
 def memory_part(n_slides: int) -> dict[str, Any]:
-    from cytoretrieve.slides.tiling import tile_slides
-    from cytoretrieve.store import Store
+    from cytoretrieve.sources.slides.tiling import tile_slides
+    from cytoretrieve.store.tables import Store
 
     marks = {1, n_slides // 2, n_slides}
     rss: dict[int, float] = {}
@@ -103,7 +103,7 @@ def rows_for(order: list[tuple[int, int]]) -> list[dict[str, Any]]:
 def reader_loop(order: list[tuple[int, int]]) -> float:
     import numpy as np
 
-    from cytoretrieve.slides.reader import SlideReader
+    from cytoretrieve.sources.slides.reader import SlideReader
 
     reader = SlideReader()
     rows = rows_for(order)
@@ -117,7 +117,7 @@ class TileRows:
     """A map-style dataset over tile rows, as the embed job will build one."""
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
-        from cytoretrieve.slides.reader import SlideReader
+        from cytoretrieve.sources.slides.reader import SlideReader
 
         self.rows = rows
         self.reader = SlideReader()

@@ -88,7 +88,7 @@ def synthetic_tiles(root: Path, n: int, size: int = 320) -> Path:
     import numpy as np
     from PIL import Image
 
-    from cytoretrieve.synthetic import CLASSES, draw_cell
+    from cytoretrieve.sources.cells.synthetic import CLASSES, draw_cell
 
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)

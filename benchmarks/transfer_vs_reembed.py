@@ -1,7 +1,7 @@
 """Transfer from stored vectors vs re-embedding the two datasets it reads (issue 4, performance).
 
 transfer = open the Herlev (support) and CRIC (target) tables, read their vectors and binary labels, choose k by
-5-fold weighted F1 on Herlev (k 1-50), predict every CRIC cell and score it: the `cytoretrieve.transfer.transfer`
+5-fold weighted F1 on Herlev (k 1-50), predict every CRIC cell and score it: the `cytoretrieve.queries.transfer.transfer`
 call that `cytoretrieve transfer` makes. re-embed = the `cytoretrieve.embed.embed` job over both image sets with the
 same backbone into fresh tables (what a pipeline without a store would pay). One process, side by side; the embeds
 that create the tables come first, then the transfer repeats, then a second copy of both is embedded and timed.
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from cytoretrieve.backbones import load_backbone
     from cytoretrieve.embed import embed
-    from cytoretrieve.store import Store
-    from cytoretrieve.transfer import transfer
+    from cytoretrieve.store.tables import Store
+    from cytoretrieve.queries.transfer import transfer
 
     backbone = load_backbone(args.arch, "random", image_size=args.image_size, device="cpu")
     size = backbone.preprocessing.size

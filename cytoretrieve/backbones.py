@@ -118,12 +118,12 @@ def resolve_device(device: str) -> str:
         raise CytoError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from e
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise CytoError(f"device {device!r} requested but no CUDA GPU is available: use --device cpu or auto")
+            raise CytoError(f"device {device!r} requested but no CUDA GPU is available: use `device` cpu or auto")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise CytoError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")
     elif parsed.type == "mps":
         if not torch.backends.mps.is_available():
-            raise CytoError(f"device {device!r} requested but MPS is not available: use --device cpu or auto")
+            raise CytoError(f"device {device!r} requested but MPS is not available: use `device` cpu or auto")
     elif parsed.type != "cpu":
         raise CytoError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
     return device
@@ -177,7 +177,7 @@ def _build(
 def _check_arch(arch: str | None) -> str:
     """The arch if timm knows it (pretrained tags allowed), else a CytoError with close matches."""
     if not arch:
-        raise CytoError("no backbone architecture given: name one (--backbone for embed, --arch for train), e.g. resnet50")
+        raise CytoError("no backbone architecture given: name one (`backbone` for embed, `arch` for train), e.g. resnet50")
     if arch.startswith(_HUB_PREFIXES) or timm.is_model(arch):
         return arch
     family = re.match(r"[a-z]*", arch.lower()).group(0) or "resnet"
@@ -206,12 +206,12 @@ def _create_model(arch: str, *, pretrained: bool, img_size: int | None) -> torch
             raise
         why = "huggingface.co is unreachable and they are not in the local cache" if offline else "offline?"
         raise CytoError(
-            f"could not fetch pretrained weights for {arch} ({why}): pass --weights FILE or --weights random"
+            f"could not fetch pretrained weights for {arch} ({why}): pass `weights` FILE or `weights` random"
         ) from e
     except RuntimeError as e:
         if not (pretrained and "pretrained" in str(e).lower()):
             raise
-        raise CytoError(f"timm has no pretrained weights for {arch}: pass --weights FILE or --weights random") from e
+        raise CytoError(f"timm has no pretrained weights for {arch}: pass `weights` FILE or `weights` random") from e
 
 
 def _go_offline_when_hub_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -266,7 +266,7 @@ def _resolve_preprocessing(
 def _weights_path(weights: str) -> Path:
     path = Path(weights).expanduser()
     if not path.exists():
-        raise CytoError(f"weights file not found: {path} (or use --weights timm / --weights random)")
+        raise CytoError(f"weights file not found: {path} (or use `weights` timm / `weights` random)")
     if not path.is_file():
         raise CytoError(f"weights path is not a file: {path}")
     return path.resolve()
@@ -304,7 +304,7 @@ def _arch_for_file(arch: str | None, config: Mapping[str, Any], path: Path) -> s
     config_arch = config.get("arch")
     if not arch:
         if not config_arch:
-            raise CytoError(f"no arch given for {path} and no {path.with_suffix('.json').name} beside it: name the architecture (--backbone / --arch)")
+            raise CytoError(f"no arch given for {path} and no {path.with_suffix('.json').name} beside it: name the architecture (`backbone` / `arch`)")
         return str(config_arch)
     if config_arch and str(config_arch).split(".")[0] != arch.split(".")[0]:
         raise CytoError(
@@ -375,7 +375,7 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: 
     if missing or unexpected or mismatched:
         hint = ""
         if any(m.startswith("pos_embed:") for m in mismatched):
-            hint = "; a ViT's pos_embed fits the image size it was trained at: pass that --image-size"
+            hint = "; a ViT's pos_embed fits the image size it was trained at: pass that `image_size`"
         raise CytoError(
             f"weights {path} do not fit {arch}: {len(missing)} missing{_examples(missing)},"
             f" {len(unexpected)} unexpected{_examples(unexpected)},"

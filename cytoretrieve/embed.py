@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 
 from cytoretrieve.backbones import Backbone, resolve_device
-from cytoretrieve.datasets import CellRecord, open_dataset
+from cytoretrieve.sources.cells import CellRecord, open_dataset
 from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
-from cytoretrieve.slides.reader import SLIDE_EXTENSIONS, slide_id
+from cytoretrieve.sources.slides.reader import SLIDE_EXTENSIONS, slide_id
 from cytoretrieve.preprocess import ImageFiles, collate_images
-from cytoretrieve.store import CellTable, Store, table_name_for
+from cytoretrieve.store.tables import VectorTable, Store, table_name_for
 
 FLUSH_ROWS = 2048  # rows per LanceDB commit
 FLUSH_SECONDS = 30.0  # ... or sooner, so a kill loses at most this much work
@@ -105,7 +105,7 @@ def _cell_row(record: CellRecord, dataset: str) -> dict[str, Any]:
 def embed_rows(
     rows: Sequence[dict[str, Any]],
     backbone: Backbone,
-    table: CellTable,
+    table: VectorTable,
     *,
     load: Callable[[dict[str, Any]], Image.Image] | None = None,
     shard_key: str = "id",
@@ -139,7 +139,7 @@ def _run(
     todo: list[dict[str, Any]],
     load: Callable[[dict[str, Any]], Image.Image] | None,
     backbone: Backbone,
-    table: CellTable,
+    table: VectorTable,
     report: EmbedReport,
     batch_size: int,
     workers: int | None,
@@ -205,7 +205,7 @@ def embed(
     device: str = "auto",
     commit_rows: int = FLUSH_ROWS,
     on_progress: Callable[[int, int, int], None] | None = None,
-    on_start: Callable[[str, int, CellTable], None] | None = None,
+    on_start: Callable[[str, int, VectorTable], None] | None = None,
 ) -> EmbedReport:
     """Embed a cell dataset (Herlev, SIPaKMeD, class folders, CSV manifest) or slide tiles into a store table.
 
@@ -248,7 +248,7 @@ def embed(
 
 def _tile_with_defaults(slide: Path, store: Store) -> str:
     """Tile one slide with the default grid (320 px at 0.5 um/px) into `<slide>_tiles`; that table's name."""
-    from cytoretrieve.slides.tiling import tile_slides
+    from cytoretrieve.sources.slides.tiling import tile_slides
 
     name = table_name_for(slide_id(slide), "tiles")
     report = tile_slides([slide], store, table=name)
@@ -269,14 +269,14 @@ def embed_tiles(
     device: str = "auto",
     commit_rows: int = FLUSH_ROWS,
     on_progress: Callable[[int, int, int], None] | None = None,
-    on_start: Callable[[str, int, CellTable], None] | None = None,
+    on_start: Callable[[str, int, VectorTable], None] | None = None,
 ) -> EmbedReport:
     """Embed the tiles of a tile table (regions read from their slides in the workers) into `<tiles>_<arch>`.
 
     Vector rows keep the tile's slide id and level-0 location; under torchrun, slides are sharded over processes.
     """
-    from cytoretrieve.slides.bag import SHARED_COLUMNS, open_tile_table
-    from cytoretrieve.slides.reader import SlideReader
+    from cytoretrieve.store.tiles import SHARED_COLUMNS, open_tile_table
+    from cytoretrieve.sources.slides.reader import SlideReader
 
     tile_table = open_tile_table(store, tiles)
     columns = [*SHARED_COLUMNS, "read_size"]

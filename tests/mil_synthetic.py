@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cytoretrieve.mil.bags import Bags
+from cytoretrieve.queries.mil.bags import Bags
 
 
 def synthetic_bags(n: int = 60, dim: int = 16, shift: float = 5.0, seed: int = 0) -> tuple[Bags, list[np.ndarray]]:

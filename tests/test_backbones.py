@@ -82,7 +82,7 @@ def test_vit_takes_other_sizes(tmp_path: Path) -> None:
 
     path = tmp_path / "vit.safetensors"
     safetensors.torch.save_file(vit.model.state_dict(), str(path))
-    with pytest.raises(CytoError, match=r"pos_embed: \(1, 17, 192\) vs \(1, 197, 192\).*--image-size"):
+    with pytest.raises(CytoError, match=r"pos_embed: \(1, 17, 192\) vs \(1, 197, 192\).*`image_size`"):
         load_backbone("vit_tiny_patch16_224", str(path))  # 64 px weights into the default 224 px model
     (tmp_path / "vit.json").write_text(json.dumps({"arch": "vit_tiny_patch16_224", "preprocessing": {"size": SIZE}}))
     bigger = load_backbone(None, str(path), image_size=96)  # built at the JSON's 64 px, fed 96 px
@@ -218,7 +218,7 @@ def test_timm_weights_offline_gives_the_hint(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(backbones.timm, "create_model", offline)
     monkeypatch.setattr(backbones, "_go_offline_when_hub_unreachable", lambda: False)  # as if the hub answered
-    offline_hint = r"could not fetch pretrained weights for resnet18 \(offline\?\).*--weights random"
+    offline_hint = r"could not fetch pretrained weights for resnet18 \(offline\?\).*`weights` random"
     with pytest.raises(CytoError, match=offline_hint):
         load_backbone("resnet18", "timm")
     with pytest.raises(CytoError, match="could not fetch"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cytoretrieve.cli import run
-from cytoretrieve.store import Store
+from cytoretrieve.store.tables import Store
 
 HEAVY = ("torch", "timm", "lancedb", "sklearn", "faiss", "matplotlib")
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cytoretrieve.cli.datasets import app
-from cytoretrieve.datasets import (
+from cytoretrieve.sources.cells import (
     HERLEV,
     IMAGE_SUFFIXES,
     SIPAKMED,
@@ -21,8 +21,8 @@ from cytoretrieve.datasets import (
     mask_path,
     open_dataset,
 )
-from cytoretrieve.datasets.herlev import HERLEV_FOLDERS
-from cytoretrieve.datasets.sipakmed import FOLDER_NAMES
+from cytoretrieve.sources.cells.herlev import HERLEV_FOLDERS
+from cytoretrieve.sources.cells.sipakmed import FOLDER_NAMES
 from cytoretrieve.errors import CytoError
 
 HERLEV_COUNTS = {"NS": 74, "NI": 70, "NC": 98, "LD": 182, "MD": 146, "SD": 197, "CIS": 150}

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cytoretrieve.cli.datasets import app
-from cytoretrieve.datasets import SOURCES, download_dataset, open_dataset
-from cytoretrieve.datasets.herlev import HERLEV_FOLDERS
-from cytoretrieve.datasets.sipakmed import FOLDER_NAMES
+from cytoretrieve.sources.cells import SOURCES, download_dataset, open_dataset
+from cytoretrieve.sources.cells.herlev import HERLEV_FOLDERS
+from cytoretrieve.sources.cells.sipakmed import FOLDER_NAMES
 from cytoretrieve.errors import CytoError
 
 
@@ -142,7 +142,7 @@ def test_unreachable_url(tmp_path: Path) -> None:
     ("kwargs", "match"),
     [
         ({"sha256": "abc"}, "64 hex digits"),
-        ({"url": "file:///x.zip", "sha256": ",".join(["a" * 64] * 2)}, "one --sha256"),
+        ({"url": "file:///x.zip", "sha256": ",".join(["a" * 64] * 2)}, "one `sha256`"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
@@ -151,7 +151,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
 
 
 def test_multi_archive_source_needs_one_pin_per_archive(tmp_path: Path) -> None:
-    with pytest.raises(CytoError, match="5 comma-separated --sha256 values in this order: im_Superficial-Intermediate.7z"):
+    with pytest.raises(CytoError, match="5 comma-separated `sha256` values in this order: im_Superficial-Intermediate.7z"):
         download_dataset("sipakmed", tmp_path / "s", sha256="a" * 64)
 
 

@@ -24,8 +24,8 @@ TINY = dict(arch="resnet18", image_size=64, out_dim=256, hidden_dim=256, workers
 
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory) -> Path:
-    """64 drawn Pap cells in class folders (cytoretrieve.synthetic, the demo's cells)."""
-    from cytoretrieve.synthetic import make_cells
+    """64 drawn Pap cells in class folders (cytoretrieve.sources.cells.synthetic, the demo's cells)."""
+    from cytoretrieve.sources.cells.synthetic import make_cells
 
     return make_cells(tmp_path_factory.mktemp("cells"), per_class=8, size=64)
 
@@ -85,8 +85,8 @@ def test_mil_model_trains_on_the_gpu() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from mil_synthetic import synthetic_bags
 
-    from cytoretrieve.mil.evaluate import auc
-    from cytoretrieve.mil.train import TrainConfig, fit
+    from cytoretrieve.queries.mil.evaluate import auc
+    from cytoretrieve.queries.mil.train import TrainConfig, fit
 
     train_bags, _ = synthetic_bags(60, seed=0)
     test_bags, _ = synthetic_bags(40, seed=1)

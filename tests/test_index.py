@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoretrieve.index import build, table_index
-from cytoretrieve.knn import l2_normalise
-from cytoretrieve.store import Store, row_key
+from cytoretrieve.store.index import build, table_index
+from cytoretrieve.queries.knn import l2_normalise
+from cytoretrieve.store.tables import Store, row_key
 
 DIM = 32
 
@@ -73,7 +73,7 @@ def test_stored_vector_is_the_normalised_row(tmp_path, kind: str) -> None:
     x = clustered(2000)
     keys = np.array([row_key(f"r{i}") for i in range(2000)])
     index, _ = build(x, keys, kind)
-    from cytoretrieve.index import TableIndex
+    from cytoretrieve.store.index import TableIndex
 
     ti = TableIndex(index, kind, 1, 2000)
     np.testing.assert_allclose(ti.stored_vector(int(keys[7])), l2_normalise(x[7:8])[0], atol=1e-6)
@@ -81,7 +81,7 @@ def test_stored_vector_is_the_normalised_row(tmp_path, kind: str) -> None:
 
 
 def test_search_by_id_sees_rows_added_after_the_first_search(tmp_path) -> None:
-    from cytoretrieve.search import search
+    from cytoretrieve.queries.search import search
 
     t, x = _table(tmp_path)
     before = search(t, row_id="r0", k=5)

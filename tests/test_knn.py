@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.knn import (
+from cytoretrieve.queries.knn import (
     binary_f1,
     class_f1,
     classify,
@@ -331,7 +331,7 @@ def test_parse_ks_errors(spec: str) -> None:
 def test_plot_classify_writes_png(tmp_path) -> None:
     from PIL import Image
 
-    from cytoretrieve.plot import plot_classify
+    from cytoretrieve.views.plots import plot_classify
 
     x, y = _clusters(4, 20, 8, spread=5.0)
     res = classify(x, ["abcd"[i] for i in y], ks=range(1, 16), runs=2)

@@ -10,10 +10,10 @@ import pytest
 
 from cytoretrieve.cli import run
 from cytoretrieve.errors import CytoError
-from cytoretrieve.mil.bags import bags_to_table, load_bags, read_npz, read_prtools_mat, write_group_labels
-from cytoretrieve.slides.labels import read_labels
-from cytoretrieve.slides.split import make_split, write_split
-from cytoretrieve.store import Store
+from cytoretrieve.queries.mil.bags import bags_to_table, load_bags, read_npz, read_prtools_mat, write_group_labels
+from cytoretrieve.sources.cohort.labels import read_labels
+from cytoretrieve.sources.cohort.split import make_split, write_split
+from cytoretrieve.store.tables import Store
 
 from mil_synthetic import synthetic_bags
 
@@ -82,7 +82,7 @@ def test_load_bags_streams_labelled_groups_and_counts_the_rest(cohort) -> None:
 
 
 def test_streamed_bags_read_the_same_vectors_bag_by_bag(cohort) -> None:
-    from cytoretrieve.mil.bags import StoredVectors
+    from cytoretrieve.queries.mil.bags import StoredVectors
 
     store, _, labels, _ = cohort
     held = load_bags(store.open("tiles"), labels, stream=False)
@@ -101,12 +101,12 @@ def test_streamed_bags_read_the_same_vectors_bag_by_bag(cohort) -> None:
 
 
 def test_scoring_streamed_bags_gives_the_in_memory_result(cohort) -> None:
-    from cytoretrieve.mil.evaluate import cross_validate
-    from cytoretrieve.mil.train import TrainConfig
-    from cytoretrieve.slides.split import load_split
+    from cytoretrieve.queries.mil.evaluate import cross_validate
+    from cytoretrieve.queries.mil.train import MILTrainConfig
+    from cytoretrieve.sources.cohort.split import load_split
 
     store, _, labels, split = cohort
-    cfg = TrainConfig(epochs=5, lr=3e-3, device="cpu")
+    cfg = MILTrainConfig(epochs=5, lr=3e-3, device="cpu")
     runs = [cross_validate(load_bags(store.open("tiles"), labels, stream=s), load_split(split), "abmil",
                            train_config=cfg, folds=[0]) for s in (False, True)]
     np.testing.assert_allclose(runs[0].scores, runs[1].scores, rtol=1e-5)
@@ -114,11 +114,11 @@ def test_scoring_streamed_bags_gives_the_in_memory_result(cohort) -> None:
 
 
 def test_repeated_cv_gives_one_accuracy_per_fold_and_repeat() -> None:
-    from cytoretrieve.mil.evaluate import repeated_cv
-    from cytoretrieve.mil.train import TrainConfig
+    from cytoretrieve.queries.mil.evaluate import repeated_cv
+    from cytoretrieve.queries.mil.train import MILTrainConfig
 
     bags, _ = synthetic_bags(30, shift=8.0, seed=5)
-    acc = repeated_cv(bags, TrainConfig(epochs=20, lr=3e-3, device="cpu"), folds=3, repeats=2)
+    acc = repeated_cv(bags, MILTrainConfig(epochs=20, lr=3e-3, device="cpu"), folds=3, repeats=2)
     assert acc.shape == (6,) and acc.mean() > 0.8
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cytoretrieve.mil.bags import Bags, bags_to_table, load_bags, write_group_labels
-from cytoretrieve.mil.evaluate import CVResult
-from cytoretrieve.mil.heatmap import (ALPHA, BAR_PX, LONG_SIDE, PLAIN_BACKGROUND, TITLE_PX, _lut, render, safe_names,
+from cytoretrieve.queries.mil.bags import Bags, bags_to_table, load_bags, write_group_labels
+from cytoretrieve.queries.mil.evaluate import CVResult
+from cytoretrieve.views.heatmap import (ALPHA, BAR_PX, LONG_SIDE, PLAIN_BACKGROUND, TITLE_PX, _lut, render, safe_names,
                                       write_heatmaps)
-from cytoretrieve.slides.bag import tile_id
-from cytoretrieve.store import Store
+from cytoretrieve.store.tiles import tile_id
+from cytoretrieve.store.tables import Store
 
 from mil_synthetic import synthetic_bags
 from synthetic_slides import FULL_TILES, SIZE, STAIN, TILE_L0, write_standard_slide

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoretrieve.mil.evaluate import auc
-from cytoretrieve.mil.train import TrainConfig, fit
+from cytoretrieve.queries.mil.evaluate import auc
+from cytoretrieve.queries.mil.train import MILTrainConfig, fit
 from mil_synthetic import synthetic_bags
 
 
@@ -30,7 +30,7 @@ def data():
 
 def test_abmil_reaches_high_auc_and_attends_to_the_positive_instances(data) -> None:
     train, test, masks = data
-    scorer = fit(train, TrainConfig(method="abmil", epochs=30, device="cpu"))
+    scorer = fit(train, MILTrainConfig(method="abmil", epochs=30, device="cpu"))
     p, att = scorer.predict(test.vectors)
     assert auc(test.y, p) >= 0.95
     assert all(abs(a.sum() - 1) < 1e-4 for a in att)  # attention weights of a bag sum to 1 over its instances
@@ -44,7 +44,7 @@ def test_abmil_reaches_high_auc_and_attends_to_the_positive_instances(data) -> N
 @pytest.mark.parametrize("method", ["gated", "mean", "max", "topk"])
 def test_other_poolings_learn_the_synthetic_bags(data, method: str) -> None:
     train, test, masks = data
-    scorer = fit(train, TrainConfig(method=method, epochs=30, lr=2e-3, top_k=2, device="cpu"))
+    scorer = fit(train, MILTrainConfig(method=method, epochs=30, lr=2e-3, top_k=2, device="cpu"))
     p, inst = scorer.predict(test.vectors)
     assert auc(test.y, p) >= (0.8 if method == "mean" else 0.9)  # mean pooling dilutes 1-2 positives of 8-19
     assert [len(s) for s in inst] == [len(v) for v in test.vectors]
@@ -52,7 +52,7 @@ def test_other_poolings_learn_the_synthetic_bags(data, method: str) -> None:
 
 def test_instance_negatives_push_negative_tiles_below_positive_ones(data) -> None:
     train, test, masks = data
-    scorer = fit(train, TrainConfig(method="topk", top_k=2, epochs=30, lr=2e-3, instance_negatives=1.0, device="cpu"))
+    scorer = fit(train, MILTrainConfig(method="topk", top_k=2, epochs=30, lr=2e-3, instance_negatives=1.0, device="cpu"))
     _, inst = scorer.predict(test.vectors)
     pos = np.concatenate([s[m] for s, m in zip(inst, masks)])
     neg = np.concatenate([s[~m] for s, m in zip(inst, masks)])
@@ -60,14 +60,14 @@ def test_instance_negatives_push_negative_tiles_below_positive_ones(data) -> Non
 
 
 def test_unknown_method_is_refused() -> None:
-    from cytoretrieve.mil.models import MILModel
+    from cytoretrieve.queries.mil.models import MILModel
 
     with pytest.raises(ValueError, match="unknown MIL method"):
         MILModel(4, "median")
 
 
 def test_augmented_bag_is_the_negative_bag_plus_a_few_annotated_positives() -> None:
-    from cytoretrieve.mil.train import augmented_bag
+    from cytoretrieve.queries.mil.train import augmented_bag
 
     rng = np.random.default_rng(0)
     neg = np.zeros((10, 3), np.float32)
@@ -89,8 +89,8 @@ def test_positive_bag_augmentation_learns_from_negative_slides_and_annotated_cel
     annotated, cell_masks = synthetic_bags(20, seed=2)
     cells = np.concatenate([v[m] for v, m in zip(annotated.vectors, cell_masks)])  # annotated positive cells
     with pytest.raises(Exception, match="annotated positive"):
-        fit(negatives, TrainConfig(augment_positives=0.5, device="cpu"))
-    scorer = fit(negatives, TrainConfig(method="abmil", epochs=30, augment_positives=0.5, device="cpu"), cells)
+        fit(negatives, MILTrainConfig(augment_positives=0.5, device="cpu"))
+    scorer = fit(negatives, MILTrainConfig(method="abmil", epochs=30, augment_positives=0.5, device="cpu"), cells)
     p, att = scorer.predict(test.vectors)
     assert auc(test.y, p) >= 0.9
     assert np.mean([m[np.argmax(a)] for a, m, y in zip(att, masks, test.y) if y == 1]) > 0.7
@@ -99,14 +99,14 @@ def test_positive_bag_augmentation_learns_from_negative_slides_and_annotated_cel
 def test_augmentation_still_needs_negative_training_slides() -> None:
     """Augmented bags can stand in for missing positive training slides, never for missing negative ones."""
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.mil.bags import Positives
-    from cytoretrieve.mil.evaluate import cross_validate
-    from cytoretrieve.slides.split import Split
+    from cytoretrieve.queries.mil.bags import Positives
+    from cytoretrieve.queries.mil.evaluate import cross_validate
+    from cytoretrieve.sources.cohort.split import Split
 
     bags, masks = synthetic_bags(16, seed=4)
     cells = np.concatenate([v[m] for v, m in zip(bags.vectors, masks)])
     positives = Positives(cells, [None] * len(cells))
-    cfg = TrainConfig(epochs=2, augment_positives=0.5, device="cpu")
+    cfg = MILTrainConfig(epochs=2, augment_positives=0.5, device="cpu")
 
     def split(fold_of_class: dict[int, list[int]]) -> Split:  # folds by class: bag i goes to a fold of its class
         fold_of = {n: fold_of_class[int(y)][i % len(fold_of_class[int(y)])] for i, (n, y) in enumerate(zip(bags.names, bags.y))}

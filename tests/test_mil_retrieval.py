@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoretrieve.mil.evaluate import auc
-from cytoretrieve.mil.retrieval import RetrievalConfig, fit_retrieval, slide_score
+from cytoretrieve.queries.mil.evaluate import auc
+from cytoretrieve.queries.mil.retrieval import RetrievalConfig, fit_retrieval, slide_score
 from mil_synthetic import synthetic_bags
 
 
@@ -58,7 +58,7 @@ def _clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.n
 def test_compressed_index_tile_scores_match_exact_search() -> None:
     """Above `exact_max` references the IVF-PQ index (re-ranked with float16 copies) is used; its tile scores stay
     within a small error of exact search on clustered data."""
-    from cytoretrieve.mil.retrieval import RetrievalScorer
+    from cytoretrieve.queries.mil.retrieval import RetrievalScorer
 
     pos, neg, queries = _clustered(6000, seed=1), _clustered(8000, seed=2), _clustered(1500, seed=3)
     approx = RetrievalScorer(pos, neg, RetrievalConfig(k=5, exact_max=1000, nlist=128))
@@ -69,7 +69,7 @@ def test_compressed_index_tile_scores_match_exact_search() -> None:
 
 
 def test_query_order_does_not_change_the_scores() -> None:
-    from cytoretrieve.mil.retrieval import RetrievalScorer
+    from cytoretrieve.queries.mil.retrieval import RetrievalScorer
 
     pos, neg = _clustered(6000, seed=1), _clustered(8000, seed=2)
     bags = [_clustered(int(n), seed=10 + i) for i, n in enumerate([300, 50, 700, 5])]
@@ -89,14 +89,14 @@ def test_query_order_does_not_change_the_scores() -> None:
 
 def test_unknown_index_is_a_user_error() -> None:
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.mil.retrieval import RetrievalScorer
+    from cytoretrieve.queries.mil.retrieval import RetrievalScorer
 
     with pytest.raises(CytoError, match="unknown retrieval index 'hnsw'"):
         RetrievalScorer(_clustered(100), _clustered(100), RetrievalConfig(index="hnsw"))
 
 
 def test_pad_standardises_like_numpy() -> None:
-    from cytoretrieve.mil.models import pad
+    from cytoretrieve.queries.mil.models import pad
 
     rng = np.random.default_rng(0)
     bags = [rng.normal(size=(n, 6)).astype(np.float16 if n == 3 else np.float32) for n in (5, 3, 1)]

@@ -20,9 +20,9 @@ import pytest
 from cytoretrieve.backbones import load_backbone
 from cytoretrieve.embed import embed
 from cytoretrieve.errors import CytoError
-from cytoretrieve.knn import classify_table
-from cytoretrieve.search import search
-from cytoretrieve.store import Store
+from cytoretrieve.queries.knn import classify_table
+from cytoretrieve.queries.search import search
+from cytoretrieve.store.tables import Store
 
 HERLEV_CODES = ["NS", "NI", "NC", "LD", "MD", "SD", "CIS"]
 EMBED_ARGS = ["--backbone", "resnet18", "--weights", "random", "--image-size", "64", "--batch-size", "32"]

@@ -11,10 +11,10 @@ from synthetic_slides import STAIN, slide_folder
 
 from cytoretrieve.cli import run
 from cytoretrieve.errors import CytoError
-from cytoretrieve.slides.annotations import pair_annotations, read_geojson
-from cytoretrieve.slides.bag import open_tile_table
-from cytoretrieve.slides.reader import SlideReader
-from cytoretrieve.store import Store
+from cytoretrieve.sources.slides.annotations import pair_annotations, read_geojson
+from cytoretrieve.store.tiles import open_tile_table
+from cytoretrieve.sources.slides.reader import SlideReader
+from cytoretrieve.store.tables import Store
 
 FEATURES = [
     {"type": "Feature", "id": "p1", "geometry": {"type": "Point", "coordinates": [1600, 960]},

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from synthetic_slides import FULL_TILES, HALF_TILE, MASK_AREA_MM2, slide_folder
 
-from cytoretrieve.slides.deposit import DepositParams, deposit_mask, detect_deposit, otsu_threshold
-from cytoretrieve.slides.grid import GridSpec, make_grid
-from cytoretrieve.slides.reader import Slide
+from cytoretrieve.sources.slides.deposit import DepositParams, deposit_mask, detect_deposit, otsu_threshold
+from cytoretrieve.sources.slides.grid import GridSpec, make_grid
+from cytoretrieve.sources.slides.reader import Slide
 
 
 @pytest.fixture(scope="module")

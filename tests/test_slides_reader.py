@@ -12,7 +12,7 @@ import pytest
 from synthetic_slides import MPP, STAIN, slide_folder
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.slides.reader import Slide, SlideReader, choose_level, diagnose, resolve_mpp, slide_id
+from cytoretrieve.sources.slides.reader import Slide, SlideReader, choose_level, diagnose, resolve_mpp, slide_id
 
 WSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
 
@@ -44,7 +44,7 @@ def test_mpp_from_resolution_tags(slides) -> None:
 
 
 def test_slide_without_mpp_needs_the_user(slides) -> None:
-    with pytest.raises(CytoError, match="--mpp") as e:
+    with pytest.raises(CytoError, match="`mpp`") as e:
         Slide(slides["nompp"])
     assert "\n" not in str(e.value)
     with Slide(slides["nompp"], mpp=0.25) as s:

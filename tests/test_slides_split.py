@@ -9,8 +9,8 @@ import pytest
 
 from cytoretrieve.cli import run
 from cytoretrieve.errors import CytoError
-from cytoretrieve.slides.labels import read_labels
-from cytoretrieve.slides.split import load_split, make_split
+from cytoretrieve.sources.cohort.labels import read_labels
+from cytoretrieve.sources.cohort.split import load_split, make_split
 
 
 def _labels(path: Path, n_pos: int = 8, n_neg: int = 12) -> Path:

@@ -12,9 +12,9 @@ from PIL import Image
 from synthetic_slides import FULL_TILES, HALF_TILE, STAIN, slide_folder
 
 from cytoretrieve.cli import run
-from cytoretrieve.slides.bag import SHARED_COLUMNS, TILE_COLUMNS, open_tile_table
-from cytoretrieve.slides.reader import SlideReader
-from cytoretrieve.store import BASE_FIELDS, META_KEY, Store
+from cytoretrieve.store.tiles import SHARED_COLUMNS, TILE_COLUMNS, open_tile_table
+from cytoretrieve.sources.slides.reader import SlideReader
+from cytoretrieve.store.tables import BASE_FIELDS, META_KEY, Store
 
 WSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
 
@@ -171,7 +171,7 @@ def test_cli_import_loads_no_slide_library() -> None:
 
 
 def test_tile_ids_parse_back() -> None:
-    from cytoretrieve.slides.bag import parse_tile_id, tile_id
+    from cytoretrieve.store.tiles import parse_tile_id, tile_id
 
     assert parse_tile_id(tile_id("case@7", 1280, -64, 640)) == ("case@7", 1280, -64, 640)
     assert parse_tile_id("carcinoma_in_situ/149143370.jpg") is None and parse_tile_id("a@1,2") is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.store import Store, row_key, table_name_for
+from cytoretrieve.store.tables import Store, row_key, table_name_for
 
 DIM = 16
 
@@ -72,7 +72,7 @@ def test_lookups_and_where(store: Store) -> None:
     assert only_a.num_rows == 5
     with pytest.raises(CytoError, match="no row with id"):
         t.row_by_id("missing", ["label"])
-    with pytest.raises(CytoError, match="invalid --where"):
+    with pytest.raises(CytoError, match="invalid `where` filter"):
         t.vectors(["id"], where="label === 'A'")
 
 

@@ -13,8 +13,8 @@ from cytoretrieve.backbones import load_backbone
 from cytoretrieve.cli import run
 from cytoretrieve.distributed import shard
 from cytoretrieve.embed import embed
-from cytoretrieve.search import search
-from cytoretrieve.store import Store
+from cytoretrieve.queries.search import search
+from cytoretrieve.store.tables import Store
 
 SVS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 
@@ -67,7 +67,7 @@ def _free_port() -> int:
 
 
 def test_two_torchrun_processes_embed_one_table(tmp_path: Path) -> None:
-    from cytoretrieve.synthetic import make_cells
+    from cytoretrieve.sources.cells.synthetic import make_cells
 
     cells = make_cells(tmp_path / "cells", per_class=4, size=48)
     store = tmp_path / "store"

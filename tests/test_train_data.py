@@ -29,7 +29,7 @@ from cytoretrieve.train.data import (
     open_sources,
     read_split,
 )
-from cytoretrieve.train.preview import write_preview
+from cytoretrieve.views.train_preview import write_preview
 
 
 def _cell(size: int = 60, radius: int = 20, colour=(120, 60, 140), bg=(235, 232, 240)) -> Image.Image:
@@ -88,7 +88,7 @@ def test_herlev_folder_leaves_masks_out(tmp_path: Path) -> None:
 def test_split_holds_out_the_fold_slides(tiles: Path, tmp_path: Path, kind: str) -> None:
     folds = {"slide_a": 0, "slide_b": 1, "slide_c": 0}
     if kind == "split-command":  # the file `cytoretrieve split` writes
-        from cytoretrieve.slides.split import Split, write_split
+        from cytoretrieve.sources.cohort.split import Split, write_split
 
         path = write_split(Split(folds=2, seed=0, fold_of=folds, label_of={s: "NILM" for s in folds},
                                  binary_of={s: 0 for s in folds}), tmp_path / "split.json")

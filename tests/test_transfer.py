@@ -9,8 +9,8 @@ import pytest
 
 from cytoretrieve.cli import run
 from cytoretrieve.errors import CytoError
-from cytoretrieve.store import Store
-from cytoretrieve.transfer import select_k, transfer
+from cytoretrieve.store.tables import Store
+from cytoretrieve.queries.transfer import select_k, transfer
 
 DIM = 8
 FP = "a" * 64

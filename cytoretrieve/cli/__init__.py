@@ -25,6 +25,7 @@ from cytoretrieve.cli import (
     train,
     transfer,
 )
+from cytoretrieve.cli.messages import flag_message
 from cytoretrieve.errors import CytoError
 
 app = typer.Typer(
@@ -72,7 +73,7 @@ def run(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # typer's standalone mode: help, usage errors (2), typer.Exit
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except CytoError as e:
-        print(f"cytoretrieve: error: {e}", file=sys.stderr)
+        print(f"cytoretrieve: error: {flag_message(str(e))}", file=sys.stderr)
         return 2
     return 0
 

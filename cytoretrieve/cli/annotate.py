@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
+from cytoretrieve.cli.messages import flag_message
 from cytoretrieve.cli.tile import Mpp, Objective, TargetMpp, TileSize
 
 app = typer.Typer(help="Annotations made on whole slides (QuPath GeoJSON exports).", no_args_is_help=True)
@@ -40,9 +41,9 @@ def import_(
     Example: cytoretrieve annotations import case-001.geojson --slide slides/case-001.svs
     """
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.datasets.labels import BETHESDA, load_label_map
-    from cytoretrieve.slides.annotations import import_annotations, pair_annotations
-    from cytoretrieve.store import Store
+    from cytoretrieve.sources.cells.labels import BETHESDA, load_label_map
+    from cytoretrieve.sources.slides.annotations import import_annotations, pair_annotations
+    from cytoretrieve.store.tables import Store
 
     labels = load_label_map(label_map) if label_map is not None else BETHESDA
     pairs = pair_annotations(annotations, slide)
@@ -62,7 +63,7 @@ def import_(
         for line in r.problems:
             err.print(f"warning: {r.slide}: {line}: not imported", markup=False, highlight=False, soft_wrap=True)
         if r.status == "skipped":
-            err.print(f"skipped {r.slide}: {r.reason}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"skipped {r.slide}: {flag_message(r.reason)}", markup=False, highlight=False, soft_wrap=True)
     if json_out:
         options.write_json(report.to_dict(), json_out)
     if report.results and all(r.status == "skipped" for r in report.results):

@@ -38,8 +38,8 @@ def classify(
 
     Example: cytoretrieve classify --table herlev_resnet50 --table herlev_dino_vits --vote weighted --json out.json
     """
-    from cytoretrieve.knn import classify_table, parse_ks
-    from cytoretrieve.store import Store
+    from cytoretrieve.queries.knn import classify_table, parse_ks
+    from cytoretrieve.store.tables import Store
 
     ks = parse_ks(k)
     st = Store(store)
@@ -68,7 +68,7 @@ def classify(
         options.write_json({"results": [{"table": t.name, "backbone": t.meta["backbone"], **r.to_dict()}
                                         for t, r in zip(tables, results)]}, json_out)
     if plot:
-        from cytoretrieve.plot import plot_classify
+        from cytoretrieve.views.plots import plot_classify
 
         for t, r in zip(tables, results):
             path = plot if len(tables) == 1 else plot.with_name(f"{plot.stem}_{t.name}{plot.suffix or '.png'}")

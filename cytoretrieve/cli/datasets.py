@@ -49,7 +49,7 @@ def download(
     """Download NAME into --to, verify its checksum, unpack it, and print the dataset root."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from cytoretrieve.datasets.download import SOURCES, download_dataset
+    from cytoretrieve.sources.cells.download import SOURCES, download_dataset
 
     err = Console(stderr=True)
     columns = (
@@ -92,7 +92,7 @@ def info(
     ] = None,
 ) -> None:
     """Show the layout, dataset name and per-class counts (code, long name, binary) of SOURCE."""
-    from cytoretrieve.datasets import open_dataset
+    from cytoretrieve.sources.cells import open_dataset
 
     out, err = Console(), Console(stderr=True)
     with _notes(err):

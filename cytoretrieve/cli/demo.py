@@ -28,8 +28,8 @@ def demo(
     internet). With the default random-weight backbone the numbers show the pipeline working, not a trained
     model; see the README for the same run on Herlev with pretrained or DINO weights.
     """
-    from cytoretrieve.store import Store, table_name_for
-    from cytoretrieve.synthetic import make_cells
+    from cytoretrieve.store.tables import Store, table_name_for
+    from cytoretrieve.sources.cells.synthetic import make_cells
 
     console = Console()
     label_map = None

@@ -45,7 +45,7 @@ def embed(
     """
     from cytoretrieve.backbones import load_backbone
     from cytoretrieve.embed import embed as run_embed
-    from cytoretrieve.store import Store
+    from cytoretrieve.store.tables import Store
 
     console = Console(stderr=True)
     if backbone is None and weights in ("timm", "random"):
@@ -79,7 +79,7 @@ def embed(
               f"{len(report.failed)} unreadable; {report.images_per_second:.1f} img/s")
     for row_id, reason in report.failed:
         out.print(f"  skipped {row_id}: {reason}", markup=False, highlight=False)
-    from cytoretrieve.slides.bag import parse_tile_id
+    from cytoretrieve.store.tiles import parse_tile_id
 
     partial = sorted({tile[0] for row_id, _ in report.failed if (tile := parse_tile_id(row_id))})
     if partial:

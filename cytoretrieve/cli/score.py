@@ -58,9 +58,9 @@ def score(
     from rich.table import Table as RichTable
 
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.mil.evaluate import ALL_METHODS, METRICS, plot_roc, score_table, top_tiles
-    from cytoretrieve.mil.retrieval import RetrievalConfig
-    from cytoretrieve.mil.train import TrainConfig, resolve_device
+    from cytoretrieve.queries.mil.evaluate import ALL_METHODS, METRICS, plot_roc, score_table, top_tiles
+    from cytoretrieve.queries.mil.retrieval import RetrievalConfig
+    from cytoretrieve.queries.mil.train import MILTrainConfig, resolve_device
 
     if method not in ALL_METHODS:
         raise CytoError(f"unknown --method '{method}' (one of {', '.join(ALL_METHODS)})")
@@ -68,7 +68,7 @@ def score(
         raise CytoError("--epochs, --top-k, --neighbours, --top-m, --n-top must be >= 1, --lr > 0, --instance-negatives >= 0")
     if out is not None and out.exists() and not out.is_dir():
         raise CytoError(f"--out {out} exists and is not a folder")
-    train_cfg = TrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k,
+    train_cfg = MILTrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k,
                             instance_negatives=instance_negatives, augment_positives=augment_positives,
                             augment_max=augment_max, seed=seed, device=resolve_device(device))
     ret_cfg = RetrievalConfig(k=neighbours, top_m=top_m)
@@ -93,8 +93,8 @@ def score(
     if json_out:
         options.write_json({"tiles": tiles, "labels": str(labels), "split": str(split), **result.to_dict()}, json_out)
     if out is not None:
-        from cytoretrieve.mil.heatmap import write_heatmaps
-        from cytoretrieve.store import Store
+        from cytoretrieve.views.heatmap import write_heatmaps
+        from cytoretrieve.store.tables import Store
 
         out.mkdir(parents=True, exist_ok=True)
         maps, map_notes = write_heatmaps(Store(store).open(tiles), result, bags, out, group_column=group_column)

@@ -34,8 +34,8 @@ def search(
     By id, among positives only: cytoretrieve search --id carcinoma_in_situ/149143370-149143378-001.jpg
     --table herlev_resnet50 --where "binary = 1"
     """
-    from cytoretrieve.search import search as run_search
-    from cytoretrieve.store import Store
+    from cytoretrieve.queries.search import search as run_search
+    from cytoretrieve.store.tables import Store
 
     t = Store(store).open(table)
     result = run_search(t, image=image, row_id=row_id, k=k, where=where, device=device)

@@ -19,15 +19,15 @@ def split(
     slides: Annotated[list[Path] | None, typer.Option("--slides", help="Slide files or folders to check the labels against (repeatable): labels naming slides not found there are an error.")] = None,
 ) -> None:
     """Assign every slide of a labels CSV to one of --folds folds, stratified by its label, and write the split
-    file that training, transfer and MIL scoring read (`cytoretrieve.slides.split.load_split`), so every
+    file that training, transfer and MIL scoring read (`cytoretrieve.sources.cohort.split.load_split`), so every
     experiment uses the same slide-level splits.
 
     The slides named must exist: the CSV's path column (when it has one) and --slides are checked.
 
     Example: cytoretrieve split --labels slides.csv --folds 4 --seed 0 --out split.json
     """
-    from cytoretrieve.slides.labels import expand_slides, match_labels, read_labels, slides_from_labels
-    from cytoretrieve.slides.split import make_split, write_split
+    from cytoretrieve.sources.cohort.labels import expand_slides, match_labels, read_labels, slides_from_labels
+    from cytoretrieve.sources.cohort.split import make_split, write_split
 
     table = read_labels(labels)
     if any(lab.path for lab in table.values()):

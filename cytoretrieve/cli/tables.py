@@ -20,7 +20,7 @@ def _size(n: int) -> str:
 
 def tables(store: options.Store = options.DEFAULT_STORE) -> None:
     """List the store's tables: rows, vector dimension, backbone (architecture and fingerprint) and size on disk."""
-    from cytoretrieve.store import Store
+    from cytoretrieve.store.tables import Store
 
     infos = Store(store).describe()
     if not infos:

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
+from cytoretrieve.cli.messages import flag_message
 
 Mpp = Annotated[float | None, typer.Option("--mpp", help="Level-0 um/px for slides whose metadata has none (openslide.mpp-x), or an implausible one (72 dpi TIFFs).")]
 Objective = Annotated[float | None, typer.Option("--objective", help="Objective power for slides without mpp metadata: P means 10/P um/px (20 -> 0.5).")]
@@ -45,11 +46,11 @@ def tile(
     Example: cytoretrieve tile slides/ --labels slides.csv --preview qc/
     """
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.slides.deposit import DepositParams
-    from cytoretrieve.slides.grid import GridSpec
-    from cytoretrieve.slides.labels import read_labels
-    from cytoretrieve.slides.tiling import tile_slides
-    from cytoretrieve.store import Store
+    from cytoretrieve.sources.slides.deposit import DepositParams
+    from cytoretrieve.sources.slides.grid import GridSpec
+    from cytoretrieve.sources.cohort.labels import read_labels
+    from cytoretrieve.sources.slides.tiling import tile_slides
+    from cytoretrieve.store.tables import Store
 
     err = Console(stderr=True)
     spec = GridSpec(tile_size=tile_size, target_mpp=target_mpp, stride=stride, min_coverage=min_coverage)
@@ -105,7 +106,7 @@ def tile(
     for r in report.results:  # why: one line each
         if r.status in ("empty", "skipped") or (r.status == "tiled" and r.reason):
             word = "skipped" if r.status == "skipped" else "warning:"
-            err.print(f"{word} {r.slide}: {r.reason}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"{word} {r.slide}: {flag_message(r.reason)}", markup=False, highlight=False, soft_wrap=True)
     if json_out:
         options.write_json(report.to_dict(), json_out)
     if report.results and all(r.status == "skipped" for r in report.results):

@@ -115,7 +115,7 @@ def train(
     main = int(os.environ.get("RANK", "0")) == 0
     if preview is not None:
         from cytoretrieve.train.loop import build_dataset
-        from cytoretrieve.train.preview import write_preview
+        from cytoretrieve.views.train_preview import write_preview
 
         dataset, _ = build_dataset(config)
         path = write_preview(dataset, preview, Path(config.out) / "preview.png")

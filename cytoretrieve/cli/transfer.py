@@ -18,7 +18,7 @@ def _num(value: float | None) -> str:
 
 def _column_names(groups: list[list]) -> list[str]:
     """One column per support set: its datasets joined by '+' (herlev+sipakmed); table names when those collide."""
-    def dataset(t) -> str:  # noqa: ANN001 - a store.CellTable
+    def dataset(t) -> str:  # noqa: ANN001 - a store.VectorTable
         return str((t.meta.get("dataset") or {}).get("name") or t.name)
 
     names = ["+".join(dataset(t) for t in group) for group in groups]
@@ -50,9 +50,9 @@ def transfer(
     Example: cytoretrieve transfer --support herlev_resnet50 --support sipakmed_resnet50 --support herlev_resnet50,sipakmed_resnet50 --target cric_resnet50 --json t3.json
     """
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.knn import parse_ks
-    from cytoretrieve.store import Store
-    from cytoretrieve.transfer import check_fingerprints, transfer as run_transfer
+    from cytoretrieve.queries.knn import parse_ks
+    from cytoretrieve.store.tables import Store
+    from cytoretrieve.queries.transfer import check_fingerprints, transfer as run_transfer
 
     specs = [[name.strip() for name in s.split(",")] for s in support]
     if any(not name for spec in specs for name in spec):

@@ -219,7 +219,7 @@ class CellBank:
         self.masks = list(masks)
         self._reader = None
         if any(isinstance(item, dict) for item in self.items):
-            from cytoretrieve.slides.reader import SlideReader
+            from cytoretrieve.sources.slides.reader import SlideReader
 
             self._reader = SlideReader()
 

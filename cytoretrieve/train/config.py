@@ -176,13 +176,13 @@ class TrainConfig:
         if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) <= 0:
             raise CytoError("temperatures must be positive")
         if (self.split is None) != (self.fold is None):
-            raise CytoError("--split and --fold go together: the split file says which slides are in fold F")
+            raise CytoError("`split` and `fold` go together: the split file says which slides are in fold F")
         if self.hed_jitter < 0 or self.hed_jitter >= 1:
-            raise CytoError(f"--hed-jitter must be within [0, 1), got {self.hed_jitter}")
+            raise CytoError(f"`hed_jitter` must be within [0, 1), got {self.hed_jitter}")
         if self.paste_max < 1:
-            raise CytoError(f"--paste-max must be at least 1, got {self.paste_max}")
+            raise CytoError(f"`paste_max` must be at least 1, got {self.paste_max}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise CytoError(f"--max-steps must be at least 1, got {self.max_steps}")
+            raise CytoError(f"`max_steps` must be at least 1, got {self.max_steps}")
 
 
 def recipe_for(arch: str | None, recipe: str | None) -> str:

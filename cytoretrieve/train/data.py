@@ -2,7 +2,7 @@
 store), slide-level splits, the per-sample-seeded dataset and the resumable distributed sampler.
 
 A source is a list of items, each an image file (a path) or a tile of a slide (a tile-table row, read with
-OpenSlide through `cytoretrieve.slides.reader.SlideReader`, whose handles each DataLoader worker opens for
+OpenSlide through `cytoretrieve.sources.slides.reader.SlideReader`, whose handles each DataLoader worker opens for
 itself), with a stable id and the slide it comes from (for `--split`).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cytoretrieve.datasets.record import accepted_endings, walk_images
+from cytoretrieve.sources.cells.record import accepted_endings, walk_images
 from cytoretrieve.errors import CytoError
 from cytoretrieve.preprocess import to_rgb
 from cytoretrieve.train.augment import CellBank, DinoViews, PasteSpec, paste_cells, to_uint8_tensor
@@ -39,7 +39,7 @@ class TrainItems:
         self.items, self.ids, self.slides = list(items), list(ids), list(slides)
         self._reader = None
         if any(isinstance(item, dict) for item in self.items):
-            from cytoretrieve.slides.reader import SlideReader
+            from cytoretrieve.sources.slides.reader import SlideReader
 
             self._reader = SlideReader(max_open=SLIDE_HANDLES)
 
@@ -67,13 +67,13 @@ class TrainItems:
 
 
 def open_sources(specs: Sequence[str | Path], store: str | None = None) -> TrainItems:
-    """Training items from every `--data` value: a folder (every image below it, recursively; the slide of an
+    """Training items from every ``data`` value: a folder (every image below it, recursively; the slide of an
     image is its top-level sub-folder), a known cell dataset folder (Herlev / SIPaKMeD: masks left out), a CSV
     manifest (path,label[,group]: group is the slide), or the name of a tile table in `store` (from
     `cytoretrieve tile`: one row per tile, its slide id). Ids are prefixed with the source's name when there
     are several sources."""
     if not specs:
-        raise CytoError("no training data: pass --data FOLDER (images, recursively), MANIFEST.csv or a tile table name")
+        raise CytoError("no training data: pass `data` FOLDER (images, recursively), MANIFEST.csv or a tile table name")
     parts = [_open_one(str(s), store) for s in specs]
     if len(parts) == 1:
         return parts[0]
@@ -87,8 +87,8 @@ def open_sources(specs: Sequence[str | Path], store: str | None = None) -> Train
 
 
 def _open_one(spec: str, store: str | None) -> TrainItems:
-    from cytoretrieve.datasets.herlev import looks_like_herlev
-    from cytoretrieve.datasets.sipakmed import looks_like_sipakmed
+    from cytoretrieve.sources.cells.herlev import looks_like_herlev
+    from cytoretrieve.sources.cells.sipakmed import looks_like_sipakmed
 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".csv":
@@ -111,24 +111,24 @@ def _open_one(spec: str, store: str | None) -> TrainItems:
 
 
 def _from_dataset(path: Path, layout: str) -> TrainItems:
-    from cytoretrieve.datasets import open_dataset
+    from cytoretrieve.sources.cells import open_dataset
 
     records = open_dataset(path, layout=layout).records
     return TrainItems([r.path for r in records], [r.id for r in records], [r.group for r in records])
 
 
 def _from_tile_table(name: str, store: str | None) -> TrainItems:
-    from cytoretrieve.store import Store
+    from cytoretrieve.store.tables import Store
 
     try:
-        from cytoretrieve.slides.bag import open_tile_table
+        from cytoretrieve.store.tiles import open_tile_table
     except ImportError as e:  # openslide missing
         raise CytoError(f"reading tile table {name!r} needs the slide libraries: {e}") from e
     db = Store(store)
     if name not in db.table_names():
         raise CytoError(
             f"training data not found: {name!r} is neither a folder, a CSV manifest nor a tile table of store"
-            f" {db.uri} (pass --store, or make one with `cytoretrieve tile`)"
+            f" {db.uri} (pass `store`, or make one with `cytoretrieve tile`)"
         )
     rows = open_tile_table(db, name).rows(["id", "slide", *TILE_KEYS])
     if not rows:
@@ -138,9 +138,9 @@ def _from_tile_table(name: str, store: str | None) -> TrainItems:
 
 def open_cell_bank(specs: Sequence[str | Path], store: str | None = None) -> CellBank:
     """Labelled single cells to paste: Herlev / SIPaKMeD / class folders / CSV manifests through
-    `cytoretrieve.datasets.open_dataset` (a Herlev mask `<stem>-d.bmp` is used when present), any folder of cell
+    `cytoretrieve.sources.cells.open_dataset` (a Herlev mask `<stem>-d.bmp` is used when present), any folder of cell
     images, or a cell table of the store (`cytoretrieve annotations import` -> `<table>_cells`)."""
-    from cytoretrieve.datasets import mask_path, open_dataset
+    from cytoretrieve.sources.cells import mask_path, open_dataset
 
     items: list[str | dict[str, Any]] = []
     masks: list[str | None] = []
@@ -158,7 +158,7 @@ def open_cell_bank(specs: Sequence[str | Path], store: str | None = None) -> Cel
                 raise
             files = [str(f) for f in walk_images(path) if not f.stem.lower().endswith("-d")]
             if not files:
-                raise CytoError(f"no cell images found under {path} for --paste-cells") from None
+                raise CytoError(f"no cell images found under {path} for `paste_cells`") from None
             items += files
             masks += [None] * len(files)
             continue
@@ -182,7 +182,7 @@ def read_split(path: str | Path) -> dict[str, int]:
         if path.suffix.lower() == ".json":
             data = json.loads(path.read_text())
             if isinstance(data, dict) and "kind" in data:  # the file `cytoretrieve split` writes
-                from cytoretrieve.slides.split import load_split
+                from cytoretrieve.sources.cohort.split import load_split
 
                 return dict(load_split(path).fold_of)
             if not isinstance(data, dict):

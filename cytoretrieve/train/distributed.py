@@ -45,7 +45,7 @@ def setup(device: str = "auto") -> Dist:
             if local_rank >= torch.cuda.device_count():
                 raise CytoError(
                     f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): start at most that"
-                    " many processes per node (--nproc_per_node)"
+                    " many processes per node (`nproc`_per_node)"
                 )
             device = f"cuda:{local_rank}"
         torch.cuda.set_device(torch.device(device))

@@ -41,7 +41,7 @@ def export(checkpoint: str | Path, out: str | Path, *, which: str = "teacher", r
         raise CytoError(f"unknown resize policy {resize!r}: use one of {', '.join(RESIZES)}")
     out = Path(out).expanduser()
     if out.suffix.lower() != ".safetensors":
-        raise CytoError(f"--out must end with .safetensors (the JSON config goes beside it), got {out.name}")
+        raise CytoError(f"`out` must end with .safetensors (the JSON config goes beside it), got {out.name}")
     state = ckpt.load(Path(checkpoint).expanduser())
     args = state.get("args") or {}
     try:

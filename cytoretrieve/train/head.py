@@ -137,7 +137,7 @@ def create_backbone(arch: str, *, image_size: int, drop_path_rate: float = 0.0) 
             return timm.create_model(arch, pretrained=False, **kwargs)
     except TypeError as e:
         if "drop_path_rate" in str(e):
-            raise CytoError(f"{arch} takes no drop-path rate: pass --drop-path 0") from e
+            raise CytoError(f"{arch} takes no drop-path rate: pass `drop_path` 0") from e
         raise
 
 

@@ -194,7 +194,7 @@ def _precision(config: TrainConfig, device: str) -> str:
     if config.precision == "auto":
         return "bf16" if cuda else "fp32"
     if config.precision == "fp16" and not cuda:
-        raise CytoError("--precision fp16 needs a CUDA GPU: use fp32 (or bf16) on a CPU")
+        raise CytoError("`precision` fp16 needs a CUDA GPU: use fp32 (or bf16) on a CPU")
     return config.precision
 
 
@@ -229,7 +229,7 @@ def _train(config: TrainConfig, d: Dist, resume: bool, on_start, on_step, on_eve
     out = Path(config.out).expanduser()
     last_path = out / ckpt.LAST
     if last_path.exists() and not resume:
-        raise CytoError(f"{out} already holds a checkpoint: pass --resume to continue that run, or choose another --out")
+        raise CytoError(f"{out} already holds a checkpoint: pass `resume` to continue that run, or choose another `out`")
     state = ckpt.load(last_path) if resume else None
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -244,14 +244,14 @@ def _train(config: TrainConfig, d: Dist, resume: bool, on_start, on_step, on_eve
     # data
     dataset, held_out = build_dataset(config)
     if config.batch_size % d.world_size:
-        raise CytoError(f"--batch-size {config.batch_size} does not split evenly over {d.world_size} processes")
+        raise CytoError(f"`batch_size` {config.batch_size} does not split evenly over {d.world_size} processes")
     per_rank = config.batch_size // d.world_size
     workers = default_workers(d) if config.workers is None else int(config.workers)
     loader = make_loader(dataset, rank=d.rank, world_size=d.world_size, batch_size=per_rank, seed=config.seed,
                          workers=workers, pin_memory=cuda, worker_init_fn=_ignore_sigint if workers else None)
     ipe = loader.sampler.batches
     if ipe < 1:
-        raise CytoError(f"{len(dataset)} training images are too few for a batch of {config.batch_size}: lower --batch-size")
+        raise CytoError(f"{len(dataset)} training images are too few for a batch of {config.batch_size}: lower `batch_size`")
     total_steps = ipe * config.epochs
     data_digest = dataset.source.digest()
 
@@ -456,7 +456,7 @@ def _train(config: TrainConfig, d: Dist, resume: bool, on_start, on_step, on_eve
                     if any_nonfinite:
                         raise CytoError(
                             f"the loss is {loss_value} at step {step}: training diverged (nothing saved after the"
-                            " last checkpoint); lower --lr, raise --warmup-epochs, or use --precision fp32"
+                            " last checkpoint); lower `lr`, raise `warmup_epochs`, or use `precision` fp32"
                         )
                     if any_stop:
                         report.interrupted = True

@@ -1,4 +1,4 @@
-"""`--resume`: the run's arguments come from its checkpoint; a command may change only runtime settings."""
+"""``resume``: the run's arguments come from its checkpoint; a command may change only runtime settings."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def resume_config(out: str | Path, given: dict[str, Any]) -> TrainConfig:
     clash = conflicts(saved, given)
     if clash:
         raise CytoError(
-            f"--resume continues the run as it was started; these differ from its checkpoint: {'; '.join(clash)}"
-            " (start a new run in another --out to change them)"
+            f"`resume` continues the run as it was started; these differ from its checkpoint: {'; '.join(clash)}"
+            " (start a new run in another `out` to change them)"
         )
     values = saved.to_dict()
     values.update({k: v for k, v in given.items() if k in RUNTIME and v is not None})

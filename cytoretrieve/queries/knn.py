@@ -1,0 +1,352 @@
+"""The paper's k-NN classification protocol, run on stored vectors (no re-embedding).
+
+Protocol: `runs` seeded stratified train/test splits; cosine k-NN (L2-normalised vectors, exact inner product in
+FAISS); one search per run with k_max neighbours, from which every k in the range is derived at once (one-hot
+neighbour labels x vote weights, cumulative sum over the neighbour axis, argmax per k); weighted F1 per k;
+k* = the k with the best mean weighted F1 over runs; at k*: class-wise F1, binary (positive / negative) F1 and
+weighted F1, each mean +- std over runs, plus the confusion matrix summed over runs.
+
+Std is the population std (numpy's default, ddof=0): it is defined for a single run, and the paper does not say
+which it used. Ties: majority votes break count ties by the larger summed similarity, then by class order;
+weighted votes break exact ties by class order; k* ties go to the smallest k.
+
+All vote logic lives in `vote_all_k`; `classify` and `knn_predict` (used by search and transfer) both call it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from cytoretrieve.errors import CytoError
+
+VOTES = ("majority", "weighted")
+_VOTE_CHUNK = 2048  # query rows voted at once: bounds the (rows, k, classes) arrays for large query sets
+
+
+@dataclass
+class ClassifyResult:
+    """Everything `classify` measured; numbers are plain Python types so `to_dict` is JSON-able as is."""
+
+    classes: list[str]
+    ks: list[int]
+    vote: str
+    temperature: float
+    runs: int
+    train_fraction: float
+    seed: int
+    f1_curve_mean: list[float]
+    f1_curve_std: list[float]
+    k_best: int
+    class_f1_mean: dict[str, float]
+    class_f1_std: dict[str, float]
+    pos_f1_mean: float | None
+    pos_f1_std: float | None
+    neg_f1_mean: float | None
+    neg_f1_std: float | None
+    weighted_f1_mean: float
+    weighted_f1_std: float
+    confusion: list[list[int]]
+    n_train: int
+    n_test: int
+    n_unlabelled: int = 0
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict with the same numbers as the attributes."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------- basics
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation to float32 (zero rows stay zero): the one place query/train vectors get normalised."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def parse_ks(spec: str) -> list[int]:
+    """Parse a k spec such as "1-100", "5", "1,3,5,10" or "1-20,50" into sorted unique positive ints."""
+    ks: set[int] = set()
+    parts = [p.strip() for p in str(spec).split(",")]
+    for part in parts:
+        single = re.fullmatch(r"\d+", part)
+        span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if single:
+            lo = hi = int(part)
+        elif span:
+            lo, hi = int(span.group(1)), int(span.group(2))
+        else:
+            raise CytoError(f"bad k spec {spec!r}: use e.g. '1-100', '5', '1,3,5,10' or '1-20,50'")
+        if lo < 1 or hi < lo:
+            raise CytoError(f"bad k spec {spec!r}: k values must be >= 1 and ranges must go low-high")
+        ks.update(range(lo, hi + 1))
+    return sorted(ks)
+
+
+def _check_vote(vote: str, temperature: float) -> None:
+    if vote not in VOTES:
+        raise CytoError(f"unknown vote {vote!r}: use one of {', '.join(VOTES)}")
+    if not temperature > 0:
+        raise CytoError(f"temperature must be > 0 (got {temperature})")
+
+
+# ----------------------------------------------------------------------------------------- neighbours and votes
+
+
+def search_neighbours(train_normed: np.ndarray, query_normed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner-product neighbours (cosine for normalised input): (similarities, indices), best first."""
+    import faiss  # lazy: keeps `import cytoretrieve.queries.knn` light
+
+    index = faiss.IndexFlatIP(train_normed.shape[1])
+    index.add(np.ascontiguousarray(train_normed, dtype=np.float32))
+    sims, idx = index.search(np.ascontiguousarray(query_normed, dtype=np.float32), k)
+    return sims, idx
+
+
+def vote_all_k(neighbour_codes: np.ndarray, sims: np.ndarray, n_classes: int, vote: str,
+               temperature: float) -> np.ndarray:
+    """Predicted class code for every k = 1..k_max at once: (n_query, k_max) from (n_query, k_max) neighbours.
+
+    Column j is the prediction using the first j+1 neighbours. Weighted = DINO's vote: each neighbour adds
+    exp(sim / T) to its class (shifted by the row's best similarity, which scales a row's weights by one constant,
+    so the argmax is unchanged but small T cannot overflow).
+    """
+    _check_vote(vote, temperature)
+    codes = np.asarray(neighbour_codes, dtype=np.int64)
+    sims = np.asarray(sims, dtype=np.float64)
+    out = np.empty(codes.shape, dtype=np.int64)
+    for start in range(0, codes.shape[0], _VOTE_CHUNK):
+        rows = slice(start, start + _VOTE_CHUNK)
+        out[rows] = _vote_block(codes[rows], sims[rows], n_classes, vote, temperature)
+    return out
+
+
+def _cumulative_scores(codes: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n, k, C) running per-class sums of `weights` over the first 1..k neighbours."""
+    scores = np.zeros((*codes.shape, n_classes), dtype=np.float64)
+    np.put_along_axis(scores, codes[..., None], weights[..., None], axis=2)
+    return np.cumsum(scores, axis=1, out=scores)
+
+
+def _vote_block(codes: np.ndarray, sims: np.ndarray, n_classes: int, vote: str, temperature: float) -> np.ndarray:
+    if codes.size == 0:
+        return codes.copy()
+    if vote == "weighted":
+        shifted = (sims - sims.max(axis=1, keepdims=True)) / temperature
+        return _cumulative_scores(codes, np.exp(shifted), n_classes).argmax(axis=2)
+    counts = _cumulative_scores(codes, np.ones_like(sims), n_classes)
+    sim_sums = _cumulative_scores(codes, sims, n_classes)
+    tied = counts == counts.max(axis=2, keepdims=True)
+    return np.where(tied, sim_sums, -np.inf).argmax(axis=2)  # argmax takes the first: class order breaks ties
+
+
+def knn_predict(train_vectors: np.ndarray, train_labels_codes: np.ndarray, query_vectors: np.ndarray, k: int,
+                vote: str = "majority", temperature: float = 0.07, n_classes: int | None = None) -> np.ndarray:
+    """Class codes predicted for each query by a k-NN vote over the training vectors (cosine, exact search)."""
+    _check_vote(vote, temperature)
+    train_codes = np.asarray(train_labels_codes, dtype=np.int64)
+    train = l2_normalise(train_vectors)
+    if len(train) != len(train_codes):
+        raise CytoError(f"{len(train)} training vectors but {len(train_codes)} labels")
+    if not 1 <= k <= len(train):
+        raise CytoError(f"k={k} is out of range: use 1..{len(train)} (the number of training vectors)")
+    n_classes = int(train_codes.max()) + 1 if n_classes is None else n_classes
+    sims, idx = search_neighbours(train, l2_normalise(query_vectors), k)
+    return vote_all_k(train_codes[idx], sims, n_classes, vote, temperature)[:, k - 1]
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+
+
+def confusions_per_k(truth: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_k, C, C) confusion matrices (rows = truth, cols = prediction) for prediction columns (n, n_k)."""
+    n_k = preds.shape[1]
+    flat = np.arange(n_k)[None, :] * n_classes * n_classes + truth[:, None] * n_classes + preds
+    return np.bincount(flat.ravel(), minlength=n_k * n_classes * n_classes).reshape(n_k, n_classes, n_classes)
+
+
+def class_f1(confusion: np.ndarray) -> np.ndarray:
+    """Per-class F1 from confusion matrices (..., C, C); 0 for a class with no truth and no predictions (as sklearn)."""
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1).astype(np.float64)
+    denom = confusion.sum(axis=-1) + confusion.sum(axis=-2)  # 2TP + FP + FN
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+
+
+def weighted_f1(confusion: np.ndarray) -> np.ndarray:
+    """Support-weighted mean of class F1, equal to sklearn's f1_score(average="weighted")."""
+    support = confusion.sum(axis=-1)
+    return (class_f1(confusion) * support).sum(axis=-1) / support.sum(axis=-1)
+
+
+def _side_f1(confusion: np.ndarray, side: np.ndarray, other: np.ndarray) -> float:
+    """Binary F1 of one side after collapsing classes; truth rows outside both sides are ignored, and a prediction
+    of a class outside `side` is a miss (so predicting a class with binary None is wrong for either side)."""
+    tp = confusion[np.ix_(side, side)].sum()
+    fn = confusion[side].sum() - tp
+    fp = confusion[np.ix_(other, side)].sum()
+    denom = 2 * tp + fp + fn
+    return float(2 * tp / denom) if denom else 0.0
+
+
+def binary_f1(confusion: np.ndarray, binary_codes: Sequence[int | None]) -> tuple[float, float]:
+    """(positive F1, negative F1) from a fine-class confusion matrix and each class's binary value (1, 0, None)."""
+    pos = np.array([b == 1 for b in binary_codes])
+    neg = np.array([b == 0 for b in binary_codes])
+    return _side_f1(confusion, pos, neg), _side_f1(confusion, neg, pos)
+
+
+# -------------------------------------------------------------------------------------------------- the protocol
+
+
+def _labelled_codes(labels: Sequence[str | None],
+                    classes: Sequence[str] | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(classes, labelled-row mask, class code per labelled row); unknown labels or tiny classes -> CytoError."""
+    names = [None if lab is None or lab == "" else str(lab) for lab in labels]
+    mask = np.array([n is not None for n in names], dtype=bool)
+    present = [n for n in names if n is not None]
+    classes = sorted(set(present)) if classes is None else [str(c) for c in classes]
+    if len(set(classes)) != len(classes):
+        raise CytoError(f"duplicate class codes in {classes}")
+    if len(classes) < 2:
+        found = ", ".join(classes) or "none"
+        raise CytoError(f"k-NN classification needs at least 2 classes, found {len(classes)} ({found})")
+    position = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(present) - set(position))
+    if unknown:
+        raise CytoError(f"labels {unknown} are not among the classes {classes}")
+    codes = np.array([position[n] for n in present], dtype=np.int64)
+    counts = np.bincount(codes, minlength=len(classes))
+    for c, count in zip(classes, counts):
+        if count < 2:
+            raise CytoError(f"class {c!r} has {count} labelled vector(s); a stratified split needs >= 2: "
+                            "remove that class")
+    return classes, mask, codes
+
+
+def _binary_codes(binary: Mapping[str, int | None] | None, classes: list[str]) -> list[int | None] | None:
+    if binary is None:
+        return None
+    missing = [c for c in classes if c not in binary]
+    if missing:
+        raise CytoError(f"binary mapping has no entry for classes {missing}")
+    bad = {c: binary[c] for c in classes if binary[c] not in (0, 1, None)}
+    if bad:
+        raise CytoError(f"binary mapping values must be 1 (positive), 0 (negative) or None, got {bad}")
+    return [None if binary[c] is None else int(binary[c]) for c in classes]
+
+
+def _check_inputs(vectors: np.ndarray, n_labels: int, runs: int, train_fraction: float, ks: list[int],
+                  vote: str, temperature: float) -> None:
+    if vectors.ndim != 2:
+        raise CytoError(f"vectors must be a 2-D array (rows x dims), got shape {vectors.shape}")
+    if len(vectors) != n_labels:
+        raise CytoError(f"{len(vectors)} vectors but {n_labels} labels")
+    bad_rows = int((~np.isfinite(vectors)).any(axis=1).sum())
+    if bad_rows:
+        raise CytoError(f"{bad_rows} vector(s) contain NaN or inf; re-embed or drop those rows")
+    if not 0 < train_fraction < 1:
+        raise CytoError(f"train fraction must be strictly between 0 and 1 (got {train_fraction})")
+    if runs < 1:
+        raise CytoError(f"runs must be >= 1 (got {runs})")
+    if not ks or min(ks) < 1:
+        raise CytoError(f"k values must be positive integers (got {ks})")
+    _check_vote(vote, temperature)
+
+
+def _splits(codes: np.ndarray, runs: int, train_fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded stratified (train, test) index splits; run r uses seed + r."""
+    from sklearn.model_selection import train_test_split
+
+    rows = np.arange(len(codes))
+    try:
+        return [tuple(train_test_split(rows, train_size=train_fraction, stratify=codes, random_state=seed + r))
+                for r in range(runs)]
+    except ValueError as exc:  # e.g. the test split is smaller than the number of classes
+        raise CytoError(f"cannot make a stratified split at train fraction {train_fraction}: {exc}") from None
+
+
+def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and population std (ddof=0) over runs (axis 0)."""
+    return values.mean(axis=0), values.std(axis=0, ddof=0)
+
+
+def classify(vectors: np.ndarray, labels: Sequence[str | None], *, classes: Sequence[str] | None = None,
+             binary: Mapping[str, int | None] | None = None, runs: int = 4, train_fraction: float = 0.75,
+             ks: Sequence[int] = range(1, 101), vote: str = "majority", temperature: float = 0.07,
+             seed: int = 0) -> ClassifyResult:
+    """Run the k-NN protocol on stored vectors; rows whose label is None or empty are left out (n_unlabelled)."""
+    vectors = np.asarray(vectors)
+    ks = sorted({int(k) for k in ks})
+    _check_inputs(vectors, len(labels), runs, train_fraction, ks, vote, temperature)
+    classes, mask, codes = _labelled_codes(labels, classes)
+    binary_codes = _binary_codes(binary, classes)
+    x = l2_normalise(vectors[mask])
+    n_classes, k_max = len(classes), ks[-1]
+
+    splits = _splits(codes, runs, train_fraction, seed)
+    n_train, n_test = len(splits[0][0]), len(splits[0][1])
+    if k_max > n_train:
+        raise CytoError(f"k={k_max} exceeds the training split ({n_train} vectors at train fraction "
+                        f"{train_fraction}); the largest allowed k is {n_train}")
+
+    k_cols = np.array(ks) - 1
+    confusions = []  # per run: (n_ks, C, C)
+    for train, test in splits:
+        sims, idx = search_neighbours(x[train], x[test], k_max)
+        preds = vote_all_k(codes[train][idx], sims, n_classes, vote, temperature)
+        confusions.append(confusions_per_k(codes[test], preds[:, k_cols], n_classes))
+    confusions = np.stack(confusions)  # (runs, n_ks, C, C)
+
+    curve_mean, curve_std = _mean_std(weighted_f1(confusions))
+    best = int(np.argmax(curve_mean))  # first maximum: the smallest k among ties
+    at_best = confusions[:, best]  # (runs, C, C)
+    cls_mean, cls_std = _mean_std(class_f1(at_best))
+    pos_mean = pos_std = neg_mean = neg_std = None
+    if binary_codes is not None:
+        pos_neg = np.array([binary_f1(conf, binary_codes) for conf in at_best])  # (runs, 2)
+        (pos_mean, neg_mean), (pos_std, neg_std) = (map(float, v) for v in _mean_std(pos_neg))
+
+    return ClassifyResult(
+        classes=classes, ks=ks, vote=vote, temperature=float(temperature), runs=int(runs),
+        train_fraction=float(train_fraction), seed=int(seed),
+        f1_curve_mean=[float(v) for v in curve_mean], f1_curve_std=[float(v) for v in curve_std],
+        k_best=ks[best],
+        class_f1_mean={c: float(v) for c, v in zip(classes, cls_mean)},
+        class_f1_std={c: float(v) for c, v in zip(classes, cls_std)},
+        pos_f1_mean=pos_mean, pos_f1_std=pos_std, neg_f1_mean=neg_mean, neg_f1_std=neg_std,
+        weighted_f1_mean=float(curve_mean[best]), weighted_f1_std=float(curve_std[best]),
+        confusion=at_best.sum(axis=0).astype(int).tolist(),
+        n_train=n_train, n_test=n_test, n_unlabelled=int((~mask).sum()),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ over a table
+
+
+def majority_label(neighbours: Sequence[tuple[str, float]]) -> str:
+    """The majority label of (label, similarity) neighbours, best first, with `vote_all_k`'s tie rule."""
+    classes = sorted({label for label, _ in neighbours})
+    codes = np.array([[classes.index(label) for label, _ in neighbours]])
+    sims = np.array([[sim for _, sim in neighbours]])
+    return classes[int(vote_all_k(codes, sims, len(classes), "majority", 0.07)[0, -1])]
+
+
+def classify_table(table, **kwargs) -> ClassifyResult:  # noqa: ANN001 - a store.VectorTable; kept untyped to stay light
+    """`classify` over a store table's vectors and labels, with the class order and binary mapping it records."""
+    vectors, meta = table.vectors(["label"])
+    labels = meta.column("label").to_pylist()
+    label_map = table.labels or {}
+    present = set(labels)
+    classes = [c for c in label_map.get("classes", []) if c in present] or None
+    if classes is not None:
+        classes += sorted(c for c in present - set(classes) if c)
+    mapping = label_map.get("binary")
+    binary = {c: mapping.get(c) for c in classes or sorted(c for c in present if c)} if mapping else None
+    return classify(vectors, labels, classes=classes, binary=binary, **kwargs)

@@ -1,0 +1,321 @@
+"""The store's tables: one base `Table` (metadata, scans, appends, compaction) and its kinds: `VectorTable` here
+(vectors + metadata + thumbnails, one table per (dataset, backbone)), `TileTable` (`tiles.py`) and the slide
+overviews (`overviews.py`). Schema and metadata live here; nothing outside `store/` writes LanceDB.
+
+A table's schema metadata (key ``cytoretrieve``) records which backbone made its vectors, so that queries never
+mix backbones and a query image can be embedded with the table's own model. Row ids are derived from the source
+(path relative to the dataset root, or slide + location), which makes every embed job idempotent and resumable.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lancedb
+from lancedb.index import BTree
+import numpy as np
+import pyarrow as pa
+
+from cytoretrieve import __version__
+from cytoretrieve.errors import CytoError
+
+DEFAULT_STORE = "indexes"
+META_KEY = b"cytoretrieve"
+READ_BATCH = 65_536
+KEEP_VERSIONS = datetime.timedelta(minutes=10)
+
+# Columns every table has, in order; `vector` is appended with the table's dimension.
+BASE_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("key", pa.int64(), nullable=False),  # int64 hash of id: the FAISS id of the row
+    pa.field("dataset", pa.string()),
+    pa.field("path", pa.string()),
+    pa.field("label", pa.string()),
+    pa.field("binary", pa.int8()),  # 1 positive, 0 negative, null neither / unknown
+    pa.field("group", pa.string()),  # slide or patient id when known
+    pa.field("slide", pa.string()),  # tiles only: slide id ...
+    pa.field("x", pa.int64()),  # ... and level-0 location of the tile
+    pa.field("y", pa.int64()),
+    pa.field("level", pa.int32()),
+    pa.field("tile_size", pa.int32()),
+    pa.field("mpp", pa.float32()),
+    pa.field("thumbnail", pa.binary()),  # small JPEG, so hits can be shown without the source files
+]
+COLUMNS = [f.name for f in BASE_FIELDS] + ["vector"]
+
+
+def default_store_uri() -> str:
+    """`CYTORETRIEVE_STORE` when set, else `indexes/` in the current folder."""
+    return os.environ.get("CYTORETRIEVE_STORE", DEFAULT_STORE)
+
+
+def row_key(row_id: str) -> int:
+    """A stable signed int64 derived from a row id (FAISS ids are int64)."""
+    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def table_schema(dim: int, meta: dict[str, Any]) -> pa.Schema:
+    """The Arrow schema of a table of `dim`-dimensional vectors, carrying `meta` as JSON."""
+    fields = [*BASE_FIELDS, pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)]
+    return pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def table_name_for(dataset: str, arch: str) -> str:
+    """Default table name for a dataset embedded by a backbone: `herlev_resnet18`."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", f"{dataset}_{arch}").strip("_").lower()
+
+
+def read_meta(tbl: lancedb.table.Table) -> dict[str, Any]:
+    """The cytoretrieve metadata of any table of the store ({} for a table written by something else)."""
+    raw = (tbl.schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One line of `cytoretrieve tables`."""
+
+    name: str
+    rows: int
+    dim: int
+    arch: str
+    fingerprint: str
+    dataset: str
+    bytes: int
+
+
+class Store:
+    """A LanceDB database: a local folder (default `indexes/`) or any LanceDB URI (s3://, gs://, ...)."""
+
+    def __init__(self, uri: str | Path | None = None) -> None:
+        self.uri = str(uri) if uri is not None else default_store_uri()
+        self.local = "://" not in self.uri
+        if self.local:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = lancedb.connect(self.uri)
+        except Exception as e:  # noqa: BLE001 - any connection failure is the user's URI or credentials
+            raise CytoError(f"cannot open store {self.uri}: {e}") from e
+
+    def table_names(self) -> list[str]:
+        names: list[str] = []
+        page_token = None
+        while True:
+            resp = self.db.list_tables(page_token=page_token)
+            names.extend(resp.tables)
+            page_token = resp.page_token
+            if not page_token:
+                return sorted(names)
+
+    def open_raw(self, name: str) -> lancedb.table.Table:
+        """The LanceDB table `name`; a missing one is a user error that lists what exists."""
+        names = self.table_names()
+        if name not in names:
+            raise CytoError(f"no table '{name}' in store {self.uri} (tables: {', '.join(names) or 'none'})")
+        return self.db.open_table(name)
+
+    def open(self, name: str) -> VectorTable:
+        """Open an existing vector table; a missing one is a user error that lists what exists."""
+        return VectorTable(self, self.open_raw(name))
+
+    def create_or_open(self, name: str, backbone: dict[str, Any], dataset: dict[str, Any]) -> VectorTable:
+        """Open `name` for appending vectors of `backbone`, creating it if needed; refuse another backbone's table.
+
+        Safe when several processes of one job (torchrun) call it at once: the first creates, the others open.
+        """
+        meta = {
+            "backbone": backbone,
+            "dataset": dataset,
+            "cytoretrieve": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if name in self.table_names():
+            table = self.open(name)
+        else:
+            table = VectorTable(self, self.db.create_table(name, schema=table_schema(int(backbone["dim"]), meta), exist_ok=True))
+        have, want = table.fingerprint, backbone["fingerprint"]
+        if have != want:
+            raise CytoError(
+                f"table '{name}' holds vectors of backbone {table.meta['backbone']['arch']} "
+                f"({have[:16]}), not of {backbone['arch']} ({want[:16]}): pass another `table`"
+            )
+        return table
+
+    def index_dir(self) -> Path:
+        """Where FAISS indexes are cached: beside the tables for a local store, else a per-URI cache folder."""
+        if self.local:
+            return Path(self.uri)
+        digest = hashlib.sha1(self.uri.encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cytoretrieve" / digest
+        cache.mkdir(parents=True, exist_ok=True)
+        return cache
+
+    def describe(self) -> list[TableInfo]:
+        """One line per table; tables without vectors (tile bags) show dimension 0 and their kind."""
+        infos = []
+        for name in self.table_names():
+            tbl = self.db.open_table(name)
+            meta = read_meta(tbl)
+            backbone = meta.get("backbone") or {}
+            stats = tbl.stats()
+            infos.append(
+                TableInfo(
+                    name=name,
+                    rows=int(stats["num_rows"]),
+                    dim=int(backbone.get("dim", 0)),
+                    arch=backbone.get("arch", f"({meta.get('kind', 'no vectors')})"),
+                    fingerprint=backbone.get("fingerprint", ""),
+                    dataset=(meta.get("dataset") or {}).get("name", ""),
+                    bytes=int(stats["total_bytes"]),
+                )
+            )
+        return infos
+
+
+class Table:
+    """One LanceDB table of the store and its cytoretrieve metadata: what every kind of table shares."""
+
+    INDEXED: tuple[str, ...] = ("id",)  # columns given a BTree index by `finish`
+
+    def __init__(self, store: Store, tbl: lancedb.table.Table) -> None:
+        self.store = store
+        self.tbl = tbl
+        self.meta: dict[str, Any] = read_meta(tbl)
+
+    @property
+    def name(self) -> str:
+        return self.tbl.name
+
+    @property
+    def version(self) -> int:
+        return int(self.tbl.version)
+
+    def count(self) -> int:
+        return int(self.tbl.count_rows())
+
+    def scan(self, columns: Sequence[str], where: str | None = None, row_id: bool = False) -> pa.RecordBatchReader:
+        """Stream the given columns in batches, optionally filtered by a SQL `where`; `row_id` adds LanceDB's
+        `_rowid` (the address `take_vectors` reads by; valid for this table version)."""
+        query = self.tbl.search().select(list(columns)).limit(None)
+        if row_id:
+            query = query.with_row_id(True)
+        if where:
+            query = query.where(where)
+        try:
+            return query.to_batches(READ_BATCH)
+        except ValueError as e:
+            raise CytoError(f"invalid `where` filter {where!r}: {str(e).splitlines()[0]}") from e
+
+    def read(self, columns: Sequence[str], where: str | None = None) -> pa.Table:
+        """The given columns of all rows (matching `where`) as one Arrow table."""
+        return self.scan(columns, where).read_all()
+
+    def add(self, rows: pa.Table) -> None:
+        """Append one batch of rows (one LanceDB commit: a kill leaves whole batches only)."""
+        self.tbl.add(rows.cast(self.tbl.schema) if rows.schema != self.tbl.schema else rows)
+
+    def finish(self) -> None:
+        """After a job: compact small fragments, drop versions older than a few minutes, index `INDEXED`.
+
+        Versions a concurrent writer (another shard of the same job) may still read are kept: only those older
+        than `KEEP_VERSIONS` go.
+        """
+        self.tbl.optimize(cleanup_older_than=KEEP_VERSIONS)
+        if self.count():
+            for column in self.INDEXED:
+                self.tbl.create_index(column, config=BTree(), replace=True)
+
+
+def build_rows(fields: Sequence[pa.Field], records: Sequence[dict[str, Any]]) -> dict[str, pa.Array]:
+    """Arrow columns for `fields` from row dicts; `key` is derived from `id` (one rule for every kind of table)."""
+    cols: dict[str, pa.Array] = {}
+    for f in fields:
+        values = [row_key(r["id"]) for r in records] if f.name == "key" else [r.get(f.name) for r in records]
+        cols[f.name] = pa.array(values, type=f.type)
+    return cols
+
+
+class VectorTable(Table):
+    """A table of vectors: rows of metadata + vector, and the backbone metadata of its vectors."""
+
+    INDEXED = ("id", "key")
+
+    def __init__(self, store: Store, tbl: lancedb.table.Table) -> None:
+        super().__init__(store, tbl)
+        if "backbone" not in self.meta:
+            what = f"a {self.meta['kind']} table" if "kind" in self.meta else "not a table of vectors"
+            raise CytoError(f"table '{tbl.name}' is {what}: it holds no vectors (embed it into a table first)")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["backbone"]["fingerprint"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["backbone"]["dim"])
+
+    @property
+    def labels(self) -> dict[str, Any] | None:
+        """The dataset's label map (classes, binary mapping, names) as stored, or None."""
+        return self.meta.get("dataset", {}).get("labels")
+
+    def ids(self) -> set[str]:
+        """Every row id already stored: what a resumed job skips."""
+        return set(self.read(["id"]).column("id").to_pylist())
+
+    def vectors(self, columns: Sequence[str] = ("id",), where: str | None = None) -> tuple[np.ndarray, pa.Table]:
+        """All vectors (n, dim) float32 as stored, with the requested metadata columns in the same order."""
+        chunks: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)]
+        meta: list[pa.RecordBatch] = []
+        reader = self.scan([*columns, "vector"], where)
+        for batch in reader:
+            vec = batch.column("vector")
+            chunks.append(vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), self.dim))
+            meta.append(batch.select(list(columns)))
+        schema = pa.schema([reader.schema.field(c) for c in columns])
+        return np.concatenate(chunks).astype(np.float32, copy=False), pa.Table.from_batches(meta, schema)
+
+    def take_vectors(self, row_ids: np.ndarray) -> np.ndarray:
+        """Vectors (n, dim) float32 of the rows at these `_rowid`s, in ascending row-id order (LanceDB's take
+        returns them so): random access to a few thousand rows without scanning the table."""
+        if not len(row_ids):
+            return np.zeros((0, self.dim), np.float32)
+        vec = self.tbl.take_row_ids(np.asarray(row_ids, dtype=np.uint64).tolist()).select(["vector"]).to_arrow()
+        vec = vec.column("vector").combine_chunks()
+        return vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), self.dim).astype(np.float32, copy=False)
+
+    def rows_by_keys(self, keys: Sequence[int], columns: Sequence[str]) -> dict[int, dict[str, Any]]:
+        """Metadata of the rows with these FAISS keys, as {key: row dict}."""
+        if not len(keys):
+            return {}
+        table = self.read(["key", *columns], f"key IN ({', '.join(str(int(k)) for k in keys)})")
+        return {row.pop("key"): row for row in table.to_pylist()}
+
+    def row_by_id(self, row_id: str, columns: Sequence[str]) -> dict[str, Any]:
+        """One row by id; a missing id is a user error."""
+        table = self.read(columns, f"id = {_sql_str(row_id)}")
+        if table.num_rows == 0:
+            raise CytoError(f"no row with id '{row_id}' in table '{self.name}'")
+        return table.to_pylist()[0]
+
+    def make_rows(self, records: Sequence[dict[str, Any]], vectors: np.ndarray) -> pa.Table:
+        """Build an Arrow table in this table's schema from row dicts (any BASE_FIELDS) and their vectors."""
+        n = len(records)
+        if vectors.shape != (n, self.dim):
+            raise ValueError(f"vectors of shape {vectors.shape} for {n} rows of dimension {self.dim}")
+        cols = build_rows(BASE_FIELDS, records)
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+        cols["vector"] = pa.FixedSizeListArray.from_arrays(flat, self.dim)
+        return pa.Table.from_pydict(cols, schema=self.tbl.schema)

@@ -1,0 +1,173 @@
+"""Tile tables: one row per tile (no vector yet), each slide's rows being its bag.
+
+A tile table lives in the same store as the vector tables. Its columns use the names and types of
+`cytoretrieve.store.tables.BASE_FIELDS` where they overlap (`id`, `key`, `dataset`, `path`, `label`, `binary`,
+`group` = slide id, `slide`, `x`, `y`, `level`, `tile_size`, `mpp`), so the embed job copies them into its
+vector rows as they are; the columns only tiles need follow:
+
+| column | meaning |
+|---|---|
+| `id` | `"{slide}@{x},{y},{extent}"`: the slide id and the tile's square in level-0 px; stable across runs |
+| `path` | the slide file (absolute, as given: a symlink stays a symlink) |
+| `x`, `y` | top-left corner in level-0 px |
+| `level`, `read_size` | the pyramid level read and the side read there (level px) |
+| `tile_size`, `mpp` | the side of the delivered tile (px) and its pixel size (um/px) |
+| `extent` | the tile's side in level-0 px |
+| `coverage` | fraction of the tile inside the cell deposit (null for annotation rows) |
+| `source`, `annotation` | `grid` or `annotation`; the annotation's id (annotation rows) |
+| `label`, `binary` | the slide label (grid rows) or the annotation's class (annotation rows) |
+
+Reading a tile: `SlideReader().read_row(row)` (see `reader.py`).
+
+The schema metadata (key `cytoretrieve`) is JSON with `"kind": "tiles"`, `source` (`grid` or `annotations`),
+`tile_size`, `target_mpp`, `stride`, `min_coverage`, the deposit settings, the cytoretrieve version and the
+creation time. A table keeps the settings it was created with: writing other settings into it is refused.
+
+Each slide's rows are written in one commit, so a slide is either entirely in the table or not at all: a rerun
+skips the slides the table holds and does the rest (resumable per slide).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cytoretrieve import __version__
+from cytoretrieve.errors import CytoError
+from cytoretrieve.store.tables import BASE_FIELDS, META_KEY, Store, Table, build_rows, read_meta
+
+TILES_KIND = "tiles"
+_SHARED = ["id", "key", "dataset", "path", "label", "binary", "group", "slide", "x", "y", "level", "tile_size", "mpp"]
+TILE_FIELDS = [next(f for f in BASE_FIELDS if f.name == name) for name in _SHARED] + [
+    pa.field("read_size", pa.int32()),
+    pa.field("extent", pa.int32()),
+    pa.field("coverage", pa.float32()),
+    pa.field("source", pa.string()),
+    pa.field("annotation", pa.string()),
+]
+TILE_COLUMNS = [f.name for f in TILE_FIELDS]
+SHARED_COLUMNS = list(_SHARED)  # what a vector table row copies from a tile row
+_VOLATILE = ("cytoretrieve", "created")  # metadata that may differ between runs writing one table
+
+
+def tile_id(slide: str, x: int, y: int, extent: int) -> str:
+    """The stable id of a tile: slide id and its square in level-0 px."""
+    return f"{slide}@{int(x)},{int(y)},{int(extent)}"
+
+
+_TILE_ID = re.compile(r"^(.*)@(-?\d+),(-?\d+),(\d+)$")
+
+
+def parse_tile_id(row_id: str) -> tuple[str, int, int, int] | None:
+    """(slide, x, y, extent) of an id made by `tile_id`, or None for any other id."""
+    m = _TILE_ID.match(row_id)
+    return (m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))) if m else None
+
+
+def tile_schema(meta: dict[str, Any]) -> pa.Schema:
+    return pa.schema(TILE_FIELDS, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def tile_table_meta(source: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Metadata of a new tile table: kind, source, the settings that made its rows, version and time."""
+    return {
+        "kind": TILES_KIND,
+        "source": source,
+        **settings,
+        "cytoretrieve": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def make_rows(records: Sequence[dict[str, Any]]) -> pa.Table:
+    """An Arrow table in the tile schema (no metadata) from row dicts; `key` is derived from `id`."""
+    return pa.Table.from_pydict(build_rows(TILE_FIELDS, records), schema=pa.schema(TILE_FIELDS))
+
+
+def _settings(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k not in _VOLATILE}
+
+
+class TileTable(Table):
+    """A tile table of the store: rows without vectors, each slide's rows being its bag."""
+
+    INDEXED = ("id", "slide")
+
+    def __init__(self, store: Store, tbl: Any) -> None:
+        super().__init__(store, tbl)
+        if self.meta.get("kind") != TILES_KIND:
+            raise CytoError(f"table '{tbl.name}' is not a tile table (it holds vectors: embed writes those)")
+
+    def read(self, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table:
+        return super().read(list(columns or TILE_COLUMNS), where)
+
+    def rows(self, columns: Sequence[str] | None = None, where: str | None = None) -> list[dict[str, Any]]:
+        """Rows as dicts, ordered by slide then position (what the embed job iterates)."""
+        table = self.read(columns, where)
+        if {"slide", "y", "x"} <= set(table.column_names):
+            table = table.sort_by([("slide", "ascending"), ("y", "ascending"), ("x", "ascending")])
+        return table.to_pylist()
+
+    def slide_counts(self) -> dict[str, int]:
+        """Tiles per slide the table holds (a slide present is complete: it was written in one commit)."""
+        if self.count() == 0:
+            return {}
+        counts = pc.value_counts(self.read(["slide"]).column("slide")).to_pylist()
+        return {c["values"]: int(c["counts"]) for c in counts}
+
+    def add_slide(self, rows: Sequence[dict[str, Any]]) -> None:
+        """One slide's rows in one commit."""
+        if rows:
+            self.add(make_rows(rows))
+
+
+def open_tile_table(store: Store, name: str) -> TileTable:
+    """An existing tile table; a missing one, or a vector table, is a user error."""
+    return TileTable(store, store.open_raw(name))
+
+
+class BagWriter:
+    """Writes bags into a tile table that is created on the first slide with rows (so a command that writes
+    nothing leaves the store unchanged). An existing table must have been made with the same settings."""
+
+    def __init__(self, store: Store, name: str, meta: dict[str, Any]) -> None:
+        self.store = store
+        self.name = name
+        self.meta = meta
+        self.table: TileTable | None = None
+        self.done: dict[str, int] = {}
+        self.written = 0  # rows written by this writer
+        if name in store.table_names():
+            self.table = TileTable(store, store.db.open_table(name))
+            self._check(self.table.meta)
+            self.done = self.table.slide_counts()
+
+    def _check(self, have: dict[str, Any]) -> None:
+        want = _settings(self.meta)
+        if _settings(have) != want:
+            diff = sorted(k for k in set(want) | set(_settings(have)) if have.get(k) != want.get(k))
+            shown = ", ".join(f"{k}={json.dumps(have.get(k))}" for k in diff)
+            raise CytoError(f"table '{self.name}' was made with other settings ({shown}): pass another `table`")
+
+    def write(self, slide: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Commit one slide's rows (nothing for no rows)."""
+        if not rows:
+            return
+        if self.table is None:
+            tbl = self.store.db.create_table(self.name, schema=tile_schema(self.meta), exist_ok=True)
+            self.table = TileTable(self.store, tbl)
+            self._check(self.table.meta)  # another process may have created it first
+        self.table.add_slide(rows)
+        self.done[slide] = len(rows)
+        self.written += len(rows)
+
+    def finish(self) -> None:
+        """Compact and index once, if this writer wrote anything (a rerun with nothing to do changes nothing)."""
+        if self.table is not None and self.written:
+            self.table.finish()

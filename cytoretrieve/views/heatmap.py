@@ -1,0 +1,265 @@
+"""Per-slide heat maps of out-of-fold tile scores over the slide thumbnail (`cytoretrieve score `out` DIR`).
+
+A slide score says *whether* a slide looks positive; the heat map shows *where* the model looked. Each slide of a
+cross-validated run gets `DIR/heatmaps/<slide>.png`: its thumbnail (about `LONG_SIDE` px on the long side, read with
+OpenSlide from the slide file the tile rows name), every tile a semi-transparent square coloured by its
+out-of-fold tile score, a colour bar, and a title (slide, label, fold, slide score, method and what the colour
+means). The colour scale is shared by every slide of the run (the 1st-99th percentile of all tile scores), so
+maps compare across slides.
+
+What a tile score is depends on the method: for `abmil` / `gated` the attention weight, shown multiplied by the
+slide's tile count (1 = uniform attention: softmax weights sum to 1 per slide, so raw weights would make large
+slides look cold); for `mean` / `max` / `topk` the instance logit; for `retrieval` the similarity to positives
+minus the similarity to negatives.
+
+Geometry comes from the vector table (one filtered read per slide): level-0 `x`, `y` and the tile's level-0 side,
+parsed from the tile id (`slide@x,y,extent`, see `slides/bag.py`), else `tile_size * mpp / slide mpp`. When the
+slide file cannot be opened the tiles are drawn on a plain background spanning the slide's tiles, and a note says
+so. Tables without tile coordinates (MIL benchmark tables, cell tables) get no maps, only a note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from cytoretrieve.queries.mil.bags import Bags
+    from cytoretrieve.queries.mil.evaluate import CVResult
+    from cytoretrieve.store.tables import VectorTable
+
+LONG_SIDE = 1024  # thumbnail px on its long side
+TITLE_PX = 58  # band above the thumbnail: three lines of text
+BAR_PX = 96  # band right of the thumbnail: the colour bar and its labels
+BAR_WIDTH = 18
+ALPHA = 0.5  # opacity of the tile colours over the thumbnail
+CMAP = "turbo"
+PLAIN_BACKGROUND = (242, 242, 242)
+PERCENTILES = (1.0, 99.0)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+MEANING = {
+    "abmil": "attention weight x tiles in the slide (1 = uniform)",
+    "gated": "gated attention weight x tiles in the slide (1 = uniform)",
+    "mean": "instance logit (classifier on the tile embedding)",
+    "max": "instance logit (classifier on the tile embedding)",
+    "topk": "instance logit (classifier on the tile embedding)",
+    "retrieval": "similarity to positives - similarity to negatives",
+}
+
+
+def display_scores(method: str, scores: Sequence[float]) -> np.ndarray:
+    """The tile scores as coloured: attention weights times the slide's tile count, other scores as they are."""
+    s = np.asarray(scores, dtype=np.float64)
+    return s * len(s) if method in ("abmil", "gated") else s
+
+
+def safe_names(names: Sequence[str]) -> dict[str, str]:
+    """{slide: file stem}: characters other than letters, digits, `.`, `_`, `-` replaced; a name that had to change,
+    or that would collide with another (case-insensitively), gets a short hash of the original appended."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        stem = _UNSAFE.sub("_", name).strip("._")[:120] or "slide"
+        if stem != name or stem.lower() in used:
+            stem = f"{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+        n = 1
+        base = stem
+        while stem.lower() in used:
+            n += 1
+            stem = f"{base}-{n}"
+        used.add(stem.lower())
+        out[name] = stem
+    return out
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _lut(name: str = CMAP) -> np.ndarray:
+    """(256, 3) uint8 colours of a matplotlib colour map."""
+    import matplotlib
+
+    return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def _where(column: str, value: str) -> str:
+    return f"`{column}` = '" + value.replace("'", "''") + "'"
+
+
+def _thumbnail(path: str | None) -> tuple[Image.Image, tuple[int, int], float | None] | None:
+    """(thumbnail, level-0 size, level-0 mpp or None) of a slide file, or None when it cannot be opened."""
+    import openslide
+
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.sources.slides.reader import resolve_mpp
+
+    if not path:
+        return None
+    try:
+        with openslide.OpenSlide(path) as osr:
+            thumb = osr.get_thumbnail((LONG_SIDE, LONG_SIDE))
+            try:
+                mpp: float | None = resolve_mpp(osr.properties)[0]
+            except CytoError:  # no plausible pixel size in the metadata
+                mpp = None
+            return thumb.convert("RGB"), (int(osr.dimensions[0]), int(osr.dimensions[1])), mpp
+    except (openslide.OpenSlideError, OSError, ValueError):
+        return None
+
+
+def _extents(rows: dict[str, dict[str, Any]], slide_mpp: float | None) -> dict[str, float]:
+    """Level-0 side of each tile: from its id, else tile_size * tile mpp / slide mpp, else tile_size."""
+    from cytoretrieve.store.tiles import parse_tile_id
+
+    out = {}
+    for tid, r in rows.items():
+        parsed = parse_tile_id(tid)
+        if parsed and parsed[1] == r["x"] and parsed[2] == r["y"]:
+            out[tid] = float(parsed[3])
+        elif r.get("tile_size") and r.get("mpp") and slide_mpp:
+            out[tid] = float(r["tile_size"]) * float(r["mpp"]) / slide_mpp
+        else:
+            out[tid] = float(r.get("tile_size") or 1)
+    return out
+
+
+def render(thumb: Image.Image, boxes: np.ndarray, values: np.ndarray, vmin: float, vmax: float,
+           title: Sequence[str], lut: np.ndarray | None = None) -> Image.Image:
+    """The heat map image: `thumb` at (0, TITLE_PX) with `boxes` (n, 4: x0, y0, x1, y1 in thumbnail px) coloured by
+    `values` on [vmin, vmax] (overlaps show the highest), the colour bar on the right and `title` lines on top."""
+    from PIL import Image, ImageDraw
+
+    lut = _lut() if lut is None else lut
+    base = np.asarray(thumb.convert("RGB"), dtype=np.float32)
+    h, w = base.shape[:2]
+    level = np.full((h, w), -1, dtype=np.int16)
+    idx = np.clip(np.round((values - vmin) / (vmax - vmin) * 255), 0, 255).astype(np.int16)
+    for k in np.argsort(values, kind="stable"):  # higher scores painted last: they win overlaps
+        x0, y0, x1, y1 = boxes[k]
+        level[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = idx[k]
+    covered = level >= 0
+    base[covered] = (1 - ALPHA) * base[covered] + ALPHA * lut[level[covered]].astype(np.float32)
+
+    font, small = _font(15), _font(12)
+    lines = list(title[:3])
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max((measure.textlength(t, font=font if i == 0 else small) for i, t in enumerate(lines)), default=0)
+    canvas = Image.new("RGB", (max(w + BAR_PX, int(text_w) + 12), h + TITLE_PX), "white")  # narrow slides: room for the title
+    canvas.paste(Image.fromarray(base.round().astype(np.uint8)), (0, TITLE_PX))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((6, 3 + 18 * i), line, fill=(0, 0, 0), font=font if i == 0 else small)
+    # colour bar: top = vmax
+    bar_h = max(32, min(h - 24, 400))
+    bx, by = w + 10, TITLE_PX + 12
+    ramp = lut[np.linspace(255, 0, bar_h).round().astype(int)]
+    canvas.paste(Image.fromarray(np.repeat(ramp[:, None, :], BAR_WIDTH, axis=1)), (bx, by))
+    draw.rectangle([bx - 1, by - 1, bx + BAR_WIDTH, by + bar_h], outline=(0, 0, 0))
+    for frac, v in ((0.0, vmax), (0.5, (vmin + vmax) / 2), (1.0, vmin)):
+        ty = by + round(frac * (bar_h - 1))
+        draw.line([bx + BAR_WIDTH, ty, bx + BAR_WIDTH + 4, ty], fill=(0, 0, 0))
+        draw.text((bx + BAR_WIDTH + 6, ty - 7), f"{v:.3g}", fill=(0, 0, 0), font=small)
+    return canvas
+
+
+def write_heatmaps(table: VectorTable, result: CVResult, bags: Bags, folder: Path, *,
+                   group_column: str = "slide") -> tuple[list[Path], list[str]]:
+    """Write folder/heatmaps/<slide>.png for each slide of `result`; return (written files, notes).
+
+    `table` is the vector table the bags were read from (grouped by `group_column`); tiles are placed by its
+    level-0 `x`, `y`. Nothing is written for a table without tile coordinates (a note says so); a slide file that
+    cannot be opened gives a plain background instead of its thumbnail (and one note for all such slides).
+    """
+    from PIL import Image as PILImage
+
+    folder = Path(folder)
+    if not result.slides:
+        return [], []
+    if table.tbl.count_rows("x IS NOT NULL AND y IS NOT NULL") == 0:
+        return [], [f"no heat maps: table '{table.name}' has no tile coordinates (x, y); heat maps need a tile "
+                    "table (`cytoretrieve tile`, then `embed`)"]
+    lut = _lut()
+    pos = {name: i for i, name in enumerate(bags.names)}
+    shown = {s: display_scores(result.method, result.tile_scores.get(s, [])) for s in result.slides}
+    every = np.concatenate([v[np.isfinite(v)] for v in shown.values()] + [np.zeros(0)])
+    if not len(every):
+        return [], ["no heat maps: the result holds no tile scores"]
+    vmin, vmax = (float(v) for v in np.percentile(every, PERCENTILES))
+    if not vmax > vmin:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    meaning = MEANING.get(result.method, "tile score")
+    stems = safe_names(result.slides)
+    out_dir = folder / "heatmaps"
+    written: list[Path] = []
+    unopened: list[str] = []
+    no_coords: list[str] = []
+    mismatched: list[str] = []
+    columns = ["id", "path", "x", "y", "tile_size", "mpp"]
+    for slide, y, fold, score in zip(result.slides, result.y, result.fold_of, result.scores):
+        values = shown[slide]
+        ids = bags.ids[pos[slide]] if bags.ids is not None and slide in pos else None
+        if ids is None or len(ids) != len(values):
+            mismatched.append(slide)
+            continue
+        rows = {r["id"]: r for r in table.read(columns, _where(group_column, slide)).to_pylist()
+                if r["x"] is not None and r["y"] is not None}
+        keep = [i for i, t in enumerate(ids) if t in rows and np.isfinite(values[i])]
+        if not keep:
+            no_coords.append(slide)
+            continue
+        path = next((r["path"] for r in rows.values() if r["path"]), None)
+        opened = _thumbnail(path)
+        ext = _extents(rows, opened[2] if opened else None)
+        x = np.array([rows[ids[i]]["x"] for i in keep], dtype=np.float64)
+        yy = np.array([rows[ids[i]]["y"] for i in keep], dtype=np.float64)
+        e = np.array([ext[ids[i]] for i in keep], dtype=np.float64)
+        if opened is not None:
+            thumb, (sw, sh), _ = opened
+            ox, oy, fx, fy = 0.0, 0.0, thumb.width / sw, thumb.height / sh
+        else:
+            unopened.append(path or "(no path)")
+            ox, oy = float(x.min()), float(yy.min())
+            span = max(float((x + e).max()) - ox, float((yy + e).max()) - oy, 1.0)
+            f = LONG_SIDE / span
+            fx = fy = f
+            size = (max(1, round((float((x + e).max()) - ox) * f)), max(1, round((float((yy + e).max()) - oy) * f)))
+            thumb = PILImage.new("RGB", size, PLAIN_BACKGROUND)
+        x0 = np.round((x - ox) * fx).astype(int)
+        y0 = np.round((yy - oy) * fy).astype(int)
+        x1 = np.maximum(x0 + 1, np.round((x + e - ox) * fx).astype(int))
+        y1 = np.maximum(y0 + 1, np.round((yy + e - oy) * fy).astype(int))
+        title = [
+            slide,
+            f"label {y} ({'positive' if y else 'negative'})   fold {fold}   slide score {score:.4g}   "
+            f"{result.method}   {len(keep)} tiles" + ("" if opened else "   (slide file not opened: plain background)"),
+            f"colour: {meaning}; scale shared by all slides ({PERCENTILES[0]:g}-{PERCENTILES[1]:g}th percentile)",
+        ]
+        image = render(thumb, np.stack([x0, y0, x1, y1], axis=1), values[keep], vmin, vmax, title, lut)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"{stems[slide]}.png"
+        image.save(target)
+        written.append(target)
+    notes = []
+    if unopened:
+        notes.append(f"heat maps: {len(unopened)} slide file(s) could not be opened (moved, or on another machine?), "
+                     f"e.g. {unopened[0]}: their tiles are drawn on a plain background")
+    if no_coords:
+        notes.append(f"heat maps: {len(no_coords)} slide(s) without tile coordinates skipped (e.g. {no_coords[0]})")
+    if mismatched:
+        notes.append(f"heat maps: {len(mismatched)} slide(s) whose tile scores do not match their tiles skipped "
+                     f"(e.g. {mismatched[0]})")
+    return written, notes
