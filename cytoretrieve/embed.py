@@ -248,7 +248,7 @@ def embed(
 
 def _tile_with_defaults(slide: Path, store: Store) -> str:
     """Tile one slide with the default grid (320 px at 0.5 um/px) into `<slide>_tiles`; that table's name."""
-    from cytoretrieve.sources.slides.tiling import tile_slides
+    from cytoretrieve.tile import tile_slides
 
     name = table_name_for(slide_id(slide), "tiles")
     report = tile_slides([slide], store, table=name)

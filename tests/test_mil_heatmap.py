@@ -13,7 +13,7 @@ from cytoretrieve.queries.mil.bags import Bags, bags_to_table, load_bags, write_
 from cytoretrieve.queries.mil.evaluate import CVResult
 from cytoretrieve.views.heatmap import (ALPHA, BAR_PX, LONG_SIDE, PLAIN_BACKGROUND, TITLE_PX, _lut, render, safe_names,
                                       write_heatmaps)
-from cytoretrieve.store.tiles import tile_id
+from cytoretrieve.ids import tile_id
 from cytoretrieve.store.tables import Store
 
 from mil_synthetic import synthetic_bags

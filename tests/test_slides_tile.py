@@ -171,7 +171,7 @@ def test_cli_import_loads_no_slide_library() -> None:
 
 
 def test_tile_ids_parse_back() -> None:
-    from cytoretrieve.store.tiles import parse_tile_id, tile_id
+    from cytoretrieve.ids import parse_tile_id, tile_id
 
     assert parse_tile_id(tile_id("case@7", 1280, -64, 640)) == ("case@7", 1280, -64, 640)
     assert parse_tile_id("carcinoma_in_situ/149143370.jpg") is None and parse_tile_id("a@1,2") is None

@@ -42,7 +42,8 @@ def import_(
     """
     from cytoretrieve.errors import CytoError
     from cytoretrieve.sources.cells.labels import BETHESDA, load_label_map
-    from cytoretrieve.sources.slides.annotations import import_annotations, pair_annotations
+    from cytoretrieve.sources.slides.annotations import pair_annotations
+    from cytoretrieve.tile import import_annotations
     from cytoretrieve.store.tables import Store
 
     labels = load_label_map(label_map) if label_map is not None else BETHESDA

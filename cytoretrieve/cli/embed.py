@@ -79,7 +79,7 @@ def embed(
               f"{len(report.failed)} unreadable; {report.images_per_second:.1f} img/s")
     for row_id, reason in report.failed:
         out.print(f"  skipped {row_id}: {reason}", markup=False, highlight=False)
-    from cytoretrieve.store.tiles import parse_tile_id
+    from cytoretrieve.ids import parse_tile_id
 
     partial = sorted({tile[0] for row_id, _ in report.failed if (tile := parse_tile_id(row_id))})
     if partial:

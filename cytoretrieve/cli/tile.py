@@ -49,7 +49,7 @@ def tile(
     from cytoretrieve.sources.slides.deposit import DepositParams
     from cytoretrieve.sources.slides.grid import GridSpec
     from cytoretrieve.sources.cohort.labels import read_labels
-    from cytoretrieve.sources.slides.tiling import tile_slides
+    from cytoretrieve.tile import tile_slides
     from cytoretrieve.store.tables import Store
 
     err = Console(stderr=True)

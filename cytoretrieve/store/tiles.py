@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +39,8 @@ import pyarrow.compute as pc
 
 from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
-from cytoretrieve.store.tables import BASE_FIELDS, META_KEY, Store, Table, build_rows, read_meta
+from cytoretrieve.ids import parse_tile_id, tile_id  # noqa: F401 - re-exported: the tile table's id rule
+from cytoretrieve.store.tables import BASE_FIELDS, META_KEY, Store, Table, build_rows
 
 TILES_KIND = "tiles"
 _SHARED = ["id", "key", "dataset", "path", "label", "binary", "group", "slide", "x", "y", "level", "tile_size", "mpp"]
@@ -54,20 +54,6 @@ TILE_FIELDS = [next(f for f in BASE_FIELDS if f.name == name) for name in _SHARE
 TILE_COLUMNS = [f.name for f in TILE_FIELDS]
 SHARED_COLUMNS = list(_SHARED)  # what a vector table row copies from a tile row
 _VOLATILE = ("cytoretrieve", "created")  # metadata that may differ between runs writing one table
-
-
-def tile_id(slide: str, x: int, y: int, extent: int) -> str:
-    """The stable id of a tile: slide id and its square in level-0 px."""
-    return f"{slide}@{int(x)},{int(y)},{int(extent)}"
-
-
-_TILE_ID = re.compile(r"^(.*)@(-?\d+),(-?\d+),(\d+)$")
-
-
-def parse_tile_id(row_id: str) -> tuple[str, int, int, int] | None:
-    """(slide, x, y, extent) of an id made by `tile_id`, or None for any other id."""
-    m = _TILE_ID.match(row_id)
-    return (m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))) if m else None
 
 
 def tile_schema(meta: dict[str, Any]) -> pa.Schema:

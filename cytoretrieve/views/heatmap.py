@@ -123,7 +123,7 @@ def _thumbnail(path: str | None) -> tuple[Image.Image, tuple[int, int], float | 
 
 def _extents(rows: dict[str, dict[str, Any]], slide_mpp: float | None) -> dict[str, float]:
     """Level-0 side of each tile: from its id, else tile_size * tile mpp / slide mpp, else tile_size."""
-    from cytoretrieve.store.tiles import parse_tile_id
+    from cytoretrieve.ids import parse_tile_id
 
     out = {}
     for tid, r in rows.items():

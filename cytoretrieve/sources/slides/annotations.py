@@ -6,7 +6,8 @@ string is accepted too). Supported geometries: Point, MultiPoint (one annotation
 MultiPolygon (centred on the area-weighted centroid). Features without a classification, with another geometry,
 or centred outside the slide are reported and not imported; none of that stops the import.
 
-Two tile tables (kind `tiles`, source `annotations`) come out of one import, both at `target_mpp` (20x):
+Two tile tables (kind `tiles`, source `annotations`) come out of one import (`cytoretrieve.tile.import_annotations`
+writes them), both at `target_mpp` (20x):
 - `<table>_cells`: a square crop around each annotation: `cell_size` px for a point, the polygon's bounding
   box plus `margin` on each side for a polygon (at least `cell_size`);
 - `<table>_tiles`: a `tile_size` px tile (320) centred on each annotation.
@@ -20,20 +21,17 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cytoretrieve.sources.cells.labels import BETHESDA, LabelMap
 from cytoretrieve.errors import CytoError
-from cytoretrieve.store.tiles import BagWriter, tile_table_meta, tile_id
+from cytoretrieve.ids import tile_id
 from cytoretrieve.sources.cohort.labels import expand_slides
 from cytoretrieve.sources.slides.reader import Slide, slide_id
-from cytoretrieve.store.tables import Store
 
-DEFAULT_TABLE = "annotations"
 CELL_SIZE = 128  # px at target_mpp around a point annotation (64 um at 0.5 um/px)
 MARGIN = 0.1  # of a polygon's bounding box, on each side
 
@@ -244,62 +242,3 @@ def pair_annotations(geojsons: Sequence[str | Path], slides: Sequence[str | Path
             raise CytoError(f"two annotation files for slide '{sid}': {pairs[sid][1]} and {g}")
         pairs[sid] = (by_id[sid], g)
     return list(pairs.values())
-
-
-def import_annotations(
-    pairs: Sequence[tuple[str | Path, str | Path]],
-    store: Store,
-    *,
-    table: str = DEFAULT_TABLE,
-    target_mpp: float = 0.5,
-    tile_size: int = 320,
-    cell_size: int = CELL_SIZE,
-    margin: float = MARGIN,
-    mpp: float | None = None,
-    objective: float | None = None,
-    on_result: Callable[[AnnotationResult], None] | None = None,
-    labels: LabelMap = BETHESDA,
-) -> AnnotationReport:
-    """Import (slide, GeoJSON) pairs into `<table>_cells` and `<table>_tiles`, one commit per slide and table.
-
-    Every GeoJSON is parsed before anything is written (a file that is not GeoJSON stops the import); a slide
-    that cannot be read is skipped and reported; a rerun skips the slides both tables already hold.
-    """
-    if target_mpp <= 0 or tile_size < 8 or cell_size < 8 or margin < 0:
-        raise CytoError("`target_mpp` must be positive, `tile_size` and `cell_size` at least 8 px, the margin >= 0")
-    start = time.perf_counter()
-    parsed = [(Path(s), Path(g), *read_geojson(g)) for s, g in pairs]
-    names = (f"{table}_cells", f"{table}_tiles")
-    settings = {"target_mpp": target_mpp, "cell_size": cell_size, "margin": margin}
-    cells_w = BagWriter(store, names[0], tile_table_meta("annotations", {"content": "cells", **settings}))
-    tiles_w = BagWriter(store, names[1], tile_table_meta("annotations", {"content": "tiles", "target_mpp": target_mpp,
-                                                                      "tile_size": tile_size}))
-    report = AnnotationReport(cells_table=names[0], tiles_table=names[1])
-    for path, geojson, anns, problems in parsed:
-        sid = slide_id(path)
-        result = AnnotationResult(slide=sid, path=str(path.absolute()), annotations=str(geojson), status="imported",
-                                  problems=list(problems))
-        if sid in cells_w.done and sid in tiles_w.done:
-            result.status, result.reason = "done", "already in both tables"
-            result.cells, result.tiles = cells_w.done[sid], tiles_w.done[sid]
-        else:
-            try:
-                with Slide(path, mpp=mpp, objective=objective) as slide:
-                    cells, tiles, outside, dups = annotation_rows(
-                        slide, anns, target_mpp=target_mpp, tile_size=tile_size, cell_size=cell_size,
-                        margin=margin, tables=names, labels=labels)
-                result.outside, result.problems = outside, result.problems + dups
-                if sid not in cells_w.done:
-                    cells_w.write(sid, cells)
-                if sid not in tiles_w.done:
-                    tiles_w.write(sid, tiles)
-                result.cells, result.tiles = len(cells), len(tiles)
-            except (CytoError, OSError) as e:
-                result.status, result.reason = "skipped", str(e).splitlines()[0]
-        report.results.append(result)
-        if on_result:
-            on_result(result)
-    cells_w.finish()
-    tiles_w.finish()
-    report.seconds = time.perf_counter() - start
-    return report

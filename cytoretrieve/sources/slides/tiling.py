@@ -1,35 +1,37 @@
-"""The tiling job: slides -> cell-deposit mask -> grid -> one bag of tile rows per slide in a tile table.
+"""One slide to tile rows: open it, find the cell deposit, lay the grid, and list the tiles it keeps.
 
-Per slide, in order: open (clear error if it is not a slide, is truncated, or has no mpp), thumbnail + deposit
-mask, grid + coverage, optional preview, then its rows in one commit. Whatever goes wrong with one slide skips
-that slide (reported, nothing written for it) and the job goes on; mistakes in the command as a whole (missing
-files, labels naming slides that are not given, settings that clash with the table) raise `CytoError` before
-anything is written. A rerun skips the slides the table already holds.
+Nothing here writes: `cytoretrieve.tile` (the `tile` job) stores the rows, the preview and the overview.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import openslide
 
-from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
-from cytoretrieve.store.tiles import BagWriter, tile_table_meta, tile_id
-from cytoretrieve.sources.slides.deposit import DepositParams, deposit_mask
-from cytoretrieve.sources.slides.grid import GridSpec, make_grid
-from cytoretrieve.sources.cohort.labels import SlideLabel, expand_slides, match_labels, slides_from_labels
-from cytoretrieve.views.slide_preview import write_preview
-from cytoretrieve.sources.slides.reader import Slide, slide_id
-from cytoretrieve.store.tables import Store
+from cytoretrieve.sources.cohort.labels import SlideLabel
+from cytoretrieve.sources.slides.deposit import DepositMask, DepositParams, deposit_mask
+from cytoretrieve.sources.slides.grid import Grid, GridSpec, make_grid
+from cytoretrieve.sources.slides.reader import Slide, SlideInfo
+from cytoretrieve.ids import tile_id
 
-DEFAULT_TABLE = "tiles"
-CACHE_BYTES = 16 << 20  # thumbnails read each region once: the cache only spares JPEG tiles shared by two chunks
 SLIDE_ERRORS = (CytoError, openslide.OpenSlideError, OSError)  # skip the slide, not the job
+
+
+@dataclass
+class TiledSlide:
+    """What tiling one slide gives: its summary line, its rows, and what they came from (preview, overview)."""
+
+    result: SlideResult
+    rows: list[dict[str, Any]]
+    mask: DepositMask
+    grid: Grid
+    info: SlideInfo
 
 
 @dataclass
@@ -54,24 +56,6 @@ class SlideResult:
     seconds: float = 0.0
 
 
-@dataclass
-class TileReport:
-    table: str
-    store: str
-    results: list[SlideResult] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.results)
-
-    @property
-    def tiles_added(self) -> int:
-        return sum(r.tiles for r in self.results if r.status == "tiled")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"table": self.table, "store": self.store, "seconds": round(self.seconds, 3),
-                "slides": [asdict(r) for r in self.results]}
-
 
 def tile_slide(
     path: Path,
@@ -82,11 +66,11 @@ def tile_slide(
     label: SlideLabel | None = None,
     mpp: float | None = None,
     objective: float | None = None,
-    preview: str | Path | None = None,
     cache: openslide.OpenSlideCache | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[SlideResult, list[dict[str, Any]]]:
-    """Tile one slide: its summary line and its rows (nothing written). Errors propagate (see SLIDE_ERRORS)."""
+) -> TiledSlide:
+    """Tile one slide: its summary line, its rows, and the deposit mask and grid they came from (for the preview
+    and the stored overview). Nothing is written. Errors propagate (see SLIDE_ERRORS)."""
     start = time.perf_counter()
     with Slide(path, mpp=mpp, objective=objective, cache=cache) as slide:
         info = slide.info
@@ -108,10 +92,6 @@ def tile_slide(
         result.reason = f"no tile reaches coverage {spec.min_coverage:g} of the deposit: 0 tiles"
     elif c.level_mpp > spec.target_mpp * 1.02:
         result.reason = f"slide is {c.level_mpp:.3g} um/px at its finest level: tiles upsampled to {spec.target_mpp:g}"
-    if preview is not None:
-        caption = (f"{info.id}: {grid.n_kept}/{grid.xs.size} tiles of {spec.tile_size} px at {c.tile_mpp:.3g} um/px "
-                   f"(level {c.level}, read {c.read_size} px), deposit {mask.area_mm2:.3g} mm2")
-        result.preview = str(write_preview(mask, grid, caption, preview, info.id))
     rows = [
         {
             "id": tile_id(info.id, x, y, c.extent), "dataset": table, "path": info.path,
@@ -123,79 +103,4 @@ def tile_slide(
         for x, y, cov in grid.tiles()
     ]
     result.seconds = time.perf_counter() - start
-    return result, rows
-
-
-def tile_slides(
-    slides: Sequence[str | Path],
-    store: Store,
-    *,
-    table: str = DEFAULT_TABLE,
-    spec: GridSpec = GridSpec(),
-    params: DepositParams = DepositParams(),
-    labels: dict[str, SlideLabel] | None = None,
-    mpp: float | None = None,
-    objective: float | None = None,
-    preview: str | Path | None = None,
-    cache_bytes: int = CACHE_BYTES,
-    on_slide: Callable[[int, int, Path], None] | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-    on_result: Callable[[SlideResult], None] | None = None,
-) -> TileReport:
-    """Tile slides into the tile table `table` of `store` (created on the first slide with tiles).
-
-    `slides` may be empty when every label has a `path`. Callbacks: `on_slide(i, n, path)` before each slide,
-    `on_progress(done, total)` while its thumbnail is read, `on_result(result)` after it.
-    """
-    spec.validate()
-    params.validate()
-    if mpp is not None and mpp <= 0:
-        raise CytoError(f"`mpp` must be positive, not {mpp}")
-    if objective is not None and objective <= 0:
-        raise CytoError(f"`objective` must be positive, not {objective}")
-    start = time.perf_counter()
-    if slides:
-        paths = expand_slides(slides)
-        matched = match_labels(paths, labels) if labels else {}
-    elif labels:
-        paths = expand_slides(slides_from_labels(labels))
-        matched = labels
-    else:
-        raise CytoError("no slides given")
-    paths = shard(paths, lambda p: slide_id(p))  # under torchrun, each process tiles its share of the slides
-    if preview is not None:
-        try:
-            Path(preview).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CytoError(f"cannot write previews to {preview}: {e.strerror or e}") from None
-    meta = tile_table_meta("grid", {**spec.to_dict(), "deposit": params.to_dict()})
-    writer = BagWriter(store, table, meta)
-    report = TileReport(table=table, store=store.uri)
-    cache = openslide.OpenSlideCache(cache_bytes)
-    for i, path in enumerate(paths):
-        sid = slide_id(path)
-        label = matched.get(sid)
-        if on_slide:
-            on_slide(i, len(paths), path)
-        if sid in writer.done:
-            result = SlideResult(slide=sid, path=str(path.absolute()), status="done", tiles=writer.done[sid],
-                                 label=label.label if label else None, reason="already in the table")
-        else:
-            try:
-                result, rows = tile_slide(path, spec, params, table=table, label=label, mpp=mpp,
-                                          objective=objective, preview=preview, cache=cache, on_progress=on_progress)
-                writer.write(sid, rows)
-            except SLIDE_ERRORS as e:
-                reason = (str(e).splitlines() or [type(e).__name__])[0]
-                if isinstance(e, openslide.OpenSlideError):  # the file opened, its pixels did not decode
-                    reason = f"unreadable image data ({reason})"
-                result = SlideResult(slide=sid, path=str(path.absolute()), status="skipped",
-                                     label=label.label if label else None, reason=reason)
-        report.results.append(result)
-        if on_result:
-            on_result(result)
-    barrier()  # every process has committed its slides before one compacts the table
-    if rank_world()[0] == 0:
-        writer.finish()
-    report.seconds = time.perf_counter() - start
-    return report
+    return TiledSlide(result, rows, mask, grid, info)

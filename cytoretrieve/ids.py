@@ -1,0 +1,19 @@
+"""Row ids derived from the source, so that every job is idempotent: a tile's id is its slide and its square."""
+
+from __future__ import annotations
+
+import re
+
+
+def tile_id(slide: str, x: int, y: int, extent: int) -> str:
+    """The stable id of a tile: slide id and its square in level-0 px."""
+    return f"{slide}@{int(x)},{int(y)},{int(extent)}"
+
+
+_TILE_ID = re.compile(r"^(.*)@(-?\d+),(-?\d+),(\d+)$")
+
+
+def parse_tile_id(row_id: str) -> tuple[str, int, int, int] | None:
+    """(slide, x, y, extent) of an id made by `tile_id`, or None for any other id."""
+    m = _TILE_ID.match(row_id)
+    return (m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))) if m else None
