@@ -58,7 +58,8 @@ def score(
     from rich.table import Table as RichTable
 
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.queries.mil.evaluate import ALL_METHODS, METRICS, plot_roc, score_table, top_tiles
+    from cytoretrieve.queries.mil.evaluate import ALL_METHODS, METRICS, score_table, top_tiles
+    from cytoretrieve.views.plots import plot_roc
     from cytoretrieve.queries.mil.retrieval import RetrievalConfig
     from cytoretrieve.queries.mil.train import MILTrainConfig, resolve_device
 

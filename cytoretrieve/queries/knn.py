@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.queries.stats import mean_std
 
 VOTES = ("majority", "weighted")
 _VOTE_CHUNK = 2048  # query rows voted at once: bounds the (rows, k, classes) arrays for large query sets
@@ -272,11 +273,6 @@ def _splits(codes: np.ndarray, runs: int, train_fraction: float, seed: int) -> l
         raise CytoError(f"cannot make a stratified split at train fraction {train_fraction}: {exc}") from None
 
 
-def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and population std (ddof=0) over runs (axis 0)."""
-    return values.mean(axis=0), values.std(axis=0, ddof=0)
-
-
 def classify(vectors: np.ndarray, labels: Sequence[str | None], *, classes: Sequence[str] | None = None,
              binary: Mapping[str, int | None] | None = None, runs: int = 4, train_fraction: float = 0.75,
              ks: Sequence[int] = range(1, 101), vote: str = "majority", temperature: float = 0.07,
@@ -304,14 +300,14 @@ def classify(vectors: np.ndarray, labels: Sequence[str | None], *, classes: Sequ
         confusions.append(confusions_per_k(codes[test], preds[:, k_cols], n_classes))
     confusions = np.stack(confusions)  # (runs, n_ks, C, C)
 
-    curve_mean, curve_std = _mean_std(weighted_f1(confusions))
+    curve_mean, curve_std = mean_std(weighted_f1(confusions))
     best = int(np.argmax(curve_mean))  # first maximum: the smallest k among ties
     at_best = confusions[:, best]  # (runs, C, C)
-    cls_mean, cls_std = _mean_std(class_f1(at_best))
+    cls_mean, cls_std = mean_std(class_f1(at_best))
     pos_mean = pos_std = neg_mean = neg_std = None
     if binary_codes is not None:
         pos_neg = np.array([binary_f1(conf, binary_codes) for conf in at_best])  # (runs, 2)
-        (pos_mean, neg_mean), (pos_std, neg_std) = (map(float, v) for v in _mean_std(pos_neg))
+        (pos_mean, neg_mean), (pos_std, neg_std) = (map(float, v) for v in mean_std(pos_neg))
 
     return ClassifyResult(
         classes=classes, ks=ks, vote=vote, temperature=float(temperature), runs=int(runs),

@@ -62,3 +62,32 @@ def _draw_confusion(fig, ax, result: ClassifyResult) -> None:
     ax.set_ylabel("true")
     ax.set_title(f"Confusion at k*={result.k_best} (summed over {result.runs} runs)")
     fig.colorbar(image, ax=ax, fraction=0.046, label="row share")
+
+
+def plot_roc(result, path, title: str | None = None) -> None:  # noqa: ANN001 - a queries.mil.evaluate.CVResult
+    """ROC of the out-of-fold slide scores (bold) and of each test fold (thin), with the AUCs."""
+    import numpy as np
+
+    from cytoretrieve.queries.mil.evaluate import auc, roc_curve
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    y, s, fo = np.asarray(result.y), np.asarray(result.scores), np.asarray(result.fold_of)
+    for fr in result.folds:
+        m = fo == fr.fold
+        if len(set(y[m].tolist())) == 2:
+            fpr, tpr = roc_curve(y[m], s[m])
+            ax.plot(fpr, tpr, lw=0.8, alpha=0.5, label=f"fold {fr.fold} (AUC {fr.metrics['auc']:.3f})")
+    fpr, tpr = roc_curve(y, s)
+    ax.plot(fpr, tpr, lw=2.2, color="black", label=f"out-of-fold (AUC {auc(y, s):.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title or f"{result.method}: slide ROC")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(str(path))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.queries.stats import mean_std
 from cytoretrieve.queries.mil.bags import Bags, Positives
 
 METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
@@ -86,12 +87,6 @@ def binary_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, 
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
     return {"sensitivity": sens, "specificity": spec, "balanced_accuracy": float(np.nanmean([sens, spec])),
             "f1": f1, "accuracy": (tp + tn) / len(y) if len(y) else float("nan")}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    return (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
 
 
 # -------------------------------------------------------------------------------------------- cross-validation
@@ -296,28 +291,3 @@ def top_tiles(result: CVResult, bags: Bags, n: int = 10) -> dict[str, Any]:
         out[slide] = {"binary": y, "fold": f, "score": s, "tiles": len(t),
                       "top_tiles": [{"id": ids[i], "score": float(t[i])} for i in order]}
     return out
-
-
-def plot_roc(result: CVResult, path, title: str | None = None) -> None:  # noqa: ANN001
-    """ROC of the out-of-fold slide scores (bold) and of each test fold (thin), with the AUCs."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    y, s, fo = np.asarray(result.y), np.asarray(result.scores), np.asarray(result.fold_of)
-    for fr in result.folds:
-        m = fo == fr.fold
-        if len(set(y[m].tolist())) == 2:
-            fpr, tpr = roc_curve(y[m], s[m])
-            ax.plot(fpr, tpr, lw=0.8, alpha=0.5, label=f"fold {fr.fold} (AUC {fr.metrics['auc']:.3f})")
-    fpr, tpr = roc_curve(y, s)
-    ax.plot(fpr, tpr, lw=2.2, color="black", label=f"out-of-fold (AUC {auc(y, s):.3f})")
-    ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(title or f"{result.method}: slide ROC")
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(str(path))
