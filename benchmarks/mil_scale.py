@@ -312,7 +312,7 @@ def exact_neighbours(chunks, q, k: int):  # noqa: ANN001, ANN201
     import faiss
     import numpy as np
 
-    from cytoretrieve.queries.knn import l2_normalise
+    from cytoretrieve.store.index import l2_normalise
 
     heap = faiss.ResultHeap(len(q), k, keep_max=True)
     offset = 0
@@ -377,7 +377,7 @@ def retrieval_accuracy(scorer, train, x, abnormal) -> tuple[dict[str, Any], Any]
     returns the comparison and the exact results (for the baseline)."""
     import numpy as np
 
-    from cytoretrieve.queries.knn import l2_normalise
+    from cytoretrieve.store.index import l2_normalise
 
     q = l2_normalise(x)
     k = scorer.config.k
@@ -404,7 +404,7 @@ def retrieval_baseline(train, bags, n_slides: int, cfg, seed: int, sample=None) 
     import numpy as np
 
     from cytoretrieve.store.index import build
-    from cytoretrieve.queries.knn import l2_normalise
+    from cytoretrieve.store.index import l2_normalise
 
     t0 = time.perf_counter()
     neg = np.concatenate([train.vectors[i] for i in range(len(train)) if train.y[i] == 0]).astype(np.float32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cytoretrieve.store.index import build, table_index
-from cytoretrieve.queries.knn import l2_normalise
+from cytoretrieve.store.index import l2_normalise
 from cytoretrieve.store.tables import Store, row_key
 
 DIM = 32

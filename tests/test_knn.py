@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.store.index import exact_neighbours, l2_normalise
 from cytoretrieve.queries.knn import (
     binary_f1,
     class_f1,
     classify,
     confusions_per_k,
     knn_predict,
-    l2_normalise,
     parse_ks,
-    search_neighbours,
     vote_all_k,
     weighted_f1,
 )
@@ -77,7 +76,7 @@ def test_vote_all_k_columns_equal_single_k_predictions() -> None:
         for temperature in (0.07, 0.01):
             train = _circle([d for d, _ in TRAIN_DEG])
             codes = np.array([c for _, c in TRAIN_DEG])
-            sims, idx = search_neighbours(train, _circle(QUERY_DEG), 6)
+            sims, idx = exact_neighbours(train, _circle(QUERY_DEG), 6)
             all_k = vote_all_k(codes[idx], sims, 2, vote, temperature)
             for k in range(1, 7):
                 expected = [_reference_vote(q, k, vote, temperature) for q in QUERY_DEG]
@@ -107,7 +106,7 @@ def test_l2_normalise_rows_and_zero_rows() -> None:
 def test_faiss_neighbours_equal_brute_force() -> None:
     rng = np.random.default_rng(1)
     train, query = l2_normalise(rng.standard_normal((80, 16))), l2_normalise(rng.standard_normal((25, 16)))
-    sims, idx = search_neighbours(train, query, 10)
+    sims, idx = exact_neighbours(train, query, 10)
     brute = query @ train.T
     order = np.argsort(-brute, axis=1)[:, :10]
     np.testing.assert_array_equal(idx, order)

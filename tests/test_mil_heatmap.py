@@ -1,11 +1,13 @@
 """Heat maps of out-of-fold tile scores over slide thumbnails (`cytoretrieve score --out`): one PNG per slide, a colour
-scale shared by the run, a plain background when a slide file is gone, nothing for tables without tile coordinates."""
+scale shared by the run, drawn on the overview stored at tiling time (slide files are never reopened), a plain
+background for a slide without one, nothing for tables without tile coordinates."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 from PIL import Image
 
@@ -14,6 +16,7 @@ from cytoretrieve.queries.mil.evaluate import CVResult
 from cytoretrieve.views.heatmap import (ALPHA, BAR_PX, LONG_SIDE, PLAIN_BACKGROUND, TITLE_PX, _lut, render, safe_names,
                                       write_heatmaps)
 from cytoretrieve.ids import tile_id
+from cytoretrieve.store.overviews import make_overview, write_overviews
 from cytoretrieve.store.tables import Store
 
 from mil_synthetic import synthetic_bags
@@ -32,8 +35,8 @@ def _result(bags: Bags, scores: dict[str, dict[str, float]], method: str = "retr
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """Slides A and ODD (the synthetic slide file: 5120 x 3840 level-0 px, tiles of 640 px at its deposit), and GHOST
-    (its file is gone); a vector table of their tiles; bags read back from it; the tile scores chosen per id."""
+    """Slides A and ODD (the synthetic slide file: 5120 x 3840 level-0 px, tiles of 640 px at its deposit; their
+    overviews stored as `tile` stores them), and GHOST (no overview in the store); a vector table of their tiles; bags read back from it; the tile scores chosen per id."""
     base = tmp_path_factory.mktemp("heat")
     slide = write_standard_slide(base / "standard.tiff")
     store = Store(base / "store")
@@ -52,6 +55,11 @@ def cohort(tmp_path_factory):
     scores["A"][tile_id("A", *COLD, TILE_L0)] = -10.0
     for tid in scores["GHOST"]:
         scores["GHOST"][tid] = 10.0  # every tile high: hot on the shared scale, though the slide alone is constant
+    with openslide.OpenSlide(str(slide)) as osr:  # what `tile` stores for each slide it tiles
+        thumb = np.asarray(osr.get_thumbnail((LONG_SIDE, LONG_SIDE)).convert("RGB"))
+        size = osr.dimensions
+    write_overviews(store, [make_overview(name, str(slide), *size, None, thumb, size[0] / thumb.shape[1])
+                            for name in ("A", ODD)])
     rng = np.random.default_rng(0)
     table.add(table.make_rows(records[::-1], rng.normal(size=(len(records), 4)).astype(np.float32)))
     labels = write_group_labels(Bags(names=["A", ODD, "GHOST"], y=np.array([1, 0, 1], np.int8), vectors=[]),
@@ -89,8 +97,8 @@ def test_heat_maps_colour_tiles_by_score_on_a_shared_scale(cohort, tmp_path: Pat
     for glass in ((100, 3000), (HOT[0] - half, HOT[1] + half), (COLD[0] + half, COLD[1] + TILE_L0 + half)):
         assert np.abs(_at(a, *glass, scale).astype(int) - (236, 236, 232)).max() <= 3  # no tile there: untouched
 
-    # the missing slide file: a plain background spanning its tiles, the tiles hot on the run's scale, one note
-    assert any("1 slide file(s) could not be opened" in n and "moved.svs" in n for n in notes)
+    # no stored overview: a plain background spanning its tiles, the tiles hot on the run's scale, one note
+    assert any("1 slide(s) have no overview" in n and "GHOST" in n for n in notes)
     g = np.asarray(Image.open(by_slide["GHOST"]).convert("RGB"))
     span = (4 * TILE_L0, 2 * TILE_L0)  # tiles at (0, 0) and (3, 1), 640 px each
     gscale = LONG_SIDE / span[0]

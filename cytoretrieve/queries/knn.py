@@ -23,6 +23,7 @@ import numpy as np
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.stats import mean_std
+from cytoretrieve.store.index import exact_neighbours, l2_normalise
 
 VOTES = ("majority", "weighted")
 _VOTE_CHUNK = 2048  # query rows voted at once: bounds the (rows, k, classes) arrays for large query sets
@@ -63,15 +64,6 @@ class ClassifyResult:
 # ----------------------------------------------------------------------------------------------------- basics
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation to float32 (zero rows stay zero): the one place query/train vectors get normalised."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None, :]
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
-
-
 def parse_ks(spec: str) -> list[int]:
     """Parse a k spec such as "1-100", "5", "1,3,5,10" or "1-20,50" into sorted unique positive ints."""
     ks: set[int] = set()
@@ -99,16 +91,6 @@ def _check_vote(vote: str, temperature: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------- neighbours and votes
-
-
-def search_neighbours(train_normed: np.ndarray, query_normed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner-product neighbours (cosine for normalised input): (similarities, indices), best first."""
-    import faiss  # lazy: keeps `import cytoretrieve.queries.knn` light
-
-    index = faiss.IndexFlatIP(train_normed.shape[1])
-    index.add(np.ascontiguousarray(train_normed, dtype=np.float32))
-    sims, idx = index.search(np.ascontiguousarray(query_normed, dtype=np.float32), k)
-    return sims, idx
 
 
 def vote_all_k(neighbour_codes: np.ndarray, sims: np.ndarray, n_classes: int, vote: str,
@@ -159,7 +141,7 @@ def knn_predict(train_vectors: np.ndarray, train_labels_codes: np.ndarray, query
     if not 1 <= k <= len(train):
         raise CytoError(f"k={k} is out of range: use 1..{len(train)} (the number of training vectors)")
     n_classes = int(train_codes.max()) + 1 if n_classes is None else n_classes
-    sims, idx = search_neighbours(train, l2_normalise(query_vectors), k)
+    sims, idx = exact_neighbours(train, l2_normalise(query_vectors), k)
     return vote_all_k(train_codes[idx], sims, n_classes, vote, temperature)[:, k - 1]
 
 
@@ -295,7 +277,7 @@ def classify(vectors: np.ndarray, labels: Sequence[str | None], *, classes: Sequ
     k_cols = np.array(ks) - 1
     confusions = []  # per run: (n_ks, C, C)
     for train, test in splits:
-        sims, idx = search_neighbours(x[train], x[test], k_max)
+        sims, idx = exact_neighbours(x[train], x[test], k_max)
         preds = vote_all_k(codes[train][idx], sims, n_classes, vote, temperature)
         confusions.append(confusions_per_k(codes[test], preds[:, k_cols], n_classes))
     confusions = np.stack(confusions)  # (runs, n_ks, C, C)

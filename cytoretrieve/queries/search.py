@@ -1,19 +1,29 @@
-"""Similar-cell search: the nearest stored rows to a query image (embedded with the table's own backbone) or row."""
+"""Similar-cell search: the nearest stored rows to a query image (embedded with the table's own backbone) or row.
+
+The query image may be a file, raw bytes (an upload: decoded here under a pixel limit, so a decompression bomb is a
+user error, not a crash) or a PIL image. The backbone of each table is built once per process and kept
+(`BACKBONE_CACHE` of them), so a long-lived server embeds an upload without rebuilding its model. Filters are the
+SQL `where` of the table's columns, or structured `Filters` turned into one (values quoted, never raw SQL).
+"""
 
 from __future__ import annotations
 
+import io
+import threading
+import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.store.index import TableIndex, table_index
-from cytoretrieve.queries.knn import l2_normalise, majority_label
+from cytoretrieve.queries.knn import majority_label
+from cytoretrieve.store.index import TableIndex, l2_normalise, table_index
 from cytoretrieve.store.tables import VectorTable, row_key
 
 HIT_COLUMNS = ["id", "label", "binary", "path", "group", "slide", "x", "y"]
@@ -33,19 +43,75 @@ class Hit:
     slide: str | None = None
     x: int | None = None
     y: int | None = None
+    dataset: str | None = None
+    tile_size: int | None = None
+    side: int | None = None  # tiles: the tile's level-0 side (from its id), for drawing it on its slide
+
+    def __post_init__(self) -> None:
+        parsed = parse_tile_id(self.id) if self.slide is not None else None
+        if parsed is not None and self.side is None and (parsed[1], parsed[2]) == (self.x, self.y):
+            self.side = parsed[3]
+
+    @property
+    def binary_name(self) -> str:
+        """positive, negative or unknown: the binary class in words."""
+        return binary_name(self.binary)
+
+
+def binary_name(binary: int | None) -> str:
+    return {1: "positive", 0: "negative"}.get(binary, "unknown") if binary is not None else "unknown"
 
 
 @dataclass
 class SearchResult:
-    """The hits, best first, and the neighbours' majority label when the table is labelled."""
+    """The hits, best first, the neighbours' majority label when the table is labelled, and the query row (by id)."""
 
     table: str
     query: str
     hits: list[Hit]
     majority_label: str | None
+    query_id: str | None = None
+    where: str | None = None
+
+    def label_counts(self) -> dict[str, int]:
+        """How many hits carry each label, most common first (unlabelled hits under "(none)")."""
+        return dict(Counter(h.label or "(none)" for h in self.hits).most_common())
+
+    def binary_counts(self) -> dict[str, int]:
+        """How many hits are positive, negative, unknown."""
+        return dict(Counter(h.binary_name for h in self.hits).most_common())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["label_counts"] = self.label_counts()
+        out["binary_counts"] = self.binary_counts()
+        return out
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Structured hit filters (a web form's fields): each set field must equal its value; None = any."""
+
+    label: str | None = None
+    binary: int | None = None
+    dataset: str | None = None
+    slide: str | None = None
+    extra: tuple[str, ...] = field(default=())  # further SQL conditions written by code, never by a request
+
+    def where(self) -> str | None:
+        """The SQL `where` these filters mean, with every value quoted; None when nothing is filtered."""
+        parts = [f"`{name}` = {_sql_value(value)}" for name, value in
+                 (("label", self.label), ("dataset", self.dataset), ("slide", self.slide)) if value is not None]
+        if self.binary is not None:
+            if self.binary not in (0, 1):
+                raise CytoError(f"`binary` must be 0 or 1, not {self.binary}")
+            parts.append(f"`binary` = {int(self.binary)}")
+        parts.extend(f"({c})" for c in self.extra)
+        return " AND ".join(parts) or None
+
+
+def _sql_value(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 @dataclass
@@ -98,45 +164,98 @@ def _stored_query(table: VectorTable, row_id: str) -> tuple[np.ndarray, int]:
         vector = index.stored_vector(key)
         if vector is not None and _hit_rows(table, index, [key]).get(key, {}).get("id") == row_id:
             return vector, key
-    row = table.row_by_id(row_id, ["key", "vector"])
+    try:
+        row = table.row_by_id(row_id, ["key", "vector"])
+    except CytoError as e:
+        raise UnknownRow(str(e)) from None
     return l2_normalise(np.asarray(row["vector"], dtype=np.float32)[None, :])[0], int(row["key"])
 
 
-def query_vector_from_image(table: VectorTable, image: str | Path, device: str = "auto") -> np.ndarray:
-    """Embed one image with the backbone recorded in the table's metadata (its fingerprint is checked)."""
-    from cytoretrieve.backbones import backbone_from_metadata
-    from cytoretrieve.embed import embed_images
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An uploaded image's bytes as an RGB PIL image; not an image, or over `max_pixels`, is a one-line CytoError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > max_pixels:
+                    raise CytoError(f"`image` is {im.width} x {im.height} px, over the limit of {max_pixels:,} pixels")
+                im.load()
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CytoError(f"`image` is too large to decode safely: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise CytoError(f"`image` is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
+
+def load_query_image(image: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The query as an RGB PIL image, from a file, raw bytes or a PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, bytes):
+        return decode_image(image, max_pixels)
     path = Path(image)
     if not path.is_file():
         raise CytoError(f"query image not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            pil = im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise CytoError(f"cannot read query image {path}: {e}") from e
-    backbone = backbone_from_metadata(table.meta["backbone"])
-    return embed_images(backbone, [pil], device)[0]
+        return decode_image(path.read_bytes(), max_pixels)
+    except CytoError as e:
+        raise CytoError(f"cannot read query image {path}: {e}") from None
+
+
+_BACKBONES: OrderedDict[str, Backbone] = OrderedDict()
+_BACKBONES_LOCK = threading.Lock()
+
+
+def table_backbone(table: VectorTable) -> Backbone:
+    """The backbone that embedded the table, built once per process (fingerprint checked) and kept."""
+    from cytoretrieve.backbones import backbone_from_metadata
+
+    key = table.fingerprint
+    with _BACKBONES_LOCK:
+        if key in _BACKBONES:
+            _BACKBONES.move_to_end(key)
+            return _BACKBONES[key]
+        backbone = backbone_from_metadata(table.meta["backbone"])
+        _BACKBONES[key] = backbone
+        while len(_BACKBONES) > BACKBONE_CACHE:
+            _BACKBONES.popitem(last=False)
+        return backbone
+
+
+def query_vector_from_image(table: VectorTable, image: str | Path | bytes | Image.Image, device: str = "auto") -> np.ndarray:
+    """Embed one image with the backbone recorded in the table's metadata (its fingerprint is checked)."""
+    from cytoretrieve.embed import embed_images
+
+    return embed_images(table_backbone(table), [load_query_image(image)], device)[0]
+
+
+def thumbnails(table: VectorTable, ids: Sequence[str]) -> dict[str, bytes]:
+    """{id: stored thumbnail JPEG} of these rows (rows without one are left out): what views show of a hit."""
+    wanted = set(ids)
+    rows = table.rows_by_keys([row_key(i) for i in wanted], ["id", "thumbnail"])
+    return {r["id"]: r["thumbnail"] for r in rows.values() if r["id"] in wanted and r["thumbnail"]}
 
 
 def search(
     table: VectorTable,
     *,
-    image: str | Path | None = None,
+    image: str | Path | bytes | Image.Image | None = None,
     row_id: str | None = None,
     k: int = 10,
-    where: str | None = None,
+    where: str | Filters | None = None,
     device: str = "auto",
 ) -> SearchResult:
-    """The k rows most similar to `image` or to the stored row `row_id` (which is left out of its own hits).
+    """The k rows most similar to `image` (a file, bytes or PIL image) or to the stored row `row_id` (which is left
+    out of its own hits).
 
-    `where` is a SQL filter on the table's columns (e.g. "label = 'CIS'"); only matching rows can be hits.
+    `where` is a SQL filter on the table's columns (e.g. "label = 'CIS'") or `Filters`; only matching rows can be hits.
     """
+    if isinstance(where, Filters):
+        where = where.where()
     if (image is None) == (row_id is None):
         raise CytoError("give either a query image or `id` ROW_ID")
     if k < 1:
-        raise CytoError(f"-k must be at least 1, not {k}")
+        raise CytoError(f"`k` must be at least 1, not {k}")
     allowed = table.read(["key"], where).column("key").to_numpy() if where else None
     exclude: int | None = None
     if row_id is not None:
@@ -144,7 +263,7 @@ def search(
         label = f"id {row_id}"
     else:
         query = l2_normalise(query_vector_from_image(table, image, device)[None, :])[0]
-        label = str(image)
+        label = str(image) if isinstance(image, (str, Path)) else "uploaded image"
     if allowed is not None and exclude is not None:
         allowed = allowed[allowed != exclude]
     index = table_index(table)
@@ -155,4 +274,4 @@ def search(
         rows = _hit_rows(table, index, [key for _, key in pairs])
         hits = [Hit(score=s, **rows[key]) for s, key in pairs if key in rows]
     labelled = [(h.label, h.score) for h in hits if h.label is not None]
-    return SearchResult(table.name, label, hits, majority_label(labelled) if labelled else None)
+    return SearchResult(table.name, label, hits, majority_label(labelled) if labelled else None, row_id, where)

@@ -6,7 +6,7 @@ stratified k-fold cross-validation, every k of the range from one neighbour sear
 target row takes the same k-NN vote over the whole support. On the target: sensitivity alone when it holds only
 positives, else sensitivity, specificity, F1 (of positives), balanced accuracy and the confusion matrix.
 
-All vote logic is `cytoretrieve.queries.knn`'s (`search_neighbours`, `vote_all_k`, `knn_predict`); class code 0 = negative,
+All vote logic is `cytoretrieve.queries.knn`'s (`vote_all_k`, `knn_predict`); class code 0 = negative,
 1 = positive, so a weighted vote's exact tie goes to negative, as class order decides in `vote_all_k`.
 No image is opened and no model is loaded; every table must hold vectors of one backbone (one fingerprint).
 """
@@ -24,13 +24,13 @@ from cytoretrieve.queries.knn import (
     _check_vote,
     confusions_per_k,
     knn_predict,
-    l2_normalise,
-    search_neighbours,
     vote_all_k,
     weighted_f1,
 )
 
-if TYPE_CHECKING:  # keep `import cytoretrieve.queries.transfer` light: the store pulls in lancedb
+from cytoretrieve.store.index import exact_neighbours, l2_normalise
+
+if TYPE_CHECKING:  # keep `import cytoretrieve.queries.transfer` light: the store's tables pull in lancedb
     from cytoretrieve.store.tables import VectorTable
 
 DEFAULT_KS = range(1, 51)
@@ -131,7 +131,7 @@ def select_k(vectors: np.ndarray, codes: np.ndarray, ks: Sequence[int] | None = 
     cols = np.array(ks) - 1
     curves = []
     for train, test in splits:
-        sims, idx = search_neighbours(x[train], x[test], ks[-1])
+        sims, idx = exact_neighbours(x[train], x[test], ks[-1])
         preds = vote_all_k(codes[train][idx], sims, 2, vote, temperature)
         curves.append(weighted_f1(confusions_per_k(codes[test], preds[:, cols], 2)))
     curve = np.mean(curves, axis=0)

@@ -1,37 +1,35 @@
-"""The store: LanceDB tables (`tables`: the base table, vector tables; `tiles`: tile tables) and the FAISS indexes
-over them (`index`). The only code that writes LanceDB.
+"""The store: LanceDB tables (`tables`: the base table, vector tables; `tiles`: tile tables; `overviews`: one
+picture per slide) and the FAISS indexes over them (`index`). The only code that writes LanceDB.
 
-`from cytoretrieve.store import Store` is the entry point; the names below are re-exported from `tables`.
+`from cytoretrieve.store import Store` is the entry point; the names below are re-exported from `tables`, loaded
+on first use so that `import cytoretrieve.store.index` does not pull in lancedb.
 """
 
-from cytoretrieve.store.tables import (
-    BASE_FIELDS,
-    COLUMNS,
-    DEFAULT_STORE,
-    KEEP_VERSIONS,
-    META_KEY,
-    VectorTable,
-    Store,
-    TableInfo,
-    default_store_uri,
-    read_meta,
-    row_key,
-    table_name_for,
-    table_schema,
-)
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "BASE_FIELDS",
     "COLUMNS",
-    "VectorTable",
     "DEFAULT_STORE",
     "KEEP_VERSIONS",
     "META_KEY",
     "Store",
+    "Table",
     "TableInfo",
+    "VectorTable",
     "default_store_uri",
     "read_meta",
     "row_key",
     "table_name_for",
     "table_schema",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from cytoretrieve.store import tables
+
+        return getattr(tables, name)
+    raise AttributeError(f"module 'cytoretrieve.store' has no attribute {name!r}")

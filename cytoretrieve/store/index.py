@@ -1,8 +1,11 @@
-"""FAISS indexes over a table's vectors, cached beside the table and keyed to its version.
+"""Every FAISS index of the package: the kinds (a small registry name -> builder), L2 normalisation, exact
+neighbours, and the index of a table's vectors cached beside the table and keyed to its version.
 
-Vectors are L2-normalised here (and in `knn.l2_normalise` for queries), so inner product = cosine similarity.
-Each index maps FAISS ids to the table's int64 `key` column, so hits resolve to rows without a side list.
-Exact search (flat) by default; IVF or HNSW for large tables; on the GPU when faiss reports one.
+Vectors are stored as produced and L2-normalised here, once (`l2_normalise`, for references and queries alike),
+so inner product = cosine similarity. A table's index maps FAISS ids to the table's int64 `key` column, so hits
+resolve to rows without a side list; other indexes (k-NN protocol, retrieval references) use row positions.
+Exact search (flat) by default; IVF, IVF-PQ fast-scan with re-ranking, or HNSW for large sets; on the GPU when
+faiss reports one.
 """
 
 from __future__ import annotations
@@ -11,22 +14,155 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.queries.knn import l2_normalise
-from cytoretrieve.store.tables import VectorTable
 
-KINDS = ("auto", "flat", "ivf", "hnsw")
-AUTO_FLAT_MAX = 100_000  # above this many rows `auto` builds an IVF index
+if TYPE_CHECKING:
+    from cytoretrieve.store.tables import VectorTable
+
+AUTO_FLAT_MAX = 100_000  # above this many rows `auto` builds an IVF index for a table
 EF_SEARCH = 128  # HNSW candidate list per query
 NPROBE = 16  # IVF lists visited per query: recall ~1.0 on clustered embeddings (see STACK.md)
 MEMORY_CACHE_TABLES = 4  # indexes kept loaded per process (most recently used); each holds all its vectors
+ADD_BATCH = 16_384  # rows normalised and added at once
+TRAIN_PER_LIST = 64  # IVF k-means sample: this many rows per list (FAISS's default is 256; 64 loses no recall)
+KMEANS_ITERATIONS = 10
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation to float32 (zero rows stay zero): the one place vectors get normalised."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def auto_nlist(n: int) -> int:
+    """IVF lists for `n` rows: the power of two nearest 2 sqrt(n), within 16-4096 and >= 39 rows per list
+    (370k rows: 1024 lists)."""
+    nlist = 2 ** round(math.log2(max(2 * math.sqrt(max(n, 1)), 1)))
+    return int(max(1, min(max(16, min(nlist, 4096)), n // 39)))
+
+
+def _pq_m(dim: int) -> int:
+    """PQ sub-quantizers: 2 dimensions each (1 for an odd dimension). 4 dimensions each scan faster but need ~3x the
+    re-ranked candidates for the same recall, which costs more than it saves."""
+    return dim // 2 if dim % 2 == 0 else dim
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Settings of the approximate kinds (ignored by `flat`)."""
+
+    nlist: int = 0  # IVF lists; 0: auto_nlist(rows)
+    nprobe: int = NPROBE
+    refine: int = 12  # ivfpq: candidates re-ranked (exact, float16 copies) per neighbour wanted
+    seed: int = 0  # of the IVF training sample and k-means
+
+
+def _flat(dim: int, n: int, p: IndexParams) -> faiss.Index:
+    return faiss.IndexFlatIP(dim)
+
+
+def _hnsw(dim: int, n: int, p: IndexParams) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = EF_SEARCH
+    return index
+
+
+def _ivf_factory(spec: Callable[[int, int], str]) -> Callable[[int, int, IndexParams], faiss.Index]:
+    def make(dim: int, n: int, p: IndexParams) -> faiss.Index:
+        nlist = min(p.nlist, max(1, n // 39)) if p.nlist else auto_nlist(n)
+        index = faiss.index_factory(dim, spec(dim, nlist), faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = KMEANS_ITERATIONS
+        ivf.cp.max_points_per_centroid = TRAIN_PER_LIST
+        ivf.cp.seed = p.seed
+        ivf.nprobe = min(p.nprobe, nlist)
+        if isinstance(index, faiss.IndexRefine):
+            index.k_factor = float(p.refine)
+        return index
+
+    return make
+
+
+# name -> builder of an untrained, empty inner-product index for (dim, rows, params)
+KINDS: dict[str, Callable[[int, int, IndexParams], faiss.Index]] = {
+    "flat": _flat,
+    "ivf": _ivf_factory(lambda d, nlist: f"IVF{nlist},Flat"),
+    "ivfpq": _ivf_factory(lambda d, nlist: f"IVF{nlist},PQ{_pq_m(d)}x4fs,Refine(SQfp16)"),
+    "hnsw": _hnsw,
+}
+
+
+def _rows(chunks: Sequence[np.ndarray]) -> list[int]:
+    sizes = getattr(chunks, "sizes", None)  # a lazy sequence of bags tells its sizes without reading them
+    return sizes() if callable(sizes) else [len(c) for c in chunks]
+
+
+def _sample(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
+    """`n` rows drawn uniformly (without replacement) from the chunks, reading only chunks that hold one."""
+    total = sum(sizes)
+    pick = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+    bounds = np.r_[0, np.cumsum(sizes)]
+    parts = []
+    for i in range(len(sizes)):
+        a, b = np.searchsorted(pick, [bounds[i], bounds[i + 1]])
+        if b > a:
+            parts.append(np.asarray(chunks[i])[pick[a:b] - bounds[i]])
+    return l2_normalise(np.concatenate(parts))
+
+
+def build_index(chunks: np.ndarray | Sequence[np.ndarray], kind: str, params: IndexParams = IndexParams(),
+                ids: np.ndarray | None = None) -> tuple[faiss.Index, dict[str, Any]]:
+    """An index of the L2-normalised rows of `chunks` (one array or a sequence of arrays, added in batches: no
+    concatenated copy) and a description of it. Ids are `ids` (int64) or row positions in chunk order. IVF kinds
+    train on a sample sized to their list count, not on every row."""
+    if kind not in KINDS:
+        raise CytoError(f"unknown index kind '{kind}' (one of {', '.join(['auto', *KINDS])})")
+    chunks = [chunks] if isinstance(chunks, np.ndarray) else chunks
+    sizes = _rows(chunks)
+    n = int(sum(sizes))
+    if n == 0:
+        raise CytoError("cannot index an empty set of vectors")
+    dim = int(np.asarray(chunks[next(i for i, s in enumerate(sizes) if s)]).shape[1])
+    index = KINDS[kind](dim, n, params)
+    info: dict[str, Any] = {"kind": kind, "rows": n}
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        index.train(_sample(chunks, sizes, max(TRAIN_PER_LIST * ivf.nlist, 10_000), params.seed))
+        info.update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))
+        if isinstance(index, faiss.IndexRefine):
+            info["refine"] = params.refine
+    if ids is not None and ivf is None:
+        index = faiss.IndexIDMap2(index)
+    a = 0
+    for c in chunks:
+        for b in range(0, len(c), ADD_BATCH):
+            x = l2_normalise(np.asarray(c[b:b + ADD_BATCH]))
+            if ids is None:
+                index.add(x)
+            else:
+                index.add_with_ids(x, np.ascontiguousarray(ids[a:a + len(x)], dtype=np.int64))
+            a += len(x)
+    if ids is not None and ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # key -> stored vector, for `stored_vector`
+    return index, info
+
+
+def exact_neighbours(references: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner-product neighbours of already-normalised rows: (similarities, row indices), best first."""
+    index = KINDS["flat"](references.shape[1], len(references), IndexParams())
+    index.add(np.ascontiguousarray(references, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
 def gpu_available() -> bool:
@@ -78,27 +214,11 @@ def _paths(table: VectorTable) -> tuple[Path, Path]:
 
 
 def build(vectors: np.ndarray, keys: np.ndarray, kind: str = "auto") -> tuple[faiss.Index, str]:
-    """Build an index of L2-normalised `vectors` with ids `keys`; `auto` = flat up to 100k rows, else IVF."""
-    if kind not in KINDS:
-        raise CytoError(f"unknown index kind '{kind}' (one of {', '.join(KINDS)})")
-    n, d = vectors.shape
+    """A table's index of `vectors` with ids `keys`; `auto` = flat up to 100k rows, else IVF."""
     if kind == "auto":
-        kind = "flat" if n <= AUTO_FLAT_MAX else "ivf"
-    x = l2_normalise(vectors)
-    if kind == "flat":
-        index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-    elif kind == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.nprobe = NPROBE
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # key -> stored vector, for `stored_vector`
-    else:
-        hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efSearch = EF_SEARCH
-        index = faiss.IndexIDMap2(hnsw)
-    index.add_with_ids(x, np.ascontiguousarray(keys, dtype=np.int64))
-    return index, kind
+        kind = "flat" if len(vectors) <= AUTO_FLAT_MAX else "ivf"
+    index, info = build_index(vectors, kind, IndexParams(), ids=keys)
+    return index, info["kind"]
 
 
 def _with_key_map(index: faiss.Index) -> faiss.Index:

@@ -64,7 +64,7 @@ def make_overview(slide: str, path: str, width: int, height: int, mpp: float | N
     if scale < 1.0:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=88)
+    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:4:4: stain colours kept
     return Overview(slide, path, int(width), int(height), mpp, float(downsample) * (thumbnail.shape[1] / img.width),
                     buf.getvalue())
 

@@ -2,7 +2,7 @@
 
 A slide score says *whether* a slide looks positive; the heat map shows *where* the model looked. Each slide of a
 cross-validated run gets `DIR/heatmaps/<slide>.png`: its thumbnail (about `LONG_SIDE` px on the long side, read with
-OpenSlide from the slide file the tile rows name), every tile a semi-transparent square coloured by its
+the slide's overview stored in the store at tiling time: a heat map never reopens a slide file), every tile a semi-transparent square coloured by its
 out-of-fold tile score, a colour bar, and a title (slide, label, fold, slide score, method and what the colour
 means). The colour scale is shared by every slide of the run (the 1st-99th percentile of all tile scores), so
 maps compare across slides.
@@ -13,9 +13,9 @@ slides look cold); for `mean` / `max` / `topk` the instance logit; for `retrieva
 minus the similarity to negatives.
 
 Geometry comes from the vector table (one filtered read per slide): level-0 `x`, `y` and the tile's level-0 side,
-parsed from the tile id (`slide@x,y,extent`, see `slides/bag.py`), else `tile_size * mpp / slide mpp`. When the
-slide file cannot be opened the tiles are drawn on a plain background spanning the slide's tiles, and a note says
-so. Tables without tile coordinates (MIL benchmark tables, cell tables) get no maps, only a note.
+parsed from the tile id (`slide@x,y,extent`, see `ids.py`), else `tile_size * mpp / slide mpp`. A slide without
+a stored overview (tiled before overviews were stored, or vectors imported from elsewhere) has its tiles drawn on
+a plain background spanning them, and a note says so. Tables without tile coordinates (MIL benchmark tables, cell tables) get no maps, only a note.
 """
 
 from __future__ import annotations
@@ -100,27 +100,6 @@ def _where(column: str, value: str) -> str:
     return f"`{column}` = '" + value.replace("'", "''") + "'"
 
 
-def _thumbnail(path: str | None) -> tuple[Image.Image, tuple[int, int], float | None] | None:
-    """(thumbnail, level-0 size, level-0 mpp or None) of a slide file, or None when it cannot be opened."""
-    import openslide
-
-    from cytoretrieve.errors import CytoError
-    from cytoretrieve.sources.slides.reader import resolve_mpp
-
-    if not path:
-        return None
-    try:
-        with openslide.OpenSlide(path) as osr:
-            thumb = osr.get_thumbnail((LONG_SIDE, LONG_SIDE))
-            try:
-                mpp: float | None = resolve_mpp(osr.properties)[0]
-            except CytoError:  # no plausible pixel size in the metadata
-                mpp = None
-            return thumb.convert("RGB"), (int(osr.dimensions[0]), int(osr.dimensions[1])), mpp
-    except (openslide.OpenSlideError, OSError, ValueError):
-        return None
-
-
 def _extents(rows: dict[str, dict[str, Any]], slide_mpp: float | None) -> dict[str, float]:
     """Level-0 side of each tile: from its id, else tile_size * tile mpp / slide mpp, else tile_size."""
     from cytoretrieve.ids import parse_tile_id
@@ -135,6 +114,17 @@ def _extents(rows: dict[str, dict[str, Any]], slide_mpp: float | None) -> dict[s
         else:
             out[tid] = float(r.get("tile_size") or 1)
     return out
+
+
+def _plain_background(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> tuple[Image.Image, tuple[float, ...]]:
+    """A blank picture spanning the tiles (for a slide without an overview) and its placement (ox, oy, fx, fy)."""
+    from PIL import Image
+
+    ox, oy = float(x.min()), float(y.min())
+    w, h = float((x + e).max()) - ox, float((y + e).max()) - oy
+    f = LONG_SIDE / max(w, h, 1.0)
+    thumb = Image.new("RGB", (max(1, round(w * f)), max(1, round(h * f))), PLAIN_BACKGROUND)
+    return thumb, (ox, oy, f, f)
 
 
 def render(thumb: Image.Image, boxes: np.ndarray, values: np.ndarray, vmin: float, vmax: float,
@@ -181,17 +171,18 @@ def write_heatmaps(table: VectorTable, result: CVResult, bags: Bags, folder: Pat
     """Write folder/heatmaps/<slide>.png for each slide of `result`; return (written files, notes).
 
     `table` is the vector table the bags were read from (grouped by `group_column`); tiles are placed by its
-    level-0 `x`, `y`. Nothing is written for a table without tile coordinates (a note says so); a slide file that
-    cannot be opened gives a plain background instead of its thumbnail (and one note for all such slides).
+    level-0 `x`, `y`, over each slide's stored overview. Nothing is written for a table without tile coordinates (a
+    note says so); a slide without an overview gets a plain background (and one note for all such slides).
     """
-    from PIL import Image as PILImage
-
     folder = Path(folder)
     if not result.slides:
         return [], []
     if table.tbl.count_rows("x IS NOT NULL AND y IS NOT NULL") == 0:
         return [], [f"no heat maps: table '{table.name}' has no tile coordinates (x, y); heat maps need a tile "
                     "table (`cytoretrieve tile`, then `embed`)"]
+    from cytoretrieve.store.overviews import read_overviews
+
+    overviews = read_overviews(table.store, result.slides)
     lut = _lut()
     pos = {name: i for i, name in enumerate(bags.names)}
     shown = {s: display_scores(result.method, result.tile_scores.get(s, [])) for s in result.slides}
@@ -221,23 +212,17 @@ def write_heatmaps(table: VectorTable, result: CVResult, bags: Bags, folder: Pat
         if not keep:
             no_coords.append(slide)
             continue
-        path = next((r["path"] for r in rows.values() if r["path"]), None)
-        opened = _thumbnail(path)
-        ext = _extents(rows, opened[2] if opened else None)
+        overview = overviews.get(slide)
+        ext = _extents(rows, overview.mpp if overview else None)
         x = np.array([rows[ids[i]]["x"] for i in keep], dtype=np.float64)
         yy = np.array([rows[ids[i]]["y"] for i in keep], dtype=np.float64)
         e = np.array([ext[ids[i]] for i in keep], dtype=np.float64)
-        if opened is not None:
-            thumb, (sw, sh), _ = opened
-            ox, oy, fx, fy = 0.0, 0.0, thumb.width / sw, thumb.height / sh
+        if overview is not None:
+            thumb = overview.picture()
+            ox, oy, fx, fy = 0.0, 0.0, thumb.width / overview.width, thumb.height / overview.height
         else:
-            unopened.append(path or "(no path)")
-            ox, oy = float(x.min()), float(yy.min())
-            span = max(float((x + e).max()) - ox, float((yy + e).max()) - oy, 1.0)
-            f = LONG_SIDE / span
-            fx = fy = f
-            size = (max(1, round((float((x + e).max()) - ox) * f)), max(1, round((float((yy + e).max()) - oy) * f)))
-            thumb = PILImage.new("RGB", size, PLAIN_BACKGROUND)
+            unopened.append(slide)
+            thumb, (ox, oy, fx, fy) = _plain_background(x, yy, e)
         x0 = np.round((x - ox) * fx).astype(int)
         y0 = np.round((yy - oy) * fy).astype(int)
         x1 = np.maximum(x0 + 1, np.round((x + e - ox) * fx).astype(int))
@@ -245,7 +230,7 @@ def write_heatmaps(table: VectorTable, result: CVResult, bags: Bags, folder: Pat
         title = [
             slide,
             f"label {y} ({'positive' if y else 'negative'})   fold {fold}   slide score {score:.4g}   "
-            f"{result.method}   {len(keep)} tiles" + ("" if opened else "   (slide file not opened: plain background)"),
+            f"{result.method}   {len(keep)} tiles" + ("" if overview else "   (no stored overview: plain background)"),
             f"colour: {meaning}; scale shared by all slides ({PERCENTILES[0]:g}-{PERCENTILES[1]:g}th percentile)",
         ]
         image = render(thumb, np.stack([x0, y0, x1, y1], axis=1), values[keep], vmin, vmax, title, lut)
@@ -255,8 +240,8 @@ def write_heatmaps(table: VectorTable, result: CVResult, bags: Bags, folder: Pat
         written.append(target)
     notes = []
     if unopened:
-        notes.append(f"heat maps: {len(unopened)} slide file(s) could not be opened (moved, or on another machine?), "
-                     f"e.g. {unopened[0]}: their tiles are drawn on a plain background")
+        notes.append(f"heat maps: {len(unopened)} slide(s) have no overview in the store (e.g. {unopened[0]}; rerun "
+                     "`cytoretrieve tile` on them to store one): their tiles are drawn on a plain background")
     if no_coords:
         notes.append(f"heat maps: {len(no_coords)} slide(s) without tile coordinates skipped (e.g. {no_coords[0]})")
     if mismatched:

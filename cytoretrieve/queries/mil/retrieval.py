@@ -29,7 +29,6 @@ come back in the tiles' order. Bags may be arrays or any sequence that reads a b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,11 +39,8 @@ from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.mil.bags import Bags, StoredVectors
 
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
-ADD_BATCH = 16_384  # references normalised and added at once
 SEARCH_SLICE = 16_384  # queries per FAISS call (IVF-PQ + refine holds refine x k candidates per query meanwhile)
 SORT_GROUPS = 64  # query order: by the nearest of this many centres (k-means of the IVF centroids)
-TRAIN_PER_LIST = 64  # IVF k-means sample: this many references per list (FAISS's default is 256; 64 loses no recall)
-KMEANS_ITERATIONS = 10
 
 
 @dataclass
@@ -70,46 +66,12 @@ def slide_score(tile_scores: np.ndarray, top_m: int) -> float:
     return float(s[: max(1, top_m)].mean()) if len(s) else float("nan")
 
 
-def auto_nlist(n: int) -> int:
-    """IVF lists for `n` references: the power of two nearest 2 sqrt(n), within 16-4096 and >= 39 references per
-    list (370k references: 1024 lists)."""
-    nlist = 2 ** round(math.log2(max(2 * math.sqrt(max(n, 1)), 1)))
-    return int(max(1, min(max(16, min(nlist, 4096)), n // 39)))
-
-
-def _sizes(chunks: Sequence[np.ndarray]) -> list[int]:
-    """Rows of each chunk, without reading the bags of a `StoredVectors`."""
-    return chunks.sizes() if isinstance(chunks, StoredVectors) else [len(c) for c in chunks]
-
-
-def _sample(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
-    """`n` rows drawn uniformly (without replacement) from the chunks, reading only chunks that hold one."""
-    total = sum(sizes)
-    pick = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-    bounds = np.r_[0, np.cumsum(sizes)]
-    parts = []
-    for i in range(len(sizes)):
-        a, b = np.searchsorted(pick, [bounds[i], bounds[i + 1]])
-        if b > a:
-            parts.append(np.asarray(chunks[i])[pick[a:b] - bounds[i]])
-    return np.concatenate(parts).astype(np.float32, copy=False)
-
-
-def _pq_m(dim: int) -> int:
-    """PQ sub-quantizers: 2 dimensions each (1 for an odd dimension). 4 dimensions each scan faster but need ~3x the
-    re-ranked candidates for the same recall, which costs more than it saves."""
-    return dim // 2 if dim % 2 == 0 else dim
-
-
 def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[Any, dict[str, Any]]:
     """A FAISS inner-product index of the L2-normalised rows of `chunks` (ids: rows in chunk order), and a
     description of it (kind, rows, nlist, nprobe, refine). The chunks are added in batches: no concatenated copy."""
-    import faiss
+    from cytoretrieve.store.index import IndexParams, build_index
 
-    from cytoretrieve.queries.knn import l2_normalise
-
-    sizes = _sizes(chunks)
-    n = int(sum(sizes))
+    n = int(sum(chunks.sizes() if isinstance(chunks, StoredVectors) else [len(c) for c in chunks]))
     if n == 0:
         raise CytoError("the retrieval method has an empty reference set")
     kind = config.index
@@ -117,31 +79,8 @@ def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalCo
         raise CytoError(f"unknown retrieval index '{kind}' (one of {', '.join(INDEXES)})")
     if kind == "auto":
         kind = "flat" if n <= config.exact_max else "ivfpq"
-    info: dict[str, Any] = {"kind": kind, "rows": n}
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    else:
-        nlist = min(config.nlist, max(1, n // 39)) if config.nlist else auto_nlist(n)
-        spec = f"IVF{nlist},Flat" if kind == "ivf" else f"IVF{nlist},PQ{_pq_m(dim)}x4fs,Refine(SQfp16)"
-        index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.niter = KMEANS_ITERATIONS
-        ivf.cp.max_points_per_centroid = TRAIN_PER_LIST
-        ivf.cp.seed = config.seed
-        sample = _sample(chunks, sizes, max(TRAIN_PER_LIST * nlist, 10_000), config.seed)  # a fresh array
-        norms = np.linalg.norm(sample, axis=1, keepdims=True)
-        sample /= np.where(norms > 0, norms, 1)
-        index.train(sample)
-        del sample
-        ivf.nprobe = min(config.nprobe, nlist)
-        info.update(factory=spec, nlist=nlist, nprobe=int(ivf.nprobe))
-        if kind == "ivfpq":
-            index.k_factor = float(config.refine)
-            info["refine"] = config.refine
-    for c in chunks:
-        for a in range(0, len(c), ADD_BATCH):
-            index.add(l2_normalise(np.asarray(c[a:a + ADD_BATCH])))
-    return index, info
+    params = IndexParams(nlist=config.nlist, nprobe=config.nprobe, refine=config.refine, seed=config.seed)
+    return build_index(chunks, kind, params)
 
 
 def _as_chunks(x: np.ndarray | Sequence[np.ndarray]) -> Sequence[np.ndarray]:
@@ -190,7 +129,7 @@ class RetrievalScorer:
     def neighbours(self, vectors: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """((similarities, ids) of the k nearest positives, (similarities, ids) of the k nearest negatives) of these
         vectors, in their order; ids are reference rows in the order they were given."""
-        from cytoretrieve.queries.knn import l2_normalise
+        from cytoretrieve.store.index import l2_normalise
 
         q = l2_normalise(vectors)
         return self.pos.search(q, self.k_pos), self.neg.search(q, self.k_neg)
