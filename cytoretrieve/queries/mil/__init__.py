@@ -8,8 +8,7 @@
                   augmentation with annotated cells
     retrieval.py  the training-free retrieval score (FAISS): tiles vs annotated positives and negative-slide tiles
     evaluate.py   cross-validation over the split file's folds, metrics; the MIL-benchmark protocol (10 x 5 CV)
-    heatmap.py    per-slide heat maps of tile scores over the slide thumbnail (`score --out`)
 
-Heavy libraries (torch, faiss, sklearn, lancedb) are imported by the modules that need them; importing this
+Heat maps of the tile scores are a view (`cytoretrieve.views.heatmap`). Heavy libraries (torch, faiss, sklearn, lancedb) are imported by the modules that need them; importing this
 package is light.
 """
