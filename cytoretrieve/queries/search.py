@@ -22,12 +22,22 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.ids import parse_tile_id
 from cytoretrieve.queries.knn import majority_label
 from cytoretrieve.store.index import TableIndex, l2_normalise, table_index
 from cytoretrieve.store.tables import VectorTable, row_key
 
-HIT_COLUMNS = ["id", "label", "binary", "path", "group", "slide", "x", "y"]
+if TYPE_CHECKING:
+    from cytoretrieve.backbones import Backbone
+
+HIT_COLUMNS = ["id", "label", "binary", "path", "group", "slide", "x", "y", "dataset", "tile_size"]
 HIT_CACHE_MAX_ROWS = 2_000_000  # tables up to this size keep their hits' metadata in memory (~90 B a row)
+MAX_PIXELS = 50_000_000  # a query image larger than this (w x h) is refused: PIL's decompression-bomb guard
+BACKBONE_CACHE = 4  # backbones kept built per process (one per table fingerprint)
+
+
+class UnknownRow(CytoError):
+    """The query id is not in the table (a web app answers 404 to it, the CLI exits 2)."""
 
 
 @dataclass
@@ -275,3 +285,17 @@ def search(
         hits = [Hit(score=s, **rows[key]) for s, key in pairs if key in rows]
     labelled = [(h.label, h.score) for h in hits if h.label is not None]
     return SearchResult(table.name, label, hits, majority_label(labelled) if labelled else None, row_id, where)
+
+
+def query_picture(table: VectorTable, *, image: str | Path | bytes | Image.Image | None = None,
+                  row_id: str | None = None, size: int = 192) -> bytes | None:
+    """A JPEG of the query for the views: the image shrunk to `size` px, or the stored row's thumbnail."""
+    if row_id is not None:
+        return thumbnails(table, [row_id]).get(row_id)
+    if image is None:
+        return None
+    pil = load_query_image(image)
+    pil.thumbnail((size, size))
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=88)
+    return buf.getvalue()
