@@ -6,6 +6,7 @@ A `CytoError` (a user mistake) becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -66,8 +67,23 @@ def _root(
     """Pap-smear cytology images to a searchable embedding store."""
 
 
+class _Warnings(logging.Handler):
+    """The core's warnings (`logging.getLogger("cytoretrieve")`), one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"cytoretrieve: warning: {flag_message(record.getMessage())}", file=sys.stderr)
+
+
+def _log_warnings() -> None:
+    log = logging.getLogger("cytoretrieve")
+    if not any(isinstance(h, _Warnings) for h in log.handlers):
+        log.addHandler(_Warnings(logging.WARNING))
+        log.propagate = False
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` and return its exit code (what `main` exits with; handy in tests)."""
+    _log_warnings()
     try:
         app(args=argv, prog_name="cytoretrieve")
     except SystemExit as e:  # typer's standalone mode: help, usage errors (2), typer.Exit

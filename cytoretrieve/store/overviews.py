@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from cytoretrieve.store.tables import META_KEY, Store
+from cytoretrieve.store.tables import META_KEY, Store, retry_commit
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -76,7 +76,8 @@ def write_overviews(store: Store, overviews: Sequence[Overview]) -> None:
     schema = pa.schema(FIELDS, metadata={META_KEY: json.dumps({"kind": OVERVIEWS_KIND}).encode()})
     rows = pa.Table.from_pylist([o.__dict__ for o in overviews], schema=schema)
     tbl = store.db.create_table(OVERVIEWS_TABLE, schema=schema, exist_ok=True)
-    tbl.merge_insert("slide").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+    retry_commit(lambda: tbl.merge_insert("slide").when_matched_update_all().when_not_matched_insert_all()
+                 .execute(rows), "store slide overviews")
 
 
 def read_overviews(store: Store, slides: Iterable[str]) -> dict[str, Overview]:

@@ -10,14 +10,17 @@ mix backbones and a query image can be embedded with the table's own model. Row 
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lancedb
 from lancedb.index import BTree
@@ -26,11 +29,15 @@ import pyarrow as pa
 
 from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
+from cytoretrieve.store.lease import Lease, acquire
 
 DEFAULT_STORE = "indexes"
 META_KEY = b"cytoretrieve"
 READ_BATCH = 65_536
 KEEP_VERSIONS = datetime.timedelta(minutes=10)
+COMMIT_RETRIES = 8  # a commit that lost a race to another writer is retried, with backoff from 0.1 s
+log = logging.getLogger("cytoretrieve")
+T = TypeVar("T")
 
 # Columns every table has, in order; `vector` is appended with the table's dimension.
 BASE_FIELDS = [
@@ -79,6 +86,29 @@ def read_meta(tbl: lancedb.table.Table) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+def _conflict(e: BaseException) -> bool:
+    """A commit that lost a race to a concurrent writer: LanceDB says to retry it."""
+    text = str(e).lower()
+    return "retryable commit conflict" in text or "commit conflict" in text
+
+
+def _no_space(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "no space left on device" in str(e).lower() \
+        or "os error 28" in str(e).lower()
+
+
+def retry_commit(action: Callable[[], T], what: str) -> T:
+    """Run a LanceDB commit, retrying it with backoff while it loses races to concurrent writers."""
+    for attempt in range(COMMIT_RETRIES):
+        try:
+            return action()
+        except (RuntimeError, OSError, ValueError) as e:
+            if not _conflict(e) or attempt == COMMIT_RETRIES - 1:
+                raise
+            time.sleep(0.1 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -102,14 +132,33 @@ class Store:
     def __init__(self, uri: str | Path | None = None) -> None:
         self.uri = str(uri) if uri is not None else default_store_uri()
         self.local = "://" not in self.uri
-        if self.local:
-            Path(self.uri).mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = lancedb.connect(self.uri)
-        except Exception as e:  # noqa: BLE001 - any connection failure is the user's URI or credentials
-            raise CytoError(f"cannot open store {self.uri}: {e}") from e
+        if self.local and Path(self.uri).exists() and not Path(self.uri).is_dir():
+            raise CytoError(f"store {self.uri} is a file, not a folder: give `store` a folder (or a LanceDB URI)")
+        self._db: Any = None
+
+    @property
+    def db(self) -> Any:
+        """The LanceDB connection, opened on first use (for a local store this creates its folder: only writers
+        and reads of an existing folder get here, so a failed or read-only command leaves nothing behind)."""
+        if self._db is None:
+            try:
+                self._db = lancedb.connect(self.uri)
+            except Exception as e:  # noqa: BLE001 - any connection failure is the user's URI or credentials
+                raise CytoError(f"cannot open store {self.uri}: {str(e).splitlines()[0] if str(e) else e}") from e
+        return self._db
+
+    def exists(self) -> bool:
+        """False for a local store whose folder is not there yet (it holds no tables)."""
+        return not self.local or Path(self.uri).is_dir()
+
+    def lease(self, name: str, wait: float = 0.0) -> Lease:
+        """The write lease of table `name` (see `lease.py`): one job at a time writes a table."""
+        folder = Path(self.uri) / ".leases" if self.local else self.index_dir() / "leases"
+        return acquire(folder, name, wait)
 
     def table_names(self) -> list[str]:
+        if not self.exists():
+            return []
         names: list[str] = []
         page_token = None
         while True:
@@ -130,11 +179,14 @@ class Store:
         """Open an existing vector table; a missing one is a user error that lists what exists."""
         return VectorTable(self, self.open_raw(name))
 
-    def create_or_open(self, name: str, backbone: dict[str, Any], dataset: dict[str, Any]) -> VectorTable:
+    def create_or_open(self, name: str, backbone: dict[str, Any], dataset: dict[str, Any],
+                       wait: float = 0.0) -> VectorTable:
         """Open `name` for appending vectors of `backbone`, creating it if needed; refuse another backbone's table.
 
+        Takes the table's write lease (waiting up to `wait` s for another job's), released by `finish` or at exit.
         Safe when several processes of one job (torchrun) call it at once: the first creates, the others open.
         """
+        lease = self.lease(name, wait)
         meta = {
             "backbone": backbone,
             "dataset": dataset,
@@ -144,9 +196,12 @@ class Store:
         if name in self.table_names():
             table = self.open(name)
         else:
-            table = VectorTable(self, self.db.create_table(name, schema=table_schema(int(backbone["dim"]), meta), exist_ok=True))
+            table = VectorTable(self, self.db.create_table(name, schema=table_schema(int(backbone["dim"]), meta),
+                                                           exist_ok=True))
+        table.lease = lease
         have, want = table.fingerprint, backbone["fingerprint"]
         if have != want:
+            lease.release()
             raise CytoError(
                 f"table '{name}' holds vectors of backbone {table.meta['backbone']['arch']} "
                 f"({have[:16]}), not of {backbone['arch']} ({want[:16]}): pass another `table`"
@@ -193,6 +248,7 @@ class Table:
         self.store = store
         self.tbl = tbl
         self.meta: dict[str, Any] = read_meta(tbl)
+        self.lease: Lease | None = None  # held while this process writes the table
 
     @property
     def name(self) -> str:
@@ -223,19 +279,39 @@ class Table:
         return self.scan(columns, where).read_all()
 
     def add(self, rows: pa.Table) -> None:
-        """Append one batch of rows (one LanceDB commit: a kill leaves whole batches only)."""
-        self.tbl.add(rows.cast(self.tbl.schema) if rows.schema != self.tbl.schema else rows)
+        """Append one batch of rows (one LanceDB commit: a kill leaves whole batches only). A lost race with a
+        concurrent writer is retried; a full disk is one line saying what is stored."""
+        rows = rows.cast(self.tbl.schema) if rows.schema != self.tbl.schema else rows
+        try:
+            retry_commit(lambda: self.tbl.add(rows), f"append to {self.name}")
+        except (RuntimeError, OSError, ValueError) as e:
+            if not _no_space(e):
+                raise
+            stored = self.store.db.open_table(self.name).count_rows()
+            raise CytoError(f"no space left on device while writing table {self.name}: {stored} rows are stored; "
+                            "free space and rerun to add the rest") from None
 
     def finish(self) -> None:
-        """After a job: compact small fragments, drop versions older than a few minutes, index `INDEXED`.
+        """After a job: compact small fragments, drop versions older than a few minutes, index `INDEXED`, and
+        release this process's write lease.
 
         Versions a concurrent writer (another shard of the same job) may still read are kept: only those older
-        than `KEEP_VERSIONS` go.
+        than `KEEP_VERSIONS` go. Compaction is housekeeping: when it keeps losing races to other writers it is left
+        for the next job (a warning says so) and the job still succeeds.
         """
-        self.tbl.optimize(cleanup_older_than=KEEP_VERSIONS)
-        if self.count():
-            for column in self.INDEXED:
-                self.tbl.create_index(column, config=BTree(), replace=True)
+        try:
+            retry_commit(lambda: self.tbl.optimize(cleanup_older_than=KEEP_VERSIONS), f"compact {self.name}")
+            if self.count():
+                for column in self.INDEXED:
+                    retry_commit(lambda c=column: self.tbl.create_index(c, config=BTree(), replace=True),
+                                 f"index {self.name}.{column}")
+        except (RuntimeError, OSError, ValueError) as e:
+            if not _conflict(e):
+                raise
+            log.warning("table %s: compaction left for the next job (other writers kept committing)", self.name)
+        finally:
+            if self.lease is not None:
+                self.lease.release()
 
 
 def build_rows(fields: Sequence[pa.Field], records: Sequence[dict[str, Any]]) -> dict[str, pa.Array]:

@@ -122,16 +122,22 @@ class BagWriter:
     """Writes bags into a tile table that is created on the first slide with rows (so a command that writes
     nothing leaves the store unchanged). An existing table must have been made with the same settings."""
 
-    def __init__(self, store: Store, name: str, meta: dict[str, Any]) -> None:
+    def __init__(self, store: Store, name: str, meta: dict[str, Any], wait: float = 0.0) -> None:
         self.store = store
         self.name = name
         self.meta = meta
+        self.lease = store.lease(name, wait)  # one job at a time writes the table (released by `finish`)
         self.table: TileTable | None = None
         self.done: dict[str, int] = {}
         self.written = 0  # rows written by this writer
         if name in store.table_names():
             self.table = TileTable(store, store.db.open_table(name))
-            self._check(self.table.meta)
+            self.table.lease = self.lease
+            try:
+                self._check(self.table.meta)
+            except CytoError:
+                self.lease.release()
+                raise
             self.done = self.table.slide_counts()
 
     def _check(self, have: dict[str, Any]) -> None:
@@ -148,6 +154,7 @@ class BagWriter:
         if self.table is None:
             tbl = self.store.db.create_table(self.name, schema=tile_schema(self.meta), exist_ok=True)
             self.table = TileTable(self.store, tbl)
+            self.table.lease = self.lease
             self._check(self.table.meta)  # another process may have created it first
         self.table.add_slide(rows)
         self.done[slide] = len(rows)
@@ -157,3 +164,4 @@ class BagWriter:
         """Compact and index once, if this writer wrote anything (a rerun with nothing to do changes nothing)."""
         if self.table is not None and self.written:
             self.table.finish()
+        self.lease.release()

@@ -1,0 +1,102 @@
+"""Writer leases: one job at a time writes a table, so that two runs of the same job cannot store a row twice.
+
+LanceDB commits are atomic, but two processes appending the same rows both succeed (even `merge_insert` on `id`
+does: each sees the other's rows only after committing), so a second `embed` of the same folder into the same
+table would store every row again. A lease is a small file created exclusively (`O_EXCL`) beside the table (for
+a remote store: in the local cache folder, so it guards one machine). The processes of one torchrun job share
+their job's lease: they write disjoint rows and must keep writing in parallel. A lease whose holder died on this
+host (kill -9, power loss) is stale and taken over; one held elsewhere is reported with its holder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cytoretrieve.errors import CytoError
+
+POLL_SECONDS = 1.0
+
+
+def job_id() -> str:
+    """Who is writing: the torchrun job (all its processes alike), else this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "torchrun:" + ":".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR",
+                                                                       "MASTER_PORT"))
+    return f"pid:{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Lease:
+    """A held lease; `owner` is True for the process that created the file (the one that removes it)."""
+
+    path: Path
+    job: str
+    owner: bool
+
+    def release(self) -> None:
+        if not self.owner:
+            return
+        try:
+            if json.loads(self.path.read_text()).get("job") == self.job:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+        self.owner = False
+
+
+def _holder(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written right now, or damaged: treated as held until it is readable or stale
+
+
+def acquire(folder: Path, table: str, wait: float = 0.0) -> Lease:
+    """The write lease of `table`, waiting up to `wait` seconds for another job's to be released."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{table}.lease"
+    me = job_id()
+    deadline = time.monotonic() + max(wait, 0.0)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _holder(path)
+            if held is None:
+                continue  # released between our two calls
+            if held.get("job") == me:
+                return Lease(path, me, owner=False)
+            if held.get("host") == socket.gethostname() and held.get("pid") and not _alive(int(held["pid"])):
+                path.unlink(missing_ok=True)  # its holder died without releasing it
+                continue
+            if time.monotonic() >= deadline:
+                who = f"pid {held.get('pid', '?')} on {held.get('host', '?')}, since {held.get('since', '?')}"
+                raise CytoError(f"another job is writing table '{table}' ({who}): wait for it to finish, or pass "
+                                f"`wait` SECONDS to wait for it") from None
+            time.sleep(POLL_SECONDS)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"job": me, "host": socket.gethostname(), "pid": os.getpid(), "table": table,
+                       "since": datetime.datetime.now().isoformat(timespec="seconds")}, f)
+        lease = Lease(path, me, owner=True)
+        atexit.register(lease.release)
+        return lease
