@@ -20,6 +20,7 @@ from cytoretrieve.cli import (
     embed,
     score,
     search,
+    serve,
     split,
     tables,
     tile,
@@ -42,6 +43,7 @@ app = typer.Typer(
 app.command("embed")(embed.embed)
 app.command("classify")(classify.classify)
 app.command("search")(search.search)
+app.command("serve")(serve.serve)
 app.command("tables")(tables.tables)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)

@@ -1,0 +1,1 @@
+"""The local web viewer: `app.create_app` (FastAPI) over `service.Viewer`; its page lives in `static/`."""

@@ -1,0 +1,140 @@
+"""What the viewer's endpoints answer, without the web framework: tables, facets, rows, searches, pictures.
+
+Every request opens its table afresh (~1 ms), so rows an `embed` job appends while the server runs are seen on
+the next query (the FAISS index and hit metadata are cached per table version in `store.index`), and a dropped
+table is a `NotFound`. No request names a file: tables by name, rows by id, slides by id, all looked up in the store.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from cytoretrieve.errors import CytoError
+from cytoretrieve.queries.search import MAX_PIXELS, Filters, SearchResult, decode_image, search, thumbnails
+from cytoretrieve.store.overviews import read_overviews
+from cytoretrieve.store.tables import Store, VectorTable
+
+FACET_COLUMNS = ("label", "binary", "dataset", "slide")
+MAX_K = 200
+MAX_ROWS_PAGE = 500
+
+
+class NotFound(Exception):
+    """A table, row, picture or slide the store does not hold (HTTP 404)."""
+
+
+@dataclass
+class SearchRequest:
+    """One query from the page: a stored row id or an uploaded image's bytes, k and the filters."""
+
+    k: int = 12
+    row_id: str | None = None
+    image: bytes | None = None
+    filters: Filters = Filters()
+
+
+class Viewer:
+    """The store behind the web app, with small per-table-version caches (facets)."""
+
+    def __init__(self, store: Store, max_pixels: int = MAX_PIXELS, device: str = "cpu") -> None:
+        self.store = store
+        self.max_pixels = max_pixels
+        self.device = device
+        self._facets: dict[tuple[str, int], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def open(self, name: str) -> VectorTable:
+        """The vector table `name` at its newest version; a missing (or dropped) or non-vector table is NotFound."""
+        if name not in self.store.table_names():
+            raise NotFound(f"no table '{name}' in this store")
+        try:
+            return self.store.open(name)
+        except (CytoError, ValueError, FileNotFoundError) as e:  # dropped meanwhile, or a table without vectors
+            raise NotFound(f"no vector table '{name}' in this store") from e
+
+    def tables(self) -> list[dict[str, Any]]:
+        """The store's vector tables: name, rows, backbone, dimension, dataset."""
+        return [{"name": t.name, "rows": t.rows, "arch": t.arch, "dim": t.dim, "dataset": t.dataset}
+                for t in self.store.describe() if t.dim > 0]
+
+    def facets(self, name: str) -> dict[str, Any]:
+        """Distinct values (with counts) of label, binary, dataset and slide: the page's filter choices."""
+        table = self.open(name)
+        key = (name, table.version)
+        with self._lock:
+            if key in self._facets:
+                return self._facets[key]
+        data = table.read(list(FACET_COLUMNS))
+        out: dict[str, Any] = {"table": name, "rows": data.num_rows}
+        for column in FACET_COLUMNS:
+            counts = Counter(v for v in data.column(column).to_pylist() if v is not None)
+            out[column] = [{"value": v, "count": n} for v, n in sorted(counts.items(), key=lambda vn: str(vn[0]))]
+        out["tiles"] = bool(out["slide"])
+        with self._lock:
+            self._facets = {k: v for k, v in self._facets.items() if k[0] != name}
+            self._facets[key] = out
+        return out
+
+    def rows(self, name: str, filters: Filters, offset: int = 0, limit: int = 60) -> dict[str, Any]:
+        """A page of stored rows (matching the filters) to browse and click: id, label, binary, place."""
+        table = self.open(name)
+        limit = max(1, min(limit, MAX_ROWS_PAGE))
+        data = table.read(["id", "label", "binary", "dataset", "slide", "x", "y"], filters.where())
+        page = data.slice(max(0, offset), limit).to_pylist()
+        for row in page:
+            row["thumbnail"] = thumbnail_url(name, row["id"])
+        return {"table": name, "total": data.num_rows, "offset": offset, "rows": page}
+
+    def search(self, name: str, request: SearchRequest) -> SearchResult:
+        """Run one query; unknown ids are NotFound, bad input a CytoError."""
+        from cytoretrieve.queries.search import UnknownRow
+
+        if not 1 <= request.k <= MAX_K:
+            raise CytoError(f"`k` must be between 1 and {MAX_K}, not {request.k}")
+        table = self.open(name)
+        image = decode_image(request.image, self.max_pixels) if request.image is not None else None
+        try:
+            return search(table, image=image, row_id=request.row_id, k=request.k, where=request.filters,
+                          device=self.device)
+        except UnknownRow as e:
+            raise NotFound(str(e)) from None
+        except CytoError:
+            raise
+        except Exception as e:  # the table was dropped or rewritten under the query
+            if name not in self.store.table_names():
+                raise NotFound(f"table '{name}' was dropped") from e
+            raise
+
+    def payload(self, result: SearchResult) -> dict[str, Any]:
+        """A search as the page's JSON: hits with their picture URLs, label counts, and overviews for tile hits."""
+        hits = []
+        for rank, h in enumerate(result.hits, 1):
+            hits.append({"rank": rank, "id": h.id, "score": round(h.score, 6), "label": h.label, "binary": h.binary,
+                         "binary_name": h.binary_name, "dataset": h.dataset, "group": h.group, "slide": h.slide,
+                         "x": h.x, "y": h.y, "side": h.side or h.tile_size, "thumbnail": thumbnail_url(result.table, h.id)})
+        slides = sorted({h.slide for h in result.hits if h.slide is not None})
+        overviews = {s: {"url": "/api/overview?" + urlencode({"slide": s}), "width": o.width, "height": o.height}
+                     for s, o in read_overviews(self.store, slides).items()}
+        return {"table": result.table, "query": result.query, "query_id": result.query_id, "where": result.where,
+                "majority_label": result.majority_label, "label_counts": result.label_counts(),
+                "binary_counts": result.binary_counts(), "hits": hits, "overviews": overviews}
+
+    def thumbnail(self, name: str, row_id: str) -> bytes:
+        found = thumbnails(self.open(name), [row_id]).get(row_id)
+        if found is None:
+            raise NotFound(f"no picture of row '{row_id}' in table '{name}'")
+        return found
+
+    def overview(self, slide: str) -> bytes:
+        found = read_overviews(self.store, [slide]).get(slide)
+        if found is None:
+            raise NotFound(f"no overview of slide '{slide}' in this store")
+        return found.image
+
+
+def thumbnail_url(table: str, row_id: str) -> str:
+    return f"/api/tables/{quote(table, safe='')}/thumbnail?" + urlencode({"id": row_id})
