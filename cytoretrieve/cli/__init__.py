@@ -18,6 +18,7 @@ from cytoretrieve.cli import (
     datasets,
     demo,
     embed,
+    interop,
     score,
     search,
     serve,
@@ -47,7 +48,8 @@ app.command("serve")(serve.serve)
 app.command("tables")(tables.tables)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
-app.command("export")(train.export)
+app.add_typer(interop.export_app, name="export")  # export weights CKPT (also: export CKPT) | export h5
+app.add_typer(interop.import_app, name="import")
 app.command("tile")(tile.tile)
 app.command("split")(split.split)
 app.command("transfer")(transfer.transfer)
