@@ -373,3 +373,45 @@ def test_export_checkpoint_keeps_working_without_the_subcommand(capsys) -> None:
     assert "weights" in out and "h5" in out
     assert run(["export", "no-such-checkpoint.pth", "--out", "x.safetensors"]) == 2  # routed to `export weights`
     assert "no-such-checkpoint.pth" in capsys.readouterr().err
+
+
+# --- QuPath out (score --out) ------------------------------------------------------------------------------
+
+
+def test_score_out_writes_qupath_objects_that_read_back_the_same(trident, tmp_path) -> None:
+    from cytoretrieve.sources.cohort.labels import read_labels
+    from cytoretrieve.sources.cohort.split import make_split, write_split
+    from cytoretrieve.sources.slides.annotations import read_geojson
+
+    folder, data, labels = trident
+    store = Store(tmp_path / "store")
+    import_h5(folder, store, "cohort_uni", labels=labels)
+    split, _ = make_split(read_labels(labels), folds=3, seed=0)
+    write_split(split, tmp_path / "split.json")
+    out = tmp_path / "scored"
+    assert run(["score", "--tiles", "cohort_uni", "--labels", str(labels), "--split", str(tmp_path / "split.json"),
+                "--store", store.uri, "--method", "retrieval", "--out", str(out), "--objects", "detection",
+                "--json", str(tmp_path / "score.json")]) == 0
+    files = sorted((out / "geojson").glob("*.geojson"))
+    assert [f.stem for f in files] == sorted(data)
+    for path in files:
+        feats, coords = data[path.stem]
+        doc = json.loads(path.read_text())
+        assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(coords)
+        by_name = {f["properties"]["name"]: f for f in doc["features"]}
+        for x, y in coords[:5]:
+            f = by_name[f"{path.stem}@{x},{y},512"]
+            assert f["type"] == "Feature" and f["properties"]["objectType"] == "detection"
+            assert f["geometry"]["coordinates"][0][0] == [x, y] and f["geometry"]["coordinates"][0][2] == [x + 512, y + 512]
+            assert f["properties"]["classification"]["name"] in ("Positive", "Negative")
+            assert set(f["properties"]["measurements"]) >= {"tile score", "slide score"}
+        read, problems = read_geojson(path)  # what `annotations import` reads
+        assert not problems and len(read) == len(coords)
+        for a in read:
+            f = by_name[a.id] if a.id in by_name else next(g for g in doc["features"] if g["id"] == a.id)
+            x0, y0 = f["geometry"]["coordinates"][0][0]
+            assert a.label == f["properties"]["classification"]["name"] and a.geometry == "polygon"
+            assert a.bbox == (x0, y0, x0 + 512, y0 + 512) and (a.cx, a.cy) == pytest.approx((x0 + 256, y0 + 256))
+    positives = [f for path in files for f in json.loads(path.read_text())["features"]
+                 if f["properties"]["classification"]["name"] == "Positive"]
+    assert positives  # the pushed patches of positive slides score above 0

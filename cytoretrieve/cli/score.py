@@ -35,8 +35,9 @@ def score(
     device: options.Device = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training runs.")] = 0,
     json_out: options.JsonOut = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Folder: roc.png, top_tiles.json (each slide's top tiles, ids `search --id` opens), scores.csv, and heatmaps/<slide>.png (tile scores over the slide thumbnail; tile tables only).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder: roc.png, top_tiles.json (each slide's top tiles, ids `search --id` opens), scores.csv, and heatmaps/<slide>.png (tile scores over the slide thumbnail) and geojson/<slide>.geojson (QuPath objects: tile score measured, predicted class; tile tables only).")] = None,
     n_top: Annotated[int, typer.Option("--n-top", help="Top tiles per slide written by --out.")] = 10,
+    objects: Annotated[str, typer.Option("--objects", help="QuPath object type of the tiles in --out's geojson/<slide>.geojson: tile or detection.")] = "tile",
 ) -> None:
     """Score whole slides from their tile vectors, cross-validated over the folds of --split.
 
@@ -69,6 +70,8 @@ def score(
         raise CytoError("--epochs, --top-k, --neighbours, --top-m, --n-top must be >= 1, --lr > 0, --instance-negatives >= 0")
     if out is not None and out.exists() and not out.is_dir():
         raise CytoError(f"--out {out} exists and is not a folder")
+    if objects not in ("tile", "detection"):
+        raise CytoError(f"--objects must be tile or detection, not {objects!r}")
     train_cfg = MILTrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k,
                             instance_negatives=instance_negatives, augment_positives=augment_positives,
                             augment_max=augment_max, seed=seed, device=resolve_device(device))
@@ -98,8 +101,12 @@ def score(
         from cytoretrieve.store.tables import Store
 
         out.mkdir(parents=True, exist_ok=True)
-        maps, map_notes = write_heatmaps(Store(store).open(tiles), result, bags, out, group_column=group_column)
-        for note in map_notes:
+        from cytoretrieve.views.score_geojson import write_score_geojson
+
+        table = Store(store).open(tiles)
+        maps, map_notes = write_heatmaps(table, result, bags, out, group_column=group_column)
+        shapes, shape_notes = write_score_geojson(table, result, bags, out, group_column=group_column, object_type=objects)
+        for note in map_notes + shape_notes:
             console.print(f"note: {note}")
         plot_roc(result, out / "roc.png", title=f"{tiles}: {method}")
         options.write_json(top_tiles(result, bags, n_top), str(out / "top_tiles.json"))
@@ -108,4 +115,5 @@ def score(
             for s, y, fo, sc in zip(result.slides, result.y, result.fold_of, result.scores):
                 f.write(f"{s},{y},{fo},{sc:.6g}\n")
         heat = f", {len(maps)} heat maps in {out / 'heatmaps'}" if maps else ""
+        heat += f", {len(shapes)} QuPath GeoJSON files in {out / 'geojson'}" if shapes else ""
         console.print(f"written: {out / 'roc.png'}, {out / 'top_tiles.json'}, {out / 'scores.csv'}{heat}")
