@@ -25,10 +25,10 @@ import torch
 from timm.models import get_pretrained_cfg
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.foundation import encoder_kwargs, external_message, hub_failure, hub_id, resolve_local_dir
 from cytoretrieve.preprocess import INTERPOLATIONS, Preprocessing
+from cytoretrieve.runtime import resolve_device
 
-__all__ = ["Backbone", "Preprocessing", "backbone_from_metadata", "fingerprint", "load_backbone", "resolve_device"]
+__all__ = ["Backbone", "Preprocessing", "backbone_from_metadata", "create_model", "fingerprint", "load_backbone"]
 
 KEYWORD_WEIGHTS = ("timm", "random")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -74,8 +74,6 @@ def load_backbone(
 
 def backbone_from_metadata(meta: Mapping[str, Any], device: str = "cpu") -> Backbone:
     """Rebuild the backbone a table was embedded with; CytoError if its fingerprint no longer matches."""
-    if meta.get("weights") == "external":  # imported vectors (`import h5`): no model here to rebuild
-        raise CytoError(external_message(dict(meta)))
     try:
         arch, weights, expected = meta["arch"], meta["weights"], meta["fingerprint"]
         preprocessing = Preprocessing.from_dict(dict(meta["preprocessing"]))
@@ -110,28 +108,6 @@ def fingerprint(model: torch.nn.Module, arch: str, preprocessing: Preprocessing)
     return digest.hexdigest()
 
 
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is available, else "cpu"; an unavailable or unknown device is a CytoError."""
-    device = (device or "auto").strip()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise CytoError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from e
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CytoError(f"device {device!r} requested but no CUDA GPU is available: use `device` cpu or auto")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise CytoError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise CytoError(f"device {device!r} requested but MPS is not available: use `device` cpu or auto")
-    elif parsed.type != "cpu":
-        raise CytoError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
-    return device
-
-
 # --- building -------------------------------------------------------------------------------------------
 
 
@@ -159,7 +135,7 @@ def _build(
         from_config = _config_preprocessing(config, path)
     # a ViT is built at the size its weights were trained at (the JSON's); dynamic_img_size handles image_size
     create_size = from_config.get("size") or image_size
-    model = _create_model(arch, pretrained=weights == "timm", img_size=create_size)
+    model = create_model(arch, pretrained=weights == "timm", img_size=create_size)
     if path is not None:
         _load_weights(model, _read_state_dict(path), path, arch)
     model.eval()
@@ -181,8 +157,6 @@ def _check_arch(arch: str | None) -> str:
     """The arch if timm knows it (pretrained tags allowed), else a CytoError with close matches."""
     if not arch:
         raise CytoError("no backbone architecture given: name one (`backbone` for embed, `arch` for train), e.g. resnet50")
-    if arch.startswith("local-dir:"):
-        return resolve_local_dir(arch)
     if arch.startswith(_HUB_PREFIXES) or timm.is_model(arch):
         return arch
     family = re.match(r"[a-z]*", arch.lower()).group(0) or "resnet"
@@ -191,28 +165,34 @@ def _check_arch(arch: str | None) -> str:
     raise CytoError(f"unknown backbone {arch!r}: not a timm model (try `timm.list_models('*{family}*')`){hint}")
 
 
-def _create_model(arch: str, *, pretrained: bool, img_size: int | None) -> torch.nn.Module:
-    """timm.create_model with num_classes=0; fixed-size models (ViTs) get img_size and, where they take it,
-    dynamic_img_size (so one model serves any input size). A failed pretrained download is a CytoError."""
-    kwargs: dict[str, Any] = {}
+def create_model(arch: str, *, pretrained: bool = False, img_size: int | None = None, drop_path_rate: float = 0.0,
+                 seed: int | None = RANDOM_SEED) -> torch.nn.Module:
+    """The one timm.create_model of the package (embedding and DINO training), with num_classes=0.
+
+    Fixed-size models (ViTs) get img_size and, where they take it, dynamic_img_size (so one model serves any
+    input size). A random init is drawn under a forked RNG seeded with `seed` (reproducible, the caller's RNG
+    untouched); `seed` None draws it from the caller's RNG (the trainer: the run's seed decides the init).
+    An unknown arch, a failed pretrained download or a drop-path rate the model does not take is a CytoError.
+    """
+    arch = _check_arch(arch)
+    kwargs: dict[str, Any] = {"drop_path_rate": float(drop_path_rate)} if drop_path_rate else {}
     cfg = None if arch.startswith(_HUB_PREFIXES) else get_pretrained_cfg(arch)
     if cfg is not None and cfg.fixed_input_size:
-        kwargs = {"img_size": img_size, "dynamic_img_size": True}
-    kwargs.update(encoder_kwargs(arch))  # foundation models: what their config.json cannot hold (foundation.py)
-    needs_hub = hub_id(arch) is not None or (pretrained and not arch.startswith("local-dir:"))
-    offline = needs_hub and _go_offline_when_hub_unreachable()
+        kwargs.update(img_size=img_size, dynamic_img_size=True)
+    offline = pretrained and _go_offline_when_hub_unreachable()
     try:
         try:
-            return _seeded_create(arch, pretrained, kwargs)
+            return _seeded_create(arch, pretrained, kwargs, seed)
         except TypeError as e:  # BEiT, CaiT, LeViT, ... have no dynamic_img_size
             if "dynamic_img_size" not in str(e):
                 raise
-            return _seeded_create(arch, pretrained, {"img_size": img_size})
+            kwargs.pop("dynamic_img_size")
+            return _seeded_create(arch, pretrained, kwargs, seed)
+    except TypeError as e:
+        if "drop_path_rate" not in str(e):
+            raise
+        raise CytoError(f"{arch} takes no drop-path rate: pass `drop_path` 0") from e
     except OSError as e:  # huggingface_hub and urllib errors are OSErrors
-        if hub_id(arch) is not None:  # gated, missing or unreachable: say how to log in or use a local copy
-            raise CytoError(hub_failure(arch, e, offline)) from e
-        if arch.startswith("local-dir:"):
-            raise CytoError(f"`backbone` {arch}: {_first_line(e)}") from e
         if not pretrained:
             raise
         why = "huggingface.co is unreachable and they are not in the local cache" if offline else "offline?"
@@ -220,10 +200,6 @@ def _create_model(arch: str, *, pretrained: bool, img_size: int | None) -> torch
             f"could not fetch pretrained weights for {arch} ({why}): pass `weights` FILE or `weights` random"
         ) from e
     except RuntimeError as e:
-        if pretrained and arch.startswith(_HUB_PREFIXES) and "state_dict" in str(e):
-            detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), _first_line(e))
-            raise CytoError(f"the weights of {arch} do not fit the model built from its config.json ({detail}): "
-                            "it may need creation kwargs config.json cannot hold (cytoretrieve.foundation.REGISTRY)") from e
         if not (pretrained and "pretrained" in str(e).lower()):
             raise
         raise CytoError(f"timm has no pretrained weights for {arch}: pass `weights` FILE or `weights` random") from e
@@ -246,10 +222,12 @@ def _go_offline_when_hub_unreachable(host: str = "huggingface.co", timeout: floa
         return True
 
 
-def _seeded_create(arch: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
-    """Create under a forked, seeded CPU RNG: random init is reproducible and the caller's RNG is untouched."""
+def _seeded_create(arch: str, pretrained: bool, kwargs: dict[str, Any], seed: int | None) -> torch.nn.Module:
+    """Create under a forked CPU RNG seeded with `seed` (None: in the caller's RNG stream)."""
+    if seed is None:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
+        torch.manual_seed(seed)
         return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
 
 

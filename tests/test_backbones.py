@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from cytoretrieve import backbones
-from cytoretrieve.backbones import Backbone, backbone_from_metadata, fingerprint, load_backbone, resolve_device
+from cytoretrieve.backbones import Backbone, backbone_from_metadata, fingerprint, load_backbone
+from cytoretrieve.runtime import resolve_device
 from cytoretrieve.errors import CytoError
 from cytoretrieve.preprocess import Preprocessing
 
@@ -345,3 +346,45 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(CytoError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_one_device_resolver_and_worker_rule_for_every_job(monkeypatch) -> None:
+    from cytoretrieve import embed, runtime
+    from cytoretrieve.distributed import setup
+    from cytoretrieve.queries.mil import train as mil_train
+
+    assert mil_train.resolve_device is runtime.resolve_device is embed.resolve_device
+    assert setup("cpu").device == "cpu" and setup("cpu").world_size == 1
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    assert runtime.default_workers("cpu") == 0  # embedding on 2 cores: decode in-process
+    assert runtime.default_workers("cpu", augments=True) == 1  # training: one worker makes the views
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 32)
+    assert runtime.default_workers("cuda") == 8 and runtime.default_workers("cuda", augments=True) == 12
+    assert runtime.default_workers("cuda", processes=8, augments=True) == 3  # a share of the node's cores
+    assert runtime.is_cnn(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)))
+    assert not runtime.is_cnn(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16, stride=16), torch.nn.Linear(4, 4)))
+
+
+def test_one_timm_creation_serves_embedding_and_training() -> None:
+    from cytoretrieve.backbones import create_model
+    from cytoretrieve.train.head import create_backbone
+
+    def weights(model: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    fixed = create_model("resnet18")  # embedding's random init: seeded, the caller's RNG untouched
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    assert torch.equal(weights(create_model("resnet18")), weights(fixed))
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(1), before)
+    torch.manual_seed(1)  # training's init: the run's seed decides it
+    a = weights(create_backbone("resnet18", image_size=64))
+    torch.manual_seed(1)
+    assert torch.equal(a, weights(create_model("resnet18", img_size=64, seed=None)))
+    torch.manual_seed(2)
+    assert not torch.equal(a, weights(create_backbone("resnet18", image_size=64)))
+    vit = create_backbone("vit_tiny_patch16_224", image_size=32, drop_path_rate=0.1)
+    assert vit(torch.zeros(1, 3, 48, 48)).shape == (1, vit.num_features)  # dynamic_img_size: another size passes
+    with pytest.raises(CytoError, match="unknown backbone"):
+        create_backbone("resnet_nonexistent", image_size=64)

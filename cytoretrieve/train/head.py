@@ -8,13 +8,10 @@ names of `torch.nn.utils.weight_norm`) so state dicts match official DINO checkp
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cytoretrieve.errors import CytoError
 
 
 class WeightNormLinear(nn.Module):
@@ -113,32 +110,12 @@ def feature_dim(backbone: nn.Module) -> int:
 
 
 def create_backbone(arch: str, *, image_size: int, drop_path_rate: float = 0.0) -> nn.Module:
-    """A randomly initialised timm backbone with no classifier. Fixed-size models (ViTs) are built at
-    `image_size` with dynamic_img_size, so local crops of another size pass and `embed` rebuilds the same model."""
-    import timm
-    from timm.models import get_pretrained_cfg
+    """A randomly initialised timm backbone with no classifier, drawn from the caller's RNG (the run's seed).
+    Fixed-size models (ViTs) are built at `image_size` with dynamic_img_size, so local crops of another size
+    pass and `embed` rebuilds the same model: `backbones.create_model` is the one place that creates them."""
+    from cytoretrieve.backbones import create_model
 
-    from cytoretrieve.backbones import _check_arch  # the one place that explains an unknown arch
-
-    arch = _check_arch(arch)
-    kwargs: dict[str, Any] = {"num_classes": 0}
-    if drop_path_rate:
-        kwargs["drop_path_rate"] = float(drop_path_rate)
-    cfg = get_pretrained_cfg(arch)
-    if cfg is not None and cfg.fixed_input_size:
-        kwargs.update(img_size=int(image_size), dynamic_img_size=True)
-    try:
-        try:
-            return timm.create_model(arch, pretrained=False, **kwargs)
-        except TypeError as e:
-            if "dynamic_img_size" not in str(e):
-                raise
-            kwargs.pop("dynamic_img_size")
-            return timm.create_model(arch, pretrained=False, **kwargs)
-    except TypeError as e:
-        if "drop_path_rate" in str(e):
-            raise CytoError(f"{arch} takes no drop-path rate: pass `drop_path` 0") from e
-        raise
+    return create_model(arch, img_size=int(image_size), drop_path_rate=drop_path_rate, seed=None)
 
 
 def build_student_teacher(

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from cytoretrieve.queries.mil.bags import Bags
+from cytoretrieve.runtime import resolve_device
 
 
 @dataclass
@@ -45,18 +46,6 @@ class MILTrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        from cytoretrieve.errors import CytoError
-
-        raise CytoError("`device` cuda: no CUDA device is available")
-    return device
 
 
 class MILScorer:
