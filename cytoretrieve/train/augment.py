@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from cytoretrieve.preprocess import border_colour, to_rgb
+from cytoretrieve.train.config import IMAGENET_MEAN, IMAGENET_STD, PasteSpec, ViewSpec  # declared with the run's settings
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = Image.Resampling.BICUBIC
 BILINEAR = Image.Resampling.BILINEAR
 
@@ -33,20 +31,6 @@ BILINEAR = Image.Resampling.BILINEAR
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 _LOG_ADJUST = math.log(1e-6)
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """How views are made (part of the run's arguments)."""
-
-    image_size: int = 224
-    global_scale: tuple[float, float] = (0.14, 1.0)
-    local_crops: int = 0
-    local_size: int = 96
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    rot90: bool = True
-    vflip: bool = True
-    hed_jitter: float = 0.0
 
 
 class DinoViews:
@@ -201,15 +185,6 @@ def hed_jitter(image: Image.Image, rng: np.random.Generator, sigma: float) -> Im
 # --- cervical cell copy-paste -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PasteSpec:
-    """Paste 1..max_cells cells with probability p; a cell's longer side becomes U(scale) x the tile's shorter side."""
-
-    p: float = 0.5
-    max_cells: int = 3
-    scale: tuple[float, float] = (0.1, 0.4)
-
-
 class CellBank:
     """Single cells to paste: image files (with their masks, where the dataset has them) or cell crops of a
     slide (tile-table rows, as `cytoretrieve annotations import` writes to `<table>_cells`). Picklable."""
@@ -290,24 +265,22 @@ def _threshold_mask(cell: Image.Image) -> np.ndarray:
 
 def _letterbox_bounds(pixels: np.ndarray, tol: float = 6.0) -> tuple[int, int, int, int]:
     """Rows / columns at the edges that are one flat colour (letterbox padding) are cut off."""
-    h, w = pixels.shape[:2]
     edge = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     colour = np.median(edge, axis=0)
     flat = np.abs(pixels - colour).max(axis=2) <= tol
-    rows, cols = flat.all(axis=1), flat.all(axis=0)
-    top = 0
-    while top < h and rows[top]:
-        top += 1
-    bottom = h
-    while bottom > top and rows[bottom - 1]:
-        bottom -= 1
-    left = 0
-    while left < w and cols[left]:
-        left += 1
-    right = w
-    while right > left and cols[right - 1]:
-        right -= 1
+    top, bottom = _inner_span(flat.all(axis=1))
+    left, right = _inner_span(flat.all(axis=0))
     return top, bottom, left, right
+
+
+def _inner_span(flat: np.ndarray) -> tuple[int, int]:
+    """[start, end) of `flat` without its leading and trailing True runs."""
+    start, end = 0, len(flat)
+    while start < end and flat[start]:
+        start += 1
+    while end > start and flat[end - 1]:
+        end -= 1
+    return start, end
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:

@@ -7,7 +7,11 @@ Recipes (official DINO README / main_dino.py defaults, with 0 local crops as in 
 - `resnet50`: SGD (momentum 0.9), lr 0.03, weight decay 1e-4 constant, teacher temperature 0.04, norm_last_layer
   true, teacher momentum 0.9995, no drop-path, batch 256.
 Both: 300 epochs, out_dim 65536, head 3 layers (hidden 2048, bottleneck 256), student temperature 0.1, centre
-momentum 0.9, clip 3.0, last layer frozen for 1 epoch, 2 global crops at 224 with scale (0.14, 1).
+momentum 0.9, clip 3.0, last layer frozen for 1 epoch, 2 global crops at 224 with scale (0.14, 1); local crops
+(none by default) at 96 px with scale (0.05, 0.4), (0.05, 0.14) for resnet50.
+
+Each default is declared once: views in `ViewSpec`, copy-paste in `PasteSpec`, the rest in `RECIPES`;
+`TrainConfig`'s field defaults are read from those.
 """
 
 from __future__ import annotations
@@ -19,12 +23,40 @@ from typing import Any
 
 from cytoretrieve.errors import CytoError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How views are made: DINO's defaults (local crops at scale 0.05-0.4) and the cytology additions. The
+    one declaration of these settings: `TrainConfig` and the recipes take their defaults from here."""
+
+    image_size: int = 224
+    global_scale: tuple[float, float] = (0.14, 1.0)  # DINO's advice without local crops (with them: 0.4-1)
+    local_crops: int = 0
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    rot90: bool = True
+    vflip: bool = True
+    hed_jitter: float = 0.0
+
+
+@dataclass(frozen=True)
+class PasteSpec:
+    """Paste 1..max_cells cells with probability p; a cell's longer side becomes U(scale) x the tile's shorter side."""
+
+    p: float = 0.5
+    max_cells: int = 3
+    scale: tuple[float, float] = (0.1, 0.4)
+
+
+VIEW_FIELDS = tuple(f.name for f in dataclasses.fields(ViewSpec))  # TrainConfig fields of the same names
+_VIEWS = {f.name: f.default for f in dataclasses.fields(ViewSpec)}
+
 COMMON: dict[str, Any] = {
+    **_VIEWS,
     "epochs": 300,
-    "image_size": 224,
-    "global_scale": (0.14, 1.0),
-    "local_crops": 0,
-    "local_size": 96,
     "out_dim": 65536,
     "hidden_dim": 2048,
     "bottleneck_dim": 256,
@@ -53,7 +85,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         "norm_last_layer": False,
         "momentum_teacher": 0.996,
         "drop_path": 0.1,
-        "local_scale": (0.05, 0.4),
     },
     "resnet50": {
         **COMMON,
@@ -68,9 +99,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "norm_last_layer": True,
         "momentum_teacher": 0.9995,
         "drop_path": 0.0,
-        "local_scale": (0.05, 0.14),
+        "local_scale": (0.05, 0.14),  # DINO's ResNet-50 command line
     },
 }
+DEFAULT_RECIPE = "resnet50"
+_R = RECIPES[DEFAULT_RECIPE]  # TrainConfig's defaults: the default recipe, declared once above
 
 # may differ between a checkpoint and the command that resumes it (they do not change what is computed)
 RUNTIME = ("out", "store", "workers", "device", "precision", "compile", "deterministic", "log_every", "save_every", "max_steps")
@@ -79,54 +112,55 @@ RUNTIME = ("out", "store", "workers", "device", "precision", "compile", "determi
 @dataclass
 class TrainConfig:
     """A run: data, recipe-filled hyperparameters, augmentation, runtime. Plain values only (it is stored in
-    checkpoints as a dict and read back with weights_only loading)."""
+    checkpoints as a dict and read back with weights_only loading). Every default is the `resnet50` recipe's
+    (views: `ViewSpec`'s, copy-paste: `PasteSpec`'s)."""
 
     data: list[str]
     out: str
-    recipe: str = "resnet50"
-    arch: str = "resnet50"
-    epochs: int = 300
-    batch_size: int = 256  # global: split evenly over the processes
+    recipe: str = DEFAULT_RECIPE
+    arch: str = _R["arch"]
+    epochs: int = _R["epochs"]
+    batch_size: int = _R["batch_size"]  # global: split evenly over the processes
     split: str | None = None
     fold: int | None = None
     # views
-    image_size: int = 224
-    global_scale: tuple[float, float] = (0.14, 1.0)
-    local_crops: int = 0
-    local_size: int = 96
-    local_scale: tuple[float, float] = (0.05, 0.14)
-    rot90: bool = True
-    vflip: bool = True
-    hed_jitter: float = 0.0
+    image_size: int = _R["image_size"]
+    global_scale: tuple[float, float] = _R["global_scale"]
+    local_crops: int = _R["local_crops"]
+    local_size: int = _R["local_size"]
+    local_scale: tuple[float, float] = _R["local_scale"]
+    rot90: bool = _R["rot90"]
+    vflip: bool = _R["vflip"]
+    hed_jitter: float = _R["hed_jitter"]
     paste_cells: list[str] = field(default_factory=list)
-    paste_p: float = 0.5
-    paste_max: int = 3
-    paste_scale: tuple[float, float] = (0.1, 0.4)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    paste_p: float = PasteSpec.p
+    paste_max: int = PasteSpec.max_cells
+    paste_scale: tuple[float, float] = PasteSpec.scale
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     # head and loss
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True
-    momentum_teacher: float = 0.9995
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
+    out_dim: int = _R["out_dim"]
+    hidden_dim: int = _R["hidden_dim"]
+    bottleneck_dim: int = _R["bottleneck_dim"]
+    head_layers: int = _R["head_layers"]
+    use_bn_in_head: bool = _R["use_bn_in_head"]
+    norm_last_layer: bool = _R["norm_last_layer"]
+    momentum_teacher: float = _R["momentum_teacher"]
+    warmup_teacher_temp: float = _R["warmup_teacher_temp"]
+    teacher_temp: float = _R["teacher_temp"]
+    warmup_teacher_temp_epochs: int = _R["warmup_teacher_temp_epochs"]
+    student_temp: float = _R["student_temp"]
+    center_momentum: float = _R["center_momentum"]
     # optimisation
-    optimizer: str = "sgd"
-    lr: float = 0.03
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 1e-4
-    weight_decay_end: float = 1e-4
-    clip_grad: float = 3.0
-    freeze_last_layer: int = 1
-    drop_path: float = 0.0
+    optimizer: str = _R["optimizer"]
+    lr: float = _R["lr"]
+    min_lr: float = _R["min_lr"]
+    warmup_epochs: int = _R["warmup_epochs"]
+    weight_decay: float = _R["weight_decay"]
+    weight_decay_end: float = _R["weight_decay_end"]
+    clip_grad: float = _R["clip_grad"]
+    freeze_last_layer: int = _R["freeze_last_layer"]
+    drop_path: float = _R["drop_path"]
     seed: int = 0
     # runtime
     store: str | None = None  # where tile tables named by --data live (default: the CYTORETRIEVE_STORE / indexes)
@@ -138,6 +172,15 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0  # keep checkpoint_eNNNN.pth every this many epochs (0: only the latest)
     max_steps: int | None = None  # stop (and checkpoint) after this many steps in total
+
+    def views(self) -> ViewSpec:
+        """The run's view settings."""
+        values = {name: getattr(self, name) for name in VIEW_FIELDS}
+        return ViewSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def paste(self) -> PasteSpec:
+        """The run's copy-paste settings."""
+        return PasteSpec(p=self.paste_p, max_cells=self.paste_max, scale=tuple(self.paste_scale))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
