@@ -70,3 +70,30 @@ def test_bad_inputs_exit_2(tmp_path, capsys) -> None:
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(CytoError, match="not a cytoretrieve split"):
         load_split(tmp_path / "x.json")
+
+
+def test_one_reader_for_every_split_format(tmp_path) -> None:
+    labels = _labels(tmp_path / "slides.csv")
+    made = tmp_path / "split.json"
+    assert run(["split", "--labels", str(labels), "--folds", "3", "--out", str(made)]) == 0
+    split = load_split(made)
+    as_csv = tmp_path / "split.csv"
+    as_csv.write_text("Slide,Fold,Label\n" + "".join(f"{s},{f},{split.label_of[s]}\n" for s, f in split.fold_of.items()))
+    as_map = tmp_path / "map.json"
+    as_map.write_text(json.dumps(split.fold_of))
+    for path in (as_csv, as_map):
+        simple = load_split(path)
+        assert simple.fold_of == split.fold_of and simple.folds == 3
+        assert simple.test_slides(1) == split.test_slides(1)
+    assert load_split(as_csv).counts() == split.counts()  # labels read where the CSV has them
+    assert sum(load_split(as_map).counts()[0].values()) == len(split.test_slides(0))
+    for text, message in [("slide,fold\na,-1\n", "negative"), ("slide,fold\na,x\n", "not an integer"),
+                          ("name,fold\na,0\n", "slide,fold"), ("slide,fold\n", "lists no slides")]:
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(CytoError, match=message):
+            load_split(tmp_path / "bad.csv")
+    (tmp_path / "list.json").write_text('{"folds": 2, "slides": []}')
+    with pytest.raises(CytoError, match="not a cytoretrieve split"):
+        load_split(tmp_path / "list.json")
+    with pytest.raises(CytoError, match="no split file"):
+        load_split(tmp_path / "missing.csv")

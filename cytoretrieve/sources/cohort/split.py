@@ -11,10 +11,13 @@ The file:
     {"kind": "cytoretrieve-split", "version": 1, "folds": 4, "seed": 0, "labels": "slides.csv",
      "slides": [{"slide": "case-001", "label": "NILM", "binary": 0, "fold": 2}, ...],
      "counts": {"0": {"HSIL": 3, "NILM": 5}, ...}}
+
+`load_split` is the one reader of splits: it also takes a CSV `slide,fold` or a JSON object {slide: fold}.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from collections import Counter
@@ -27,6 +30,7 @@ from cytoretrieve.sources.cohort.labels import SlideLabel
 
 SPLIT_KIND = "cytoretrieve-split"
 SPLIT_VERSION = 1
+UNLABELLED = ""  # the label of a slide that a simple split (CSV, JSON mapping) gives none
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Split:
     folds: int
     seed: int
     fold_of: dict[str, int]  # slide id -> fold
-    label_of: dict[str, str]  # slide id -> label
+    label_of: dict[str, str]  # slide id -> label (simple splits: only the slides they label)
     binary_of: dict[str, int | None]
     source: str | None = None  # the labels file it was made from
 
@@ -58,7 +62,7 @@ class Split:
         """Slides per label in each fold."""
         out: dict[int, Counter[str]] = {f: Counter() for f in range(self.folds)}
         for s, f in self.fold_of.items():
-            out[f][self.label_of[s]] += 1
+            out[f][self.label_of.get(s, UNLABELLED)] += 1
         return {f: dict(sorted(c.items())) for f, c in out.items()}
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,7 +72,7 @@ class Split:
             "folds": self.folds,
             "seed": self.seed,
             "labels": self.source,
-            "slides": [{"slide": s, "label": self.label_of[s], "binary": self.binary_of.get(s), "fold": self.fold_of[s]}
+            "slides": [{"slide": s, "label": self.label_of.get(s, UNLABELLED), "binary": self.binary_of.get(s), "fold": self.fold_of[s]}
                        for s in self.slides],
             "counts": {str(f): c for f, c in self.counts().items()},
         }
@@ -114,15 +118,69 @@ def write_split(split: Split, path: str | Path) -> Path:
 
 
 def load_split(path: str | Path) -> Split:
-    """Read a split file written by `cytoretrieve split`; anything else is a `CytoError`."""
-    path = Path(path)
+    """Read a split in any of the formats the package accepts (the one reader of splits):
+
+    - the JSON `cytoretrieve split` writes (kind, version, folds, seed, slides with label and fold);
+    - a JSON object {slide: fold};
+    - a CSV with the columns `slide,fold` (a `label` and a `binary` column are read where present).
+
+    Folds are integers >= 0; the simple formats have max(fold) + 1 folds. Anything else is a `CytoError`.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CytoError(f"no split file {path}: make one with `cytoretrieve split`")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CytoError(f"no split file {path}: make one with `cytoretrieve split`") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CytoError(f"split file {path} is not JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("kind") != SPLIT_KIND:
+        if path.suffix.lower() == ".json":
+            return _read_json_split(path, json.loads(path.read_text()))
+        return _read_csv_split(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CytoError(f"could not read split file {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
+def _read_json_split(path: Path, data: Any) -> Split:
+    if isinstance(data, dict) and "kind" in data:
+        return _read_split_file(path, data)
+    if not isinstance(data, dict) or not data or not all(isinstance(v, (int, str)) for v in data.values()):
+        raise CytoError(f"{path} is not a cytoretrieve split file, nor a JSON object mapping slide ids to folds")
+    return _simple_split(path, [{"slide": k, "fold": v} for k, v in data.items()])
+
+
+def _read_csv_split(path: Path) -> Split:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip().lower() for c in reader.fieldnames or []]
+        if "slide" not in fields or "fold" not in fields:
+            raise CytoError(f"split file {path} needs the columns slide,fold (found: {', '.join(fields) or 'none'})")
+        rows = [{str(k).strip().lower(): v for k, v in row.items()} for row in reader]
+    return _simple_split(path, rows)
+
+
+def _simple_split(path: Path, rows: list[dict[str, Any]]) -> Split:
+    """A split from rows with `slide`, `fold` and optionally `label`, `binary` (a CSV or a JSON mapping)."""
+    fold_of: dict[str, int] = {}
+    label_of: dict[str, str] = {}
+    binary_of: dict[str, int | None] = {}
+    for row in rows:
+        slide, fold = str(row["slide"]).strip(), row["fold"]
+        try:
+            fold_of[slide] = int(str(fold).strip())
+        except ValueError:
+            raise CytoError(f"split file {path}: fold {fold!r} of slide {slide!r} is not an integer") from None
+        if fold_of[slide] < 0:
+            raise CytoError(f"split file {path}: fold {fold_of[slide]} of slide {slide!r} is negative")
+        if str(row.get("label") or "").strip():
+            label_of[slide] = str(row["label"]).strip()
+        binary = str(row.get("binary") or "").strip()
+        binary_of[slide] = int(binary) if binary in ("0", "1") else None
+    if not fold_of:
+        raise CytoError(f"split file {path} lists no slides")
+    return Split(folds=max(fold_of.values()) + 1, seed=0, fold_of=fold_of, label_of=label_of, binary_of=binary_of,
+                 source=None)
+
+
+def _read_split_file(path: Path, data: dict[str, Any]) -> Split:
+    """The JSON `cytoretrieve split` writes, checked."""
+    if data.get("kind") != SPLIT_KIND:
         raise CytoError(f"{path} is not a cytoretrieve split file")
     if data.get("version") != SPLIT_VERSION:
         raise CytoError(f"split file {path} has version {data.get('version')}, this cytoretrieve reads {SPLIT_VERSION}")
