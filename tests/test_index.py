@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 import pytest
 
@@ -92,3 +95,68 @@ def test_search_by_id_sees_rows_added_after_the_first_search(tmp_path) -> None:
     t.add(t.make_rows([{"id": "twin", "label": "B"}], x[:1] * 2))  # same direction as r0: the nearest hit
     after = search(t, row_id="r0", k=5)
     assert after.hits[0].id == "twin" and after.hits[0].label == "B"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_appends_and_deletes_update_the_cached_index_like_a_fresh_build(tmp_path, kind: str) -> None:
+    from cytoretrieve.store import index as index_module
+
+    t, x = _table(tmp_path, n=4000)
+    first = table_index(t, kind)
+    more = clustered(300, seed=1)
+    t.add(t.make_rows([{"id": f"n{i}"} for i in range(300)], more))
+    t.tbl.delete("id IN ('r1', 'r2', 'r3')")
+    index_module.forget_loaded()
+    updated = table_index(t, kind)
+    assert updated.version > first.version and updated.rows == 4000 + 300 - 3
+    meta = json.loads((tmp_path / "s" / "t.faiss.json").read_text())
+    assert meta["trained_rows"] == 4000  # updated in place: the quantiser was not retrained
+    fresh = table_index(t, kind, rebuild=True)
+    q = l2_normalise(np.concatenate([x[:20], more[:20]]))
+    _, got = updated.search(q, 10)
+    _, want = fresh.search(q, 10)
+    assert (got == want).mean() >= (1.0 if kind == "flat" else 0.97)
+    gone = {row_key(f"r{i}") for i in (1, 2, 3)}
+    assert not gone & set(got.ravel().tolist())
+
+
+def test_an_ivf_index_is_retrained_once_the_table_doubles(tmp_path) -> None:
+    t, x = _table(tmp_path, n=2000)
+    table_index(t, "ivf")
+    t.add(t.make_rows([{"id": f"n{i}"} for i in range(2500)], clustered(2500, seed=2)))
+    table_index(t, "ivf")
+    meta = json.loads((tmp_path / "s" / "t.faiss.json").read_text())
+    assert meta["rows"] == 4500 and meta["trained_rows"] == 4500
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage-json", "foreign", "json-for-another-file"])
+def test_a_damaged_cache_is_rebuilt_with_one_warning(tmp_path, damage: str, caplog) -> None:
+    from cytoretrieve.store import index as index_module
+
+    t, x = _table(tmp_path)
+    table_index(t)
+    index_file, meta_file = tmp_path / "s" / "t.faiss", tmp_path / "s" / "t.faiss.json"
+    if damage == "truncated":
+        index_file.write_bytes(index_file.read_bytes()[:100])
+    elif damage == "garbage-json":
+        meta_file.write_text("{not json")
+    elif damage == "foreign":
+        meta_file.write_text(meta_file.read_text().replace('"table": "t"', '"table": "other"'))
+    else:  # a kill between the index and its .json: the .json describes the previous file
+        index_file.write_bytes(index_file.read_bytes() + b"\0" * 16)
+    index_module.forget_loaded()
+    logger = logging.getLogger("cytoretrieve")
+    logger.addHandler(caplog.handler)
+    propagate, logger.propagate = logger.propagate, False  # each record once, whatever the CLI set before
+    try:
+        again = table_index(t)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
+    assert again.rows == 300 and again.search(l2_normalise(x[:1]), 1)[1][0, 0] == row_key("r0")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "index cache of table t is damaged" in warnings[0]
+    index_module.forget_loaded()
+    caplog.clear()
+    table_index(t)  # the rebuilt cache is trusted again: no second warning
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -18,6 +18,7 @@ from cytoretrieve.cli import (
     datasets,
     demo,
     embed,
+    index,
     interop,
     score,
     search,
@@ -46,6 +47,7 @@ app.command("classify")(classify.classify)
 app.command("search")(search.search)
 app.command("serve")(serve.serve)
 app.command("tables")(tables.tables)
+app.command("dedupe")(index.dedupe)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
 app.add_typer(interop.export_app, name="export")  # export weights CKPT (also: export CKPT) | export h5
@@ -56,6 +58,7 @@ app.command("transfer")(transfer.transfer)
 app.command("score")(score.score)
 app.add_typer(annotate.app, name="annotations")
 app.add_typer(datasets.app, name="datasets")
+app.add_typer(index.app, name="index")
 
 
 def _version(value: bool) -> None:

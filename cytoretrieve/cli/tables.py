@@ -26,9 +26,19 @@ def tables(store: options.Store = options.DEFAULT_STORE) -> None:
         Console().print(f"no tables in {store} yet: `cytoretrieve embed SOURCE` creates one")
         return
     view = RichTable(title=f"tables in {store}", box=box.SIMPLE_HEAD)
-    for col in ("table", "rows", "dim", "backbone", "fingerprint", "size"):
-        view.add_column(col, justify="right" if col in ("rows", "dim", "size") else "left", no_wrap=col != "table",
-                        overflow="fold", min_width=12 if col == "fingerprint" else len(col))
+    dups = any(i.duplicates for i in infos)
+    longest = max(len(i.name) for i in infos)
+    columns = ["table", "rows", *(["duplicated"] if dups else []), "dim", "backbone", "fingerprint", "size"]
+    for col in columns:
+        # names stay whole (they are copied into other commands); the backbone column folds when space is short
+        view.add_column(col, justify="right" if col in ("rows", "duplicated", "dim", "size") else "left",
+                        no_wrap=col != "backbone", overflow="fold",
+                        min_width=longest if col == "table" else 12 if col == "fingerprint" else len(col))
     for i in infos:
-        view.add_row(i.name, str(i.rows), str(i.dim), i.arch, i.fingerprint[:12], _size(i.bytes))
+        cells = [i.name, str(i.rows), *([str(i.duplicates or "")] if dups else []), str(i.dim), i.arch,
+                 i.fingerprint[:12], _size(i.bytes)]
+        view.add_row(*cells)
     Console().print(view)
+    if dups:
+        Console(stderr=True).print("some tables hold an id more than once: `cytoretrieve dedupe --table NAME` keeps "
+                                   "one row per id", markup=False, highlight=False)

@@ -318,7 +318,10 @@ def majority_label(neighbours: Sequence[tuple[str, float]]) -> str:
 
 def classify_table(table, **kwargs) -> ClassifyResult:  # noqa: ANN001 - a store.VectorTable; kept untyped to stay light
     """`classify` over a store table's vectors and labels, with the class order and binary mapping it records."""
-    vectors, meta = table.vectors(["label"])
+    from cytoretrieve.store.tables import require_unique
+
+    vectors, meta = table.vectors(["id", "label"])
+    require_unique(table.name, meta.column("id"))
     labels = meta.column("label").to_pylist()
     label_map = table.labels or {}
     present = set(labels)

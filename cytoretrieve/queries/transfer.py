@@ -87,7 +87,10 @@ def check_fingerprints(tables: Sequence[VectorTable]) -> str:
 
 def binary_vectors(table: VectorTable) -> tuple[np.ndarray, np.ndarray, int]:
     """(vectors, binary code 0/1 per row, number of rows left out because their `binary` is null)."""
-    vectors, meta = table.vectors(["binary"])
+    from cytoretrieve.store.tables import require_unique
+
+    vectors, meta = table.vectors(["id", "binary"])
+    require_unique(table.name, meta.column("id"))
     binary = meta.column("binary").to_pylist()
     keep = np.array([b is not None for b in binary], dtype=bool)
     codes = np.array([int(b) for b in binary if b is not None], dtype=np.int64)

@@ -11,6 +11,7 @@ faiss reports one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -23,6 +24,7 @@ import faiss
 import numpy as np
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.faults import failpoint
 
 if TYPE_CHECKING:
     from cytoretrieve.store.tables import VectorTable
@@ -34,6 +36,9 @@ MEMORY_CACHE_TABLES = 4  # indexes kept loaded per process (most recently used);
 ADD_BATCH = 16_384  # rows normalised and added at once
 TRAIN_PER_LIST = 64  # IVF k-means sample: this many rows per list (FAISS's default is 256; 64 loses no recall)
 KMEANS_ITERATIONS = 10
+RETRAIN_GROWTH = 2.0  # an IVF table index is rebuilt (quantiser retrained) once the table has this x its rows
+UPDATE_SLICE = 4096  # keys per LanceDB query when an index picks up appended rows
+log = logging.getLogger("cytoretrieve")
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -216,7 +221,7 @@ def _paths(table: VectorTable) -> tuple[Path, Path]:
 def build(vectors: np.ndarray, keys: np.ndarray, kind: str = "auto") -> tuple[faiss.Index, str]:
     """A table's index of `vectors` with ids `keys`; `auto` = flat up to 100k rows, else IVF."""
     if kind == "auto":
-        kind = "flat" if len(vectors) <= AUTO_FLAT_MAX else "ivf"
+        kind = _auto_kind(len(vectors))
     index, info = build_index(vectors, kind, IndexParams(), ids=keys)
     return index, info["kind"]
 
@@ -269,35 +274,123 @@ def _remember(index_path: Path, meta_path: Path, loaded: TableIndex) -> TableInd
     return loaded
 
 
-def table_index(table: VectorTable, kind: str = "auto") -> TableIndex:
+def _index_keys(index: faiss.Index) -> np.ndarray:
+    """Every key a table index holds (from its id map, or from an IVF index's inverted lists)."""
+    if isinstance(index, faiss.IndexIDMap2) or isinstance(index, faiss.IndexIDMap):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+             for i in range(ivf.nlist) if lists.list_size(i)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _read_cache(table: VectorTable, index_path: Path, meta_path: Path) -> tuple[dict[str, Any], faiss.Index] | None:
+    """The cached index and its .json, or None when there is none or it cannot be trusted (truncated, foreign,
+    not the file its .json describes): a cache is disposable, so a damaged one is rebuilt with a warning."""
+    if not meta_path.exists() or not index_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("table") != table.name:
+            raise ValueError(f"it belongs to table {meta.get('table')!r}")
+        if "bytes" in meta and index_path.stat().st_size != meta["bytes"]:
+            raise ValueError(f"its file has {index_path.stat().st_size} bytes, its .json says {meta['bytes']}")
+        index = _with_key_map(faiss.read_index(str(index_path)))
+        if index.ntotal != int(meta["rows"]):
+            raise ValueError(f"it holds {index.ntotal} rows, its .json says {meta['rows']}")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        log.warning("index cache of table %s is damaged (%s): rebuilding it", table.name,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+    return meta, index
+
+
+def _write_cache(table: VectorTable, index_path: Path, meta_path: Path, index: faiss.Index,
+                 meta: dict[str, Any]) -> None:
+    """Write the index, then its .json (each to a temporary file renamed into place: a kill leaves the old pair
+    or a pair whose .json does not describe the new file, which `_read_cache` refuses)."""
+    tmp = index_path.with_suffix(".faiss.tmp")
+    faiss.write_index(index, str(tmp))
+    failpoint("index-written")
+    tmp.replace(index_path)
+    meta = {**meta, "table": table.name, "rows": int(index.ntotal), "bytes": index_path.stat().st_size}
+    tmp_meta = meta_path.with_suffix(".json.tmp")
+    tmp_meta.write_text(json.dumps(meta))
+    tmp_meta.replace(meta_path)
+
+
+def _rows_by_keys(table: VectorTable, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, keys) of the rows with these keys, read by the table's key index in slices."""
+    vecs, got = [np.zeros((0, table.dim), np.float32)], [np.zeros(0, np.int64)]
+    for a in range(0, len(keys), UPDATE_SLICE):
+        part = ", ".join(str(int(k)) for k in keys[a:a + UPDATE_SLICE])
+        v, meta = table.vectors(["key"], where=f"key IN ({part})")
+        vecs.append(v)
+        got.append(meta.column("key").to_numpy().astype(np.int64))
+    return np.concatenate(vecs), np.concatenate(got)
+
+
+def _update(table: VectorTable, meta: dict[str, Any], index: faiss.Index) -> faiss.Index | None:
+    """The cached index brought up to the table's rows (new keys added, gone keys removed), or None when a fresh
+    build is due: the kind `auto` would pick has changed, an IVF table has outgrown its quantiser (`RETRAIN_GROWTH`
+    x the rows it was trained on), or the kind cannot remove rows (HNSW)."""
+    keys = table.read(["key"]).column("key").to_numpy().astype(np.int64)
+    held = _index_keys(index)
+    new, gone = np.setdiff1d(keys, held), np.setdiff1d(held, keys)
+    kind, rows = meta["kind"], len(keys)
+    if meta.get("auto") and kind != _auto_kind(rows):
+        return None
+    if kind in ("ivf", "ivfpq") and rows > RETRAIN_GROWTH * int(meta.get("trained_rows", meta["rows"])):
+        return None
+    if len(gone):
+        if kind == "hnsw":
+            return None
+        gone = np.ascontiguousarray(gone, dtype=np.int64)
+        index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable key map takes
+    if len(new):
+        vectors, got = _rows_by_keys(table, new)
+        index.add_with_ids(l2_normalise(vectors), np.ascontiguousarray(got))
+    log.info("index of table %s updated: %d rows added, %d removed", table.name, len(new), len(gone))
+    return index
+
+
+def _auto_kind(rows: int) -> str:
+    return "flat" if rows <= AUTO_FLAT_MAX else "ivf"
+
+
+def table_index(table: VectorTable, kind: str = "auto", rebuild: bool = False) -> TableIndex:
     """The index of the table's current version: from memory (loaded earlier in this process), loaded from the
-    cache file, or built (and cached) when stale.
+    cache file, updated from an older cache (appended rows added, deleted rows removed), or built and cached.
 
     A loaded index is reused only while the table's version and the cache file's .json are those it was loaded
-    with, so it is never staler than the file cache.
+    with, so it is never staler than the file cache. `rebuild` forces a fresh build (and retraining).
     """
     index_path, meta_path = _paths(table)
     version = table.version
     held = _LOADED.get(str(index_path))
-    if held is not None:
+    if held is not None and not rebuild:
         stamp, loaded = held
         if loaded.version == version and kind in ("auto", loaded.kind) and stamp == _meta_stamp(meta_path):
             with _LOADED_LOCK:
                 if str(index_path) in _LOADED:
                     _LOADED.move_to_end(str(index_path))
             return loaded
-    if meta_path.exists() and index_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("version") == version and kind in ("auto", meta.get("kind")):
-            index = _with_key_map(faiss.read_index(str(index_path)))
-            loaded = TableIndex(to_gpu(index), meta["kind"], version, int(meta["rows"]))
+    cached = None if rebuild else _read_cache(table, index_path, meta_path)
+    if cached is not None and kind in ("auto", cached[0].get("kind")):
+        meta, index = cached
+        if meta.get("version") != version:
+            index = _update(table, meta, index)
+            if index is not None:
+                meta = {**meta, "version": version}
+                _write_cache(table, index_path, meta_path, index, meta)
+        if index is not None:
+            loaded = TableIndex(to_gpu(index), meta["kind"], version, int(index.ntotal))
             return _remember(index_path, meta_path, loaded)
     vectors, ids = table.vectors(["key"])
     if len(vectors) == 0:
         raise CytoError(f"table '{table.name}' is empty: embed something into it first")
     index, built_kind = build(vectors, ids.column("key").to_numpy(), kind)
-    tmp = index_path.with_suffix(".faiss.tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(index_path)
-    meta_path.write_text(json.dumps({"version": version, "kind": built_kind, "rows": len(vectors), "table": table.name}))
+    meta = {"version": version, "kind": built_kind, "auto": kind == "auto", "trained_rows": len(vectors)}
+    _write_cache(table, index_path, meta_path, index, meta)
     return _remember(index_path, meta_path, TableIndex(to_gpu(index), built_kind, version, len(vectors)))

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
+from cytoretrieve.faults import failpoint
 from cytoretrieve.store.lease import Lease, acquire
 
 DEFAULT_STORE = "indexes"
@@ -109,6 +110,17 @@ def retry_commit(action: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
+def require_unique(table: str, ids: pa.ChunkedArray | pa.Array) -> None:
+    """Refuse a protocol on a table holding some id twice: the copies would land on both sides of a split and
+    inflate every score."""
+    import pyarrow.compute as pc
+
+    extra = len(ids) - int(pc.count_distinct(ids).as_py())
+    if extra:
+        raise CytoError(f"table '{table}' holds {extra} duplicated row(s) (an id stored more than once), which would "
+                        f"leak between train and test: run `cytoretrieve dedupe --table {table}` first")
+
+
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -124,6 +136,7 @@ class TableInfo:
     fingerprint: str
     dataset: str
     bytes: int
+    duplicates: int = 0  # rows beyond the first of each id
 
 
 class Store:
@@ -234,6 +247,7 @@ class Store:
                     fingerprint=backbone.get("fingerprint", ""),
                     dataset=(meta.get("dataset") or {}).get("name", ""),
                     bytes=int(stats["total_bytes"]),
+                    duplicates=Table(self, tbl).duplicates() if "id" in tbl.schema.names else 0,
                 )
             )
         return infos
@@ -282,14 +296,46 @@ class Table:
         """Append one batch of rows (one LanceDB commit: a kill leaves whole batches only). A lost race with a
         concurrent writer is retried; a full disk is one line saying what is stored."""
         rows = rows.cast(self.tbl.schema) if rows.schema != self.tbl.schema else rows
+        failpoint("commit")
+        self._write(lambda: self.tbl.add(rows))
+
+    def _write(self, action: Callable[[], T]) -> T:
+        """One commit to this table: retried while it loses races to concurrent writers; a full disk is one line
+        saying what the table holds at its last commit."""
         try:
-            retry_commit(lambda: self.tbl.add(rows), f"append to {self.name}")
+            return retry_commit(action, self.name)
         except (RuntimeError, OSError, ValueError) as e:
             if not _no_space(e):
                 raise
             stored = self.store.db.open_table(self.name).count_rows()
             raise CytoError(f"no space left on device while writing table {self.name}: {stored} rows are stored; "
                             "free space and rerun to add the rest") from None
+
+    def duplicates(self) -> int:
+        """Rows beyond the first of each id (0 for a table every writer kept clean)."""
+        import pyarrow.compute as pc
+
+        ids = self.read(["id"]).column("id")
+        return len(ids) - int(pc.count_distinct(ids).as_py())
+
+    def dedupe(self) -> int:
+        """Keep one row per id (the first stored) and return how many were removed. Extra copies are deleted by
+        row address, in slices (each one commit): a kill midway leaves some copies, never loses a row."""
+        meta = self.scan(["id"], row_id=True).read_all()
+        seen: set[str] = set()
+        extra = []
+        order = np.argsort(meta.column("_rowid").to_numpy(), kind="stable")
+        ids = meta.column("id").to_pylist()
+        rids = meta.column("_rowid").to_numpy()
+        for i in order:
+            if ids[i] in seen:
+                extra.append(int(rids[i]))
+            else:
+                seen.add(ids[i])
+        for a in range(0, len(extra), 10_000):
+            part = ", ".join(map(str, extra[a:a + 10_000]))
+            self._write(lambda p=part: self.tbl.delete(f"_rowid IN ({p})"))
+        return len(extra)
 
     def finish(self) -> None:
         """After a job: compact small fragments, drop versions older than a few minutes, index `INDEXED`, and
@@ -299,12 +345,13 @@ class Table:
         than `KEEP_VERSIONS` go. Compaction is housekeeping: when it keeps losing races to other writers it is left
         for the next job (a warning says so) and the job still succeeds.
         """
+        failpoint("compact")
         try:
-            retry_commit(lambda: self.tbl.optimize(cleanup_older_than=KEEP_VERSIONS), f"compact {self.name}")
+            self._write(lambda: self.tbl.optimize(cleanup_older_than=KEEP_VERSIONS))
+            failpoint("compacted")
             if self.count():
                 for column in self.INDEXED:
-                    retry_commit(lambda c=column: self.tbl.create_index(c, config=BTree(), replace=True),
-                                 f"index {self.name}.{column}")
+                    self._write(lambda c=column: self.tbl.create_index(c, config=BTree(), replace=True))
         except (RuntimeError, OSError, ValueError) as e:
             if not _conflict(e):
                 raise

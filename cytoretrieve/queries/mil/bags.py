@@ -27,7 +27,7 @@ from cytoretrieve.sources.cohort.labels import SlideLabel, read_labels
 
 if TYPE_CHECKING:
     from cytoretrieve.sources.cohort.split import Split
-    from cytoretrieve.store.tables import VectorTable, Store
+    from cytoretrieve.store.tables import Store, VectorTable
 
 
 @dataclass
@@ -157,7 +157,10 @@ def load_bags(table: VectorTable, labels: dict[str, SlideLabel] | str | Path, *,
     wanted, no_binary = binary_labels(labels)
     col = _group_column(table, group_column)
     dim = table.dim
+    from cytoretrieve.store.tables import require_unique
+
     meta = table.scan(["id", col], row_id=True).read_all()
+    require_unique(table.name, meta.column("id"))
     groups = pc.dictionary_encode(meta.column(col).combine_chunks())
     names_in_table = [str(g) for g in groups.dictionary.to_pylist()]
     codes = pc.fill_null(groups.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)  # -1: no group
