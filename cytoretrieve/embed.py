@@ -7,7 +7,6 @@ commit, and a killed commit leaves only whole batches behind.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,30 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cytoretrieve.backbones import Backbone, resolve_device
-from cytoretrieve.sources.cells import CellRecord, open_dataset
+from cytoretrieve.backbones import Backbone
 from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
-from cytoretrieve.sources.slides.reader import SLIDE_EXTENSIONS, slide_id
 from cytoretrieve.preprocess import ImageFiles, collate_images
-from cytoretrieve.store.tables import VectorTable, Store, table_name_for
+from cytoretrieve.runtime import default_workers, is_cnn, resolve_device
+from cytoretrieve.sources.cells import CellRecord, open_dataset
+from cytoretrieve.sources.resolve import Source, not_a_table, resolve_source
+from cytoretrieve.sources.slides.reader import slide_id
+from cytoretrieve.store.tables import Store, VectorTable, table_name_for
 
 FLUSH_ROWS = 2048  # rows per LanceDB commit
 FLUSH_SECONDS = 30.0  # ... or sooner, so a kill loses at most this much work
-
-
-def default_workers(device: str = "cpu") -> int:
-    """DataLoader workers when none are asked for: half the cores (at most 8), but none for a CPU run on <= 2 cores.
-
-    Decoding is cheap next to the forward pass, so most cores are left to torch. On a 2-core CPU the forward pass
-    already keeps both cores busy: a worker process there only adds its start-up (~3 s to a first batch: a fresh
-    interpreter importing torch, while the main process waits) and competes with torch's threads, and preparing
-    the images in-process costs ~2 ms per image next to ~30 ms of resnet18 forward.
-    """
-    cores = os.cpu_count() or 2
-    if not device.startswith("cuda") and cores <= 2:
-        return 0
-    return min(8, max(1, cores // 2))
 
 
 @dataclass
@@ -61,15 +48,10 @@ class EmbedReport:
         return self.added / self.seconds if self.seconds > 0 else 0.0
 
 
-def _is_cnn(model: torch.nn.Module) -> bool:
-    """CNNs gain from channels_last; a ViT has a single conv (its patch embedding)."""
-    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
-
-
 def prepare(backbone: Backbone, device: str) -> torch.nn.Module:
     """Move the model to `device` in eval mode, channels_last for CNNs."""
     model = backbone.model.to(device).eval()
-    if _is_cnn(model):
+    if is_cnn(model):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -77,7 +59,7 @@ def prepare(backbone: Backbone, device: str) -> torch.nn.Module:
 def forward(model: torch.nn.Module, batch: torch.Tensor, device: str) -> np.ndarray:
     """Embed one preprocessed batch: inference_mode, channels_last for CNNs, bf16 autocast on CUDA only."""
     batch = batch.to(device, non_blocking=True)
-    if _is_cnn(model):
+    if is_cnn(model):
         batch = batch.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         out = model(batch)
@@ -209,45 +191,73 @@ def embed(
 ) -> EmbedReport:
     """Embed a cell dataset (Herlev, SIPaKMeD, class folders, CSV manifest) or slide tiles into a store table.
 
-    SOURCE is a path to a dataset, the name of a tile table of the store (`cytoretrieve tile` writes those), or
-    one slide file, which is first tiled with the default grid into the tile table `<slide>_tiles`.
-    The table defaults to `<dataset>_<arch>`; it records the backbone, so appending another backbone's vectors
-    to it is refused. `on_start(description, images, table)` is called once the source is read.
+    SOURCE (read by `sources.resolve`, as `train --data` is) is a dataset folder or CSV manifest, the name of a
+    tile table of the store (`cytoretrieve tile` writes those), or one slide file, which is first tiled as
+    `cytoretrieve tile` does by default into the tile table `<slide>_tiles`. The table defaults to
+    `<dataset>_<arch>` (`<tiles>_<arch>`); it records the backbone, so appending another backbone's vectors to it
+    is refused. `on_start(description, images, table)` is called once the source is read.
     """
     store = store or Store()
-    tiles = None
-    if not Path(source).exists() and str(source) in store.table_names():
-        tiles = str(source)
-    elif Path(source).is_file() and Path(source).suffix.lower() in SLIDE_EXTENSIONS:
-        tiles = _tile_with_defaults(Path(source), store)
-    if tiles is not None:
-        return embed_tiles(tiles, backbone, store, table=table, batch_size=batch_size, workers=workers,
-                           device=device, commit_rows=commit_rows, on_progress=on_progress, on_start=on_start)
-    dataset = open_dataset(source, layout=layout, label_map=label_map)
-    name = table or table_name_for(dataset.name, backbone.arch)
+    job = _job(resolve_source(source), backbone, store, table, layout, label_map)
+    if on_start:
+        on_start(job.description, len(job.rows), job.table)
+    return embed_rows(job.rows, backbone, job.table, load=job.load, shard_key=job.shard_key, batch_size=batch_size,
+                      workers=workers, device=device, commit_rows=commit_rows, on_progress=on_progress)
+
+
+@dataclass
+class _Job:
+    """What to embed (rows with the table's metadata columns, how to load each image) and into which table."""
+
+    description: str
+    rows: list[dict[str, Any]]
+    table: VectorTable
+    load: Callable[[dict[str, Any]], Image.Image] | None = None
+    shard_key: str = "id"  # under torchrun, rows are sharded over the processes by this column
+
+
+def _job(source: Source, backbone: Backbone, store: Store, table: str | None, layout: str,
+         label_map: str | Path | None) -> _Job:
+    if source.kind == "slide":
+        return _tiles_job(tile_with_defaults(source.path, store), backbone, store, table)
+    if source.kind == "table":
+        if source.value not in store.table_names():
+            raise not_a_table(source.value, store.uri, store.table_names())
+        return _tiles_job(source.value, backbone, store, table)
+    return _cells_job(source.path, backbone, store, table, layout, label_map)
+
+
+def _cells_job(path: Path, backbone: Backbone, store: Store, table: str | None, layout: str,
+               label_map: str | Path | None) -> _Job:
+    dataset = open_dataset(path, layout=layout, label_map=label_map)
     dataset_meta = {
         "name": dataset.name,
         "layout": dataset.layout,
         "root": str(dataset.root),
         "labels": dataset.labels.to_dict() if dataset.labels else None,
     }
-    cell_table = store.create_or_open(name, backbone.metadata(), dataset_meta)
-    if on_start:
-        on_start(f"{dataset.name} ({dataset.layout})", len(dataset.records), cell_table)
-    return embed_rows(
-        [_cell_row(r, dataset.name) for r in dataset.records],
-        backbone,
-        cell_table,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        commit_rows=commit_rows,
-        on_progress=on_progress,
-    )
+    cell_table = store.create_or_open(table or table_name_for(dataset.name, backbone.arch), backbone.metadata(),
+                                      dataset_meta)
+    return _Job(f"{dataset.name} ({dataset.layout})", [_cell_row(r, dataset.name) for r in dataset.records], cell_table)
 
 
-def _tile_with_defaults(slide: Path, store: Store) -> str:
-    """Tile one slide with the default grid (320 px at 0.5 um/px) into `<slide>_tiles`; that table's name."""
+def _tiles_job(tiles: str, backbone: Backbone, store: Store, table: str | None) -> _Job:
+    """The tiles of a tile table (regions read from their slides in the workers) into `<tiles>_<arch>`. Vector
+    rows keep the tile's slide id and level-0 location; under torchrun, slides are sharded over processes."""
+    from cytoretrieve.sources.slides.reader import SlideReader
+    from cytoretrieve.store.tiles import SHARED_COLUMNS, open_tile_table
+
+    tile_table = open_tile_table(store, tiles)
+    rows = tile_table.rows([*SHARED_COLUMNS, "read_size"])
+    dataset_meta = {"name": tiles, "layout": "tiles", "tiles": tile_table.meta, "labels": None}
+    vector_table = store.create_or_open(table or table_name_for(tiles, backbone.arch), backbone.metadata(), dataset_meta)
+    description = f"tile table {tiles} ({len({r['slide'] for r in rows})} slides)"
+    return _Job(description, rows, vector_table, load=SlideReader().read_row, shard_key="slide")
+
+
+def tile_with_defaults(slide: Path, store: Store) -> str:
+    """Tile one slide into `<slide>_tiles` through the one tiler, `cytoretrieve.tile.tile_slides`, with the
+    tiler's own defaults (what `cytoretrieve tile SLIDE` does), so the two cannot drift; that table's name."""
     from cytoretrieve.tile import tile_slides
 
     name = table_name_for(slide_id(slide), "tiles")
@@ -256,44 +266,3 @@ def _tile_with_defaults(slide: Path, store: Store) -> str:
     if skipped:
         raise CytoError(f"cannot tile {slide}: {skipped[0].reason} (use `cytoretrieve tile` for its options)")
     return name
-
-
-def embed_tiles(
-    tiles: str,
-    backbone: Backbone,
-    store: Store,
-    *,
-    table: str | None = None,
-    batch_size: int = 64,
-    workers: int | None = None,
-    device: str = "auto",
-    commit_rows: int = FLUSH_ROWS,
-    on_progress: Callable[[int, int, int], None] | None = None,
-    on_start: Callable[[str, int, VectorTable], None] | None = None,
-) -> EmbedReport:
-    """Embed the tiles of a tile table (regions read from their slides in the workers) into `<tiles>_<arch>`.
-
-    Vector rows keep the tile's slide id and level-0 location; under torchrun, slides are sharded over processes.
-    """
-    from cytoretrieve.store.tiles import SHARED_COLUMNS, open_tile_table
-    from cytoretrieve.sources.slides.reader import SlideReader
-
-    tile_table = open_tile_table(store, tiles)
-    columns = [*SHARED_COLUMNS, "read_size"]
-    rows = tile_table.rows(columns)
-    dataset_meta = {"name": tiles, "layout": "tiles", "tiles": tile_table.meta, "labels": None}
-    vector_table = store.create_or_open(table or table_name_for(tiles, backbone.arch), backbone.metadata(), dataset_meta)
-    if on_start:
-        on_start(f"tile table {tiles} ({len({r['slide'] for r in rows})} slides)", len(rows), vector_table)
-    return embed_rows(
-        rows,
-        backbone,
-        vector_table,
-        load=SlideReader().read_row,
-        shard_key="slide",
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        commit_rows=commit_rows,
-        on_progress=on_progress,
-    )

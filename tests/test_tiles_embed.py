@@ -90,6 +90,15 @@ def test_embed_a_slide_directly_tiles_it_first(tmp_path: Path) -> None:
     report = embed(SVS, load_backbone("resnet18", "random", image_size=48), store, workers=0)
     assert report.table == "cmu_1_small_region_tiles_resnet18"
     assert report.added == store.db.open_table("cmu_1_small_region_tiles").count_rows() > 0
+    # one tiler, one set of defaults: `embed SLIDE` tiles exactly as `cytoretrieve tile SLIDE` does
+    from cytoretrieve.store.tiles import open_tile_table
+
+    assert run(["tile", str(SVS), "--store", store.uri, "--table", "by_tile"]) == 0
+    by_embed, by_tile = open_tile_table(store, "cmu_1_small_region_tiles"), open_tile_table(store, "by_tile")
+    settings = [{k: v for k, v in t.meta.items() if k != "created"} for t in (by_embed, by_tile)]
+    assert settings[0] == settings[1] and settings[0]
+    assert sorted(r["x"] * 100003 + r["y"] for r in by_embed.rows(["x", "y"])) == \
+        sorted(r["x"] * 100003 + r["y"] for r in by_tile.rows(["x", "y"]))
 
 
 def test_two_torchrun_processes_tile_their_share_of_slides(tmp_path: Path) -> None:

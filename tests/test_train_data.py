@@ -27,8 +27,8 @@ from cytoretrieve.train.data import (
     apply_split,
     open_cell_bank,
     open_sources,
-    read_split,
 )
+from cytoretrieve.sources.cohort.split import load_split
 from cytoretrieve.views.train_preview import write_preview
 
 
@@ -98,10 +98,10 @@ def test_split_holds_out_the_fold_slides(tiles: Path, tmp_path: Path, kind: str)
     else:
         path = tmp_path / "split.json"
         path.write_text(json.dumps(folds))
-    assert read_split(path) == folds
-    kept, held_out = apply_split(open_sources([tiles]), read_split(path), 0)
+    assert load_split(path).fold_of == folds  # the one split reader takes every format
+    kept, held_out = apply_split(open_sources([tiles]), load_split(path).fold_of, 0)
     assert held_out == 2 and set(kept.slides) == {"slide_b"} and len(kept) == 2
-    kept, held_out = apply_split(open_sources([tiles]), read_split(path), 1)
+    kept, held_out = apply_split(open_sources([tiles]), load_split(path).fold_of, 1)
     assert held_out == 1 and "slide_b" not in kept.slides and len(kept) == 4
 
 
@@ -109,20 +109,20 @@ def test_split_refuses_what_it_cannot_hold_out(tiles: Path, tmp_path: Path) -> N
     path = tmp_path / "split.csv"
     path.write_text("slide,fold\nslide_a,0\nslide_b,1\n")
     with pytest.raises(CytoError, match="not in the split file .*slide_c"):
-        apply_split(open_sources([tiles]), read_split(path), 0)
+        apply_split(open_sources([tiles]), load_split(path).fold_of, 0)
     with pytest.raises(CytoError, match="fold 5 is not in the split"):
-        apply_split(open_sources([tiles / "slide_a"]), read_split(path), 5)
+        apply_split(open_sources([tiles / "slide_a"]), load_split(path).fold_of, 5)
     loose = tmp_path / "loose"
     loose.mkdir()
     _cell().save(loose / "a.png")
     with pytest.raises(CytoError, match="no slide id"):
-        apply_split(open_sources([loose]), read_split(path), 0)
+        apply_split(open_sources([loose]), load_split(path).fold_of, 0)
     (tmp_path / "bad.csv").write_text("name,group\na,1\n")
     with pytest.raises(CytoError, match="slide,fold"):
-        read_split(tmp_path / "bad.csv")
+        load_split(tmp_path / "bad.csv")
     (tmp_path / "bad2.csv").write_text("slide,fold\na,one\n")
     with pytest.raises(CytoError, match="not an integer"):
-        read_split(tmp_path / "bad2.csv")
+        load_split(tmp_path / "bad2.csv")
 
 
 def test_sampler_splits_ranks_and_resumes_mid_epoch() -> None:

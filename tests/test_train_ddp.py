@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import cytoretrieve.train.data as data_module
 from cytoretrieve.train.config import make_config
-from cytoretrieve.train.distributed import setup
+from cytoretrieve.distributed import setup
 from cytoretrieve.train.head import build_student_teacher
 from cytoretrieve.train.loop import train
 

@@ -5,6 +5,7 @@ exported backbone embeds with the fingerprint `export` printed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -265,3 +266,57 @@ def test_help_documents_recipes_splits_resume_and_torchrun(capsys, monkeypatch) 
         assert word in out, word
     assert run(["export", "--help"]) == 0
     assert "embed --weights" in capsys.readouterr().out
+
+
+def _forced_teacher(monkeypatch, output) -> None:  # noqa: ANN001
+    """Make the run's teacher head return `output(head_output)`: a collapse forced from step 1."""
+    import cytoretrieve.train.run as run_module
+
+    build = run_module.build_student_teacher
+
+    def collapsed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        student, teacher = build(*args, **kwargs)
+        teacher.head.register_forward_hook(lambda module, inputs, out: output(out))
+        return student, teacher
+
+    monkeypatch.setattr(run_module, "build_student_teacher", collapsed)
+
+
+def _one_hot(out: torch.Tensor) -> torch.Tensor:
+    forced = torch.zeros_like(out)
+    forced[:, 0] = 1.0
+    return forced
+
+
+@pytest.mark.parametrize(
+    "output, extra, signature",
+    [(torch.zeros_like, {}, "uniform"), (_one_hot, {"center_momentum": 1.0}, "one dimension")],
+)
+def test_a_forced_collapse_warns_after_warm_up_only(cells: Path, tmp_path: Path, monkeypatch, output, extra,
+                                                    signature) -> None:  # noqa: ANN001
+    _forced_teacher(monkeypatch, output)
+    # 8 images, batch 8: 1 step per epoch; 2 warm-up epochs, then 5 judged steps (the watch's window)
+    kw = dict(**TINY, batch_size=8, epochs=7, warmup_epochs=2, freeze_last_layer=1, **extra)
+    events: list[tuple[str, dict]] = []
+    report = train(make_config([cells], tmp_path / "run", **kw), on_event=lambda n, f: events.append((n, f)))
+    warnings = [f for name, f in events if name == "warning"]
+    assert len(report.warnings) == 1 and signature in report.warnings[0], report.warnings
+    assert [w["step"] for w in warnings] == [7]  # judged after warm-up (step 2), once the window is full
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(line.get("event") == "warning" and signature in line["message"] for line in logged)
+    # the same collapse inside warm-up is not judged: no warning
+    short = train(make_config([cells], tmp_path / "short", **{**kw, "epochs": 6}))
+    assert short.warnings == [] and short.finished
+
+
+def test_a_healthy_short_run_gives_no_collapse_warning(cells: Path, tmp_path: Path) -> None:
+    # the issue-14 case: a loss at ln(out_dim) in warm-up, then learning; judged over 5 steps after warm-up
+    config = make_config([cells], tmp_path / "run", **TINY, batch_size=8, epochs=8, warmup_epochs=2,
+                         freeze_last_layer=1, momentum_teacher=0.9)
+    report = train(config)
+    steps = _steps(tmp_path / "run" / "log.jsonl")
+    judged = [s for s in steps if s["step"] > 2]
+    assert report.finished and len(judged) >= 5
+    assert report.warnings == [], report.warnings
+    assert max(s["teacher_entropy"] for s in judged) < 0.98 * math.log(256)  # neither signature is there
+    assert min(s["teacher_batch_entropy"] for s in judged) > 0.02 * math.log(256)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cytoretrieve.train.head import DINOHead, DINOModel, WeightNormLinear
-from cytoretrieve.train.loop import CollapseWatch
+from cytoretrieve.train.collapse import CollapseWatch
 from cytoretrieve.train.loss import DINOLoss
 from cytoretrieve.train.optim import (
     cancel_gradients_last_layer,
@@ -132,12 +132,35 @@ def test_ema_update_is_the_convex_combination() -> None:
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(t, expected))
 
 
-def test_collapse_watch_warns_once_at_ln_out_dim_after_the_first_epoch() -> None:
-    watch = CollapseWatch(256, min_step=10, window=5)
-    target = math.log(256)
-    assert all(watch.update(step, target) is None for step in range(1, 10))  # too early
-    message = watch.update(10, target)
-    assert message is not None and "ln(out_dim)" in message
-    assert watch.update(11, target) is None  # once
-    healthy = CollapseWatch(256, min_step=0, window=3)
-    assert all(healthy.update(step, 3.0) is None for step in range(10))
+def test_collapse_watch_reads_the_two_signatures_only_after_warm_up() -> None:
+    ln_k = math.log(256)
+    watch = CollapseWatch(256, after_step=10, window=5)
+    # warm-up: a healthy run starts near-uniform (the false alarm of issue 14); nothing is judged
+    assert all(watch.update(step, ln_k, ln_k) is None for step in range(1, 11))
+    assert all(watch.update(step, ln_k, ln_k) is None for step in range(11, 15))  # the window is not full yet
+    message = watch.update(15, ln_k - 0.01, ln_k)
+    assert message is not None and "uniform" in message and "`teacher_temp`" in message
+    assert all(watch.update(step, ln_k, ln_k) is None for step in range(16, 30))  # once
+    dominant = CollapseWatch(256, after_step=0, window=3)
+    found = [dominant.update(step, 0.01, 0.02) for step in range(1, 6)]
+    assert found[:2] == [None, None] and "one dimension" in found[2] and found[3:] == [None, None]
+    healthy = CollapseWatch(256, after_step=0, window=3)
+    assert all(healthy.update(step, 2.0, 4.5) is None for step in range(1, 50)) and healthy.judging
+
+
+def test_dino_loss_stats_show_both_collapse_signatures() -> None:
+    """What the loss reports is what the watch reads: a constant teacher output is uniform after centring;
+    with the centre held at 0, one dominant output dimension gives a batch-mean entropy near 0."""
+    k, batch = 64, 6
+    student = torch.randn(2 * batch, k, generator=torch.Generator().manual_seed(0))
+    loss = DINOLoss(k, 2)
+    loss(student, torch.zeros(2 * batch, k), 0.04)
+    assert float(loss.last_stats["teacher_entropy"]) == pytest.approx(math.log(k), rel=1e-6)
+    dominant = torch.zeros(2 * batch, k)
+    dominant[:, 3] = 1.0
+    held = DINOLoss(k, 2, center_momentum=1.0)  # the centre never moves: sharpening alone
+    held(student, dominant, 0.04)
+    assert float(held.last_stats["teacher_batch_entropy"]) < 0.01 * math.log(k)
+    spread = torch.eye(k)[: 2 * batch] * 5  # each image its own dimension: a healthy, sharp teacher
+    held(student, spread, 0.04)
+    assert float(held.last_stats["teacher_batch_entropy"]) > 0.5 * math.log(k)

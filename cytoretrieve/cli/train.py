@@ -114,7 +114,7 @@ def train(
     console = Console(stderr=True)
     main = int(os.environ.get("RANK", "0")) == 0
     if preview is not None:
-        from cytoretrieve.train.loop import build_dataset
+        from cytoretrieve.train.data import build_dataset
         from cytoretrieve.views.train_preview import write_preview
 
         dataset, _ = build_dataset(config)

@@ -8,9 +8,7 @@ itself), with a stable id and the slide it comes from (for `--split`).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -22,10 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cytoretrieve.sources.cells.record import accepted_endings, walk_images
 from cytoretrieve.errors import CytoError
 from cytoretrieve.preprocess import to_rgb
+from cytoretrieve.sources.cells.record import accepted_endings, walk_images
+from cytoretrieve.sources.cohort.split import load_split
+from cytoretrieve.sources.resolve import not_a_table, resolve_source
 from cytoretrieve.train.augment import CellBank, DinoViews, PasteSpec, paste_cells, to_uint8_tensor
+from cytoretrieve.train.config import TrainConfig
 
 TILE_KEYS = ("path", "x", "y", "level", "read_size", "tile_size")  # what reading a tile-table row needs
 SLIDE_HANDLES = 32  # open slides per DataLoader worker: training visits slides in random order
@@ -66,10 +67,20 @@ class TrainItems:
         return h.hexdigest()
 
 
+def build_dataset(config: TrainConfig) -> tuple[TrainDataset, int]:
+    """The run's training dataset (after its split) and the number of held-out slides."""
+    source = open_sources(config.data, config.store)
+    held_out = 0
+    if config.split is not None:
+        source, held_out = apply_split(source, load_split(config.split).fold_of, int(config.fold))
+    bank = open_cell_bank(config.paste_cells, config.store) if config.paste_cells else None
+    return TrainDataset(source, DinoViews(config.views()), config.seed, bank, config.paste() if bank else None), held_out
+
+
 def open_sources(specs: Sequence[str | Path], store: str | None = None) -> TrainItems:
-    """Training items from every ``data`` value: a folder (every image below it, recursively; the slide of an
-    image is its top-level sub-folder), a known cell dataset folder (Herlev / SIPaKMeD: masks left out), a CSV
-    manifest (path,label[,group]: group is the slide), or the name of a tile table in `store` (from
+    """Training items from every `data` value, read by `sources.resolve` as `embed SOURCE` is: a folder (every
+    image below it, recursively; the slide of an image is its top-level sub-folder), a known cell dataset folder
+    (Herlev / SIPaKMeD: masks left out), a CSV manifest (path,label[,group]: group is the slide), or the name of a tile table in `store` (from
     `cytoretrieve tile`: one row per tile, its slide id). Ids are prefixed with the source's name when there
     are several sources."""
     if not specs:
@@ -90,24 +101,22 @@ def _open_one(spec: str, store: str | None) -> TrainItems:
     from cytoretrieve.sources.cells.herlev import looks_like_herlev
     from cytoretrieve.sources.cells.sipakmed import looks_like_sipakmed
 
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix.lower() == ".csv":
-        return _from_dataset(path, "manifest")
-    if path.is_dir():
-        if looks_like_herlev(path) or looks_like_sipakmed(path):
-            return _from_dataset(path, "auto")
-        root = path.resolve()
-        files = list(walk_images(root))
-        if not files:
-            raise CytoError(f"no images found under {path} (accepted endings: {accepted_endings()})")
-        ids = [f.relative_to(root).as_posix() for f in files]
-        slides = [i.split("/", 1)[0] if "/" in i else None for i in ids]
-        return TrainItems([str(f) for f in files], ids, slides)
-    if path.exists():
-        raise CytoError(f"cannot train from {path}: pass a folder of images, a CSV manifest or a tile table name")
-    if "/" in spec or "\\" in spec or path.suffix:
-        raise CytoError(f"training data not found: {path}")
-    return _from_tile_table(spec, store)
+    source = resolve_source(spec, param="data")
+    if source.kind == "table":
+        return _from_tile_table(source.value, store)
+    if source.kind == "manifest":
+        return _from_dataset(source.path, "manifest")
+    if source.kind == "slide":
+        raise CytoError(f"`data` {source.path} is a slide: tile it first (`cytoretrieve tile`) and pass its tile table")
+    root = source.path
+    if looks_like_herlev(root) or looks_like_sipakmed(root):
+        return _from_dataset(root, "auto")
+    files = list(walk_images(root))
+    if not files:
+        raise CytoError(f"no images found under {root} (accepted endings: {accepted_endings()})")
+    ids = [f.relative_to(root).as_posix() for f in files]
+    slides = [i.split("/", 1)[0] if "/" in i else None for i in ids]
+    return TrainItems([str(f) for f in files], ids, slides)
 
 
 def _from_dataset(path: Path, layout: str) -> TrainItems:
@@ -117,7 +126,7 @@ def _from_dataset(path: Path, layout: str) -> TrainItems:
     return TrainItems([r.path for r in records], [r.id for r in records], [r.group for r in records])
 
 
-def _from_tile_table(name: str, store: str | None) -> TrainItems:
+def _from_tile_table(name: str, store: str | None, param: str = "data") -> TrainItems:
     from cytoretrieve.store.tables import Store
 
     try:
@@ -126,10 +135,7 @@ def _from_tile_table(name: str, store: str | None) -> TrainItems:
         raise CytoError(f"reading tile table {name!r} needs the slide libraries: {e}") from e
     db = Store(store)
     if name not in db.table_names():
-        raise CytoError(
-            f"training data not found: {name!r} is neither a folder, a CSV manifest nor a tile table of store"
-            f" {db.uri} (pass `store`, or make one with `cytoretrieve tile`)"
-        )
+        raise not_a_table(name, db.uri, db.table_names(), param)
     rows = open_tile_table(db, name).rows(["id", "slide", *TILE_KEYS])
     if not rows:
         raise CytoError(f"tile table {name!r} in {db.uri} has no tiles")
@@ -145,12 +151,15 @@ def open_cell_bank(specs: Sequence[str | Path], store: str | None = None) -> Cel
     items: list[str | dict[str, Any]] = []
     masks: list[str | None] = []
     for spec in specs:
-        path = Path(spec).expanduser()
-        if not path.exists() and not ("/" in str(spec) or path.suffix):
-            cells = _from_tile_table(str(spec), store)
+        source = resolve_source(spec, param="paste_cells")
+        if source.kind == "table":
+            cells = _from_tile_table(source.value, store, "paste_cells")
             items += cells.items
             masks += [None] * len(cells)
             continue
+        if source.kind == "slide":
+            raise CytoError(f"`paste_cells` {source.path} is a slide: pass its cell table (`cytoretrieve annotations import`)")
+        path = source.path
         try:
             records = open_dataset(path).records
         except CytoError:
@@ -170,43 +179,6 @@ def open_cell_bank(specs: Sequence[str | Path], store: str | None = None) -> Cel
 
 
 # --- slide-level splits ----------------------------------------------------------------------------------
-
-
-def read_split(path: str | Path) -> dict[str, int]:
-    """slide id -> fold: the JSON `cytoretrieve split` writes, a CSV with columns `slide,fold`, or a JSON object
-    {slide: fold}."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CytoError(f"split file not found: {path} (make one with `cytoretrieve split`)")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
-            if isinstance(data, dict) and "kind" in data:  # the file `cytoretrieve split` writes
-                from cytoretrieve.sources.cohort.split import load_split
-
-                return dict(load_split(path).fold_of)
-            if not isinstance(data, dict):
-                raise CytoError(f"split file {path} must be a JSON object mapping slide ids to folds")
-            items = list(data.items())
-        else:
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                fields = [c.strip().lower() for c in reader.fieldnames or []]
-                if "slide" not in fields or "fold" not in fields:
-                    raise CytoError(f"split file {path} needs the columns slide,fold (found: {', '.join(fields) or 'none'})")
-                rows = [{str(k).strip().lower(): v for k, v in row.items()} for row in reader]
-                items = [(row["slide"], row["fold"]) for row in rows]
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CytoError(f"could not read split file {path}: {str(e).splitlines()[0] if str(e) else e}") from e
-    split: dict[str, int] = {}
-    for slide, fold in items:
-        try:
-            split[str(slide).strip()] = int(str(fold).strip())
-        except ValueError:
-            raise CytoError(f"split file {path}: fold {fold!r} of slide {slide!r} is not an integer") from None
-    if not split:
-        raise CytoError(f"split file {path} lists no slides")
-    return split
 
 
 def apply_split(source: TrainItems, split: dict[str, int], fold: int) -> tuple[TrainItems, int]:
