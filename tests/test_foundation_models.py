@@ -16,6 +16,7 @@ from PIL import Image
 
 from cytoretrieve import backbones, foundation
 from cytoretrieve.backbones import backbone_from_metadata, load_backbone
+from cli_lines import one_line_exit_2
 from cytoretrieve.cli import run
 from cytoretrieve.errors import CytoError
 
@@ -104,14 +105,6 @@ def test_readme_table_lists_the_registry(tmp_path) -> None:
         assert f"hf-hub:{entry.hub}" in readme, entry.hub
 
 
-def _one_line(capsys, argv) -> str:
-    capsys.readouterr()
-    assert run(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_a_gated_hub_model_says_how_to_log_in_or_use_a_local_copy(tmp_path, monkeypatch, capsys) -> None:
     import httpx2
     from huggingface_hub.errors import GatedRepoError
@@ -122,7 +115,7 @@ def test_a_gated_hub_model_says_how_to_log_in_or_use_a_local_copy(tmp_path, monk
 
     monkeypatch.setattr(backbones.timm, "create_model", gated)
     monkeypatch.setattr(backbones, "_go_offline_when_hub_unreachable", lambda: False)  # as if the hub answered
-    err = _one_line(capsys, ["embed", str(tmp_path), "--backbone", "hf-hub:MahmoodLab/UNI", "--store", str(tmp_path / "s")])
+    err = one_line_exit_2(["embed", str(tmp_path), "--backbone", "hf-hub:MahmoodLab/UNI", "--store", str(tmp_path / "s")], capsys)
     assert "gated" in err and "hf auth login" in err and "HF_TOKEN" in err and "--backbone local-dir:" in err
 
 
@@ -139,9 +132,9 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path, monkeypatch) -
 
 def test_local_dir_not_in_hub_layout_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "weights").mkdir()
-    err = _one_line(capsys, ["embed", str(tmp_path), "--backbone", f"local-dir:{tmp_path / 'weights'}",
-                             "--store", str(tmp_path / "s")])
+    err = one_line_exit_2(["embed", str(tmp_path), "--backbone", f"local-dir:{tmp_path / 'weights'}",
+                             "--store", str(tmp_path / "s")], capsys)
     assert "config.json" in err and "--backbone" in err
-    err = _one_line(capsys, ["embed", str(tmp_path), "--backbone", f"local-dir:{tmp_path / 'nowhere'}",
-                             "--store", str(tmp_path / "s")])
+    err = one_line_exit_2(["embed", str(tmp_path), "--backbone", f"local-dir:{tmp_path / 'nowhere'}",
+                             "--store", str(tmp_path / "s")], capsys)
     assert re.search(r"no folder .*nowhere", err)

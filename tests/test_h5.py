@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
+from cli_lines import one_line_exit_2
 from cytoretrieve.cli import run
 from cytoretrieve.errors import CytoError
 from cytoretrieve.interop import import_h5
@@ -293,14 +294,6 @@ def test_export_of_a_tiled_table_computes_tridents_magnifications(tmp_path) -> N
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
-def _one_line_exit_2(argv, capsys) -> str:
-    capsys.readouterr()
-    assert run(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize("damage, message", [
     ("no_features", "has no 'features' dataset"),
     ("no_coords", "has no 'coords' dataset"),
@@ -324,7 +317,7 @@ def test_bad_feature_files_are_refused_with_one_line_and_nothing_written(trident
                                      "coords": {"patch_size": 256, "patch_size_level0": 512,
                                                 "level0_magnification": 40, "target_magnification": 20}})
     store = tmp_path / "store"
-    err = _one_line_exit_2(["import", "h5", str(folder), "--table", "t", "--store", str(store)], capsys)
+    err = one_line_exit_2(["import", "h5", str(folder), "--table", "t", "--store", str(store)], capsys)
     assert message in err and ("s07.h5" in err)
     assert "t" not in Store(store).table_names()
 
@@ -332,13 +325,13 @@ def test_bad_feature_files_are_refused_with_one_line_and_nothing_written(trident
 def test_import_flags_in_messages_and_labels_for_unknown_slides(trident, tmp_path, capsys) -> None:
     folder, _, _ = trident
     store = str(tmp_path / "store")
-    err = _one_line_exit_2(["import", "h5", str(folder), "--table", "t", "--store", store, "--encoder", "virchow2"], capsys)
+    err = one_line_exit_2(["import", "h5", str(folder), "--table", "t", "--store", store, "--encoder", "virchow2"], capsys)
     assert "--encoder" in err and "uni_v1" in err
     labels = tmp_path / "extra.csv"
     labels.write_text("slide,label,binary\ns00,HSIL,1\nzz,NILM,0\n")
-    err = _one_line_exit_2(["import", "h5", str(folder), "--table", "t", "--store", store, "--labels", str(labels)], capsys)
+    err = one_line_exit_2(["import", "h5", str(folder), "--table", "t", "--store", store, "--labels", str(labels)], capsys)
     assert "--labels" in err and "zz" in err
-    err = _one_line_exit_2(["import", "h5", str(tmp_path / "nowhere"), "--table", "t", "--store", store], capsys)
+    err = one_line_exit_2(["import", "h5", str(tmp_path / "nowhere"), "--table", "t", "--store", store], capsys)
     assert "nowhere" in err
     assert Store(store).table_names() == []
 
@@ -350,7 +343,7 @@ def test_export_refuses_to_overwrite_without_the_flag(trident, tmp_path, capsys)
     out = tmp_path / "out"
     out.mkdir()
     (out / "s03.h5").write_bytes(b"someone else's file")
-    err = _one_line_exit_2(["export", "h5", "--table", "t", "--out", str(out), "--store", store.uri], capsys)
+    err = one_line_exit_2(["export", "h5", "--table", "t", "--out", str(out), "--store", store.uri], capsys)
     assert "--overwrite" in err and "s03.h5" in err
     assert sorted(p.name for p in out.iterdir()) == ["s03.h5"]  # nothing written, the other file untouched
     assert run(["export", "h5", "--table", "t", "--out", str(out), "--store", store.uri, "--overwrite"]) == 0
@@ -362,7 +355,7 @@ def test_export_needs_tile_rows(tmp_path, capsys) -> None:
     store = Store(tmp_path / "store")
     table = store.create_or_open("cells", {"arch": "resnet18", "fingerprint": "e" * 64, "dim": 4}, {"name": "c"})
     table.add(table.make_rows([{"id": f"c{i}", "label": "x"} for i in range(3)], np.ones((3, 4), np.float32)))
-    err = _one_line_exit_2(["export", "h5", "--table", "cells", "--out", str(tmp_path / "o"), "--store", store.uri], capsys)
+    err = one_line_exit_2(["export", "h5", "--table", "cells", "--out", str(tmp_path / "o"), "--store", store.uri], capsys)
     assert "no slide" in err and "tile rows" in err
     assert not (tmp_path / "o").exists()
 
@@ -415,3 +408,20 @@ def test_score_out_writes_qupath_objects_that_read_back_the_same(trident, tmp_pa
     positives = [f for path in files for f in json.loads(path.read_text())["features"]
                  if f["properties"]["classification"]["name"] == "Positive"]
     assert positives  # the pushed patches of positive slides score above 0
+
+
+def test_transfer_between_imports_of_one_encoder_and_not_across_encoders(tmp_path) -> None:
+    from cytoretrieve.queries.transfer import transfer
+
+    store = Store(tmp_path / "store")
+    rng = np.random.default_rng(5)
+    for name, encoder, slides in (("a", "uni_v1", POSITIVE[:3] + NEGATIVE[:3]), ("b", "uni_v1", POSITIVE[3:] + NEGATIVE[3:]),
+                                  ("c", "conch_v1", POSITIVE[3:] + NEGATIVE[3:])):
+        write_trident_folder(tmp_path / name, rng, encoder=encoder, slides=slides)
+        import_h5(tmp_path / name, store, name, labels=write_labels(tmp_path / f"{name}.csv", slides))
+    result = transfer([store.open("a")], store.open("b"), k=5)
+    assert result.fingerprint == store.open("a").fingerprint == store.open("b").fingerprint
+    with pytest.raises(CytoError, match="different backbones"):
+        transfer([store.open("a")], store.open("c"), k=5)
+    with pytest.raises(CytoError, match="uni_v1"):  # one table, one encoder: conch files are refused
+        import_h5(tmp_path / "c", store, "a")

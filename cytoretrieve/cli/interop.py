@@ -97,7 +97,7 @@ def export_h5(
     report = run_export(Store(store).open(table), out, layout=layout, overwrite=overwrite, where=where)
     console = Console()
     console.print(f"{report.slides} slides, {report.rows} patches -> {len(report.files)} {layout} files in {out} "
-                  f"in {report.seconds:.1f} s ({report.rows_per_second:,.0f} rows/s)")
+                  f"in {report.seconds:.1f} s ({report.to_dict()['rows_per_second']:,.0f} rows/s)")
     for note in report.notes:
         console.print(f"note: {note}")
     if json_out:

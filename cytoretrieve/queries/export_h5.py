@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,9 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows / self.seconds if self.seconds > 0 else 0.0
-
     def to_dict(self) -> dict[str, Any]:
-        return {"table": self.table, "out": self.out, "layout": self.layout, "slides": self.slides, "rows": self.rows,
-                "files": len(self.files), "notes": self.notes, "seconds": round(self.seconds, 3),
-                "rows_per_second": round(self.rows_per_second, 1)}
+        """As JSON: the files counted, not listed."""
+        return {**asdict(self), "files": len(self.files), "rows_per_second": round(self.rows / max(self.seconds, 1e-9), 1)}
 
 
 # --- layouts: file names and attributes --------------------------------------------------------------------
