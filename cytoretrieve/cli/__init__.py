@@ -88,17 +88,40 @@ def _log_warnings() -> None:
         log.propagate = False
 
 
+def _click_exceptions():  # noqa: ANN202 - the module
+    """The exceptions of the click that typer runs on (recent typer vendors its own copy)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` and return its exit code (what `main` exits with; handy in tests)."""
+    click = _click_exceptions()
     _log_warnings()
+    command = typer.main.get_command(app)
     try:
-        app(args=argv, prog_name="cytoretrieve")
-    except SystemExit as e:  # typer's standalone mode: help, usage errors (2), typer.Exit
+        result = command.main(args=argv, prog_name="cytoretrieve", standalone_mode=False)
+    except click.NoArgsIsHelpError as e:  # a group called bare: its help, as click would show it
+        e.ctx.get_help()  # typer's rich formatter prints it
+        return 0
+    except click.UsageError as e:  # a bad option value, an unknown option, a missing argument: one line, not a box
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        print(f"cytoretrieve: error: {e.format_message()}{hint}", file=sys.stderr)
+        return 2
+    except typer.Abort:  # Ctrl-C at a prompt
+        print("cytoretrieve: aborted", file=sys.stderr)
+        return 130
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except CytoError as e:
         print(f"cytoretrieve: error: {flag_message(str(e))}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def main() -> None:
