@@ -104,8 +104,7 @@ def run(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="cytoretrieve", standalone_mode=False)
-    except click.NoArgsIsHelpError as e:  # a group called bare: its help, as click would show it
-        e.ctx.get_help()  # typer's rich formatter prints it
+    except click.NoArgsIsHelpError:  # a group called bare: typer has printed its help already
         return 0
     except click.UsageError as e:  # a bad option value, an unknown option, a missing argument: one line, not a box
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
