@@ -1,7 +1,8 @@
 // cytoretrieve viewer: plain JS over the JSON endpoints (no build step). State: the table and the last query.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { table: null, facets: null, query: null };  // query: {id} or {file}
+// query: {id} or {file}; seq numbers each search so a slow, older answer never overwrites a newer one
+const state = { table: null, facets: null, query: null, seq: 0 };
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -48,6 +49,7 @@ async function loadTables() {
 async function chooseTable(name) {
   state.table = name;
   state.query = null;
+  state.seq += 1;
   $("table").value = name;
   $("results").innerHTML = "";
   $("overviews").innerHTML = "";
@@ -65,8 +67,10 @@ async function chooseTable(name) {
 }
 
 async function loadBrowse() {
+  const table = state.table;
   const params = new URLSearchParams({ ...filters(), limit: "60" });
-  const page = await (await api(`/api/tables/${encodeURIComponent(state.table)}/rows?${params}`)).json();
+  const page = await (await api(`/api/tables/${encodeURIComponent(table)}/rows?${params}`)).json();
+  if (table !== state.table) return;  // another table was chosen meanwhile
   $("browse-total").textContent = `(${page.rows.length} of ${page.total})`;
   $("browse").innerHTML = page.rows.map((r) =>
     `<img class="cell" loading="lazy" src="${esc(r.thumbnail)}" data-id="${esc(r.id)}" title="${esc(r.label ?? "")} ${esc(r.id)}" alt="${esc(r.id)}">`).join("");
@@ -84,14 +88,16 @@ function request(format) {
 
 async function runSearch() {
   if (!state.query) return;
+  const seq = ++state.seq;
   status("searching…");
   try {
     const [url, options] = request("json");
     const result = await (await api(url, options)).json();
+    if (seq !== state.seq) return;  // a newer search (or table) has been asked for meanwhile
     render(result);
     status(`${result.hits.length} nearest to ${result.query}${result.where ? " where " + result.where : ""}`);
   } catch (e) {
-    status(e.message, true);
+    if (seq === state.seq) status(e.message, true);
   }
 }
 
