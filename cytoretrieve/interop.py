@@ -126,7 +126,9 @@ def import_h5(
     if missing_slides:
         report.notes.append(f"{missing_slides} slide(s) have no slide file in {slides}: their rows have no path")
     if report.slides:
-        vector_table.finish()
+        vector_table.finish()  # compacts, indexes and releases the write lease
+    elif vector_table.lease is not None:
+        vector_table.lease.release()
     report.seconds = time.perf_counter() - start
     return report
 

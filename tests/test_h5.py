@@ -300,6 +300,7 @@ def test_export_of_a_tiled_table_computes_tridents_magnifications(tmp_path) -> N
     ("lengths", "'features' has 64 rows but 'coords' has 63"),
     ("nan", "3 of 64 patch vectors hold NaN or inf"),
     ("dims", "8-d features, but"),
+    ("repeats", "2 patches repeat the coordinates of another"),
     ("encoder", "encoder 'conch_v1', but"),
 ])
 def test_bad_feature_files_are_refused_with_one_line_and_nothing_written(trident, tmp_path, capsys, damage, message) -> None:
@@ -309,6 +310,9 @@ def test_bad_feature_files_are_refused_with_one_line_and_nothing_written(trident
     if damage == "nan":
         feats = feats.copy()
         feats[[1, 5, 9], 2] = [np.nan, np.inf, -np.inf]
+    if damage == "repeats":
+        coords = coords.copy()
+        coords[[3, 4]] = coords[0]
     assets = {"no_features": {"coords": coords}, "no_coords": {"features": feats},
               "lengths": {"features": feats, "coords": coords[:-1]},
               "dims": {"features": feats[:, :8], "coords": coords}}.get(damage, {"features": feats, "coords": coords})

@@ -201,14 +201,27 @@ def feature_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def check_finite(path: Path, rows: int) -> None:
-    """Refuse a file whose vectors hold NaN or inf (counted over the whole file, read in chunks)."""
+def _coords(path: Path, raw: np.ndarray) -> np.ndarray:
+    """Level-0 x, y as int64; coordinates that are not whole pixels, or that repeat, are refused."""
+    if np.issubdtype(raw.dtype, np.floating) and (not np.isfinite(raw).all() or (raw != np.round(raw)).any()):
+        raise CytoError(f"{path}: 'coords' must be whole level-0 pixels")
+    xy = raw.astype(np.int64)
+    repeated = len(xy) - len(np.unique(xy, axis=0))
+    if repeated:
+        raise CytoError(f"{path}: {repeated} patches repeat the coordinates of another (each patch is stored once)")
+    return xy
+
+
+def check_values(path: Path, rows: int) -> None:
+    """Refuse a file whose vectors hold NaN or inf (counted over the whole file, read in chunks) or whose
+    coordinates are not whole, distinct pixels: checked before an import writes anything."""
     bad = 0
     with _open(path) as f:
         feats = f["features"]
         for start in range(0, rows, FINITE_CHUNK):
             block = feats[start:start + FINITE_CHUNK]
             bad += int((~np.isfinite(block)).any(axis=1).sum())
+        _coords(path, np.asarray(f["coords"][:]))
     if bad:
         raise CytoError(f"{path}: {bad} of {rows} patch vectors hold NaN or inf: fix or drop them before importing")
 
@@ -243,7 +256,7 @@ def inspect_folder(folder: str | Path, *, layout: str = "auto", patches: str | P
         if named != first:
             raise CytoError(f"{path}: encoder '{named}', but {files[0].path.name} has '{first}': "
                             "a table holds one encoder's vectors")
-        check_finite(path, ff.rows)
+        check_values(path, ff.rows)
         files.append(ff)
     if not files:
         raise CytoError(f"no patches in any feature file of {folder}")
@@ -253,18 +266,11 @@ def inspect_folder(folder: str | Path, *, layout: str = "auto", patches: str | P
 def read_patches(ff: FeatureFile, *, dataset: str, label: SlideLabel | None = None,
                  slide_path: str | None = None, slide_mpp: float | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
     """(row dicts, vectors float32) of one slide's file: ids `slide@x,y,extent`, level-0 x, y, patch geometry and
-    the slide's label. Duplicate coordinates are refused (each id is stored once)."""
+    the slide's label."""
     with _open(ff.path) as f:
         vectors = np.asarray(f["features"][:], dtype=np.float32)
-        coords = np.asarray(f["coords"][:])
-    if np.issubdtype(coords.dtype, np.floating):
-        if not np.isfinite(coords).all() or (coords != np.round(coords)).any():
-            raise CytoError(f"{ff.path}: 'coords' must be whole level-0 pixels")
-    xy = coords.astype(np.int64)
+        xy = _coords(ff.path, np.asarray(f["coords"][:]))
     geo = ff.geometry
-    unique = np.unique(xy, axis=0)
-    if len(unique) != len(xy):
-        raise CytoError(f"{ff.path}: {len(xy) - len(unique)} patches repeat the coordinates of another")
     mpp = geo.mpp if geo.mpp is not None else (slide_mpp * geo.extent / geo.patch_size if slide_mpp else None)
     base = {
         "dataset": dataset, "path": slide_path, "label": label.label if label else None,
