@@ -110,15 +110,21 @@ def test_targets_without_positives_or_labels_are_errors(store: Store) -> None:
         transfer([store.open("sipakmed_r18")], store.open("cric_r18"), k=26)
 
 
-def test_cli_prints_one_column_per_support_and_json(store: Store, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("columns", ["200", "80"])
+def test_cli_prints_one_column_per_support_and_json(store: Store, tmp_path, capsys, monkeypatch,
+                                                     columns: str) -> None:
+    monkeypatch.setenv("COLUMNS", columns)  # 80: too narrow for three support columns, so one row per support
     out_json = tmp_path / "t3.json"
     code = run(["transfer", "--store", store.uri, "--support", "herlev_r18", "--support", "sipakmed_r18",
                 "--support", "herlev_r18,sipakmed_r18", "--target", "mixed_r18", "--k", "3", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert code == 0
     for word in ("herlev", "sipakmed", "herlev+sipakmed", f"resnet18 {FP[:12]}", "sensitivity", "specificity",
-                 "balanced accuracy", "TN 3 FP 1 FN 1 TP 4"):
+                 "TN 3 FP 1 FN 1 TP 4"):
         assert word in out
+    assert ("balanced accuracy" if columns == "200" else "bal. acc.") in out
+    table = [line for line in out.splitlines() if ": support" not in line and "left out" not in line]
+    assert max(len(line) for line in table) <= int(columns) and "…" not in out  # the table fits, nothing cut
     data = json.loads(out_json.read_text())
     assert [r["column"] for r in data["results"]] == ["herlev", "sipakmed", "herlev+sipakmed"]
     api = transfer([store.open("herlev_r18")], store.open("mixed_r18"), k=3).to_dict()

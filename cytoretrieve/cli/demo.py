@@ -29,6 +29,7 @@ def demo(
     model; see the README for the same run on Herlev with pretrained or DINO weights.
     """
     from cytoretrieve.store.tables import Store, table_name_for
+    from cytoretrieve.sources.cells import open_dataset
     from cytoretrieve.sources.cells.synthetic import make_cells
 
     console = Console()
@@ -39,7 +40,7 @@ def demo(
             console.print(f"drawing {7 * per_class} synthetic cells into {data}")
             make_cells(data, per_class=per_class)
         label_map = data / "label_map.json"
-    table = table_name_for(data.name, backbone)
+    table = table_name_for(open_dataset(data, label_map=label_map).name, backbone)  # the name `embed` gives it
     console.print(f"[bold]1/3[/] embed {data} -> table {table}")
     embed_cmd.embed(data, backbone=backbone, weights=weights, table=table, store=store, label_map=label_map,
                     image_size=image_size, batch_size=32, workers=None, device="auto", commit_rows=2048)

@@ -16,6 +16,38 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _metrics(results: list, positives_only: bool) -> list[tuple[str, list[str]]]:  # noqa: ANN001 - TransferResults
+    rows = [("sensitivity", [_num(r.sensitivity) for r in results])]
+    if not positives_only:
+        rows += [("specificity", [_num(r.specificity) for r in results]), ("F1", [_num(r.f1) for r in results]),
+                 ("balanced accuracy", [_num(r.balanced_accuracy) for r in results])]
+    return rows + [("k", [f"{r.k} (cv)" if r.k_selected else str(r.k) for r in results])]
+
+
+def _view(title: str, backbone: str, columns: list[str], results: list, positives_only: bool,
+          width: int) -> RichTable:  # noqa: ANN001
+    """One column per support set when they fit the terminal; else one row per support set (never a dropped
+    column)."""
+    metrics = _metrics(results, positives_only)
+    wide = len(backbone) + 3 + len("balanced accuracy") + 3 + sum(max(len(c), 6) + 3 for c in columns) + 2
+    view = RichTable(title=title, box=box.SIMPLE_HEAD)
+    if wide <= width:
+        view.add_column("backbone", no_wrap=True)
+        view.add_column("", no_wrap=True)
+        for name in columns:
+            view.add_column(name, justify="right", no_wrap=True)
+        for i, (metric, values) in enumerate(metrics):
+            view.add_row(backbone if i == 0 else "", metric, *values, style="bold" if i == 0 else None)
+        return view
+    view.caption = f"backbone {backbone}"
+    view.add_column("support", overflow="fold")
+    for metric, _ in metrics:
+        view.add_column("bal. acc." if metric == "balanced accuracy" else metric, justify="right", no_wrap=True)
+    for j, name in enumerate(columns):
+        view.add_row(name, *[values[j] for _, values in metrics])
+    return view
+
+
 def _column_names(groups: list[list]) -> list[str]:
     """One column per support set: its datasets joined by '+' (herlev+sipakmed); table names when those collide."""
     def dataset(t) -> str:  # noqa: ANN001 - a store.VectorTable
@@ -71,20 +103,11 @@ def transfer(
 
     first = results[0]
     negatives = first.n_target - first.n_target_positive
-    view = RichTable(title=f"Transfer to {target}: {first.n_target} cells ({first.n_target_positive} positive, "
-                           f"{negatives} negative), {vote} vote", box=box.SIMPLE_HEAD)
-    view.add_column("backbone", no_wrap=True)
-    view.add_column("", no_wrap=True)
-    for name in columns:
-        view.add_column(name, justify="right", overflow="fold", min_width=min(len(name), 24))
-    backbone = f"{first.arch} {first.fingerprint[:12]}"
-    view.add_row(backbone, "sensitivity", *[_num(r.sensitivity) for r in results], style="bold")
-    if not first.positives_only:
-        view.add_row("", "specificity", *[_num(r.specificity) for r in results])
-        view.add_row("", "F1", *[_num(r.f1) for r in results])
-        view.add_row("", "balanced accuracy", *[_num(r.balanced_accuracy) for r in results])
-    view.add_row("", "k", *[f"{r.k} (cv)" if r.k_selected else str(r.k) for r in results])
+    title = (f"Transfer to {target}: {first.n_target} cells ({first.n_target_positive} positive, {negatives} "
+             f"negative), {vote} vote")
     console = Console()
+    view = _view(title, f"{first.arch} {first.fingerprint[:12]}", columns, results, first.positives_only,
+                 console.width)
     console.print(view)
     for name, r in zip(columns, results):
         line = (f"{name}: support {r.n_support} vectors ({r.n_support_positive} positive) from "
