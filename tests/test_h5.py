@@ -83,6 +83,14 @@ def clam_read_bag(data_dir, slide_id):
         return hdf5_file["features"][:], hdf5_file["coords"][:]
 
 
+def clam_read_pt(data_dir, slide_id):
+    """`Generic_MIL_Dataset.__getitem__` without h5 (CLAM's default for training): pt_files/<slide>.pt."""
+    import torch
+
+    full_path = os.path.join(data_dir, "pt_files", "{}.pt".format(slide_id))
+    return torch.load(full_path)
+
+
 def clam_read_patch_geometry(patches_file):
     """`Whole_Slide_Bag_FP.__init__` (and TRIDENT's `read_coords_legacy`): patch_level, patch_size, length."""
     with h5py.File(patches_file, "r") as f:
@@ -262,12 +270,13 @@ def test_export_clam_is_read_by_clams_readers_and_round_trips(tmp_path) -> None:
     import_h5(tmp_path / "src" / "feats", store, "clam_t", encoder="resnet50_trunc", patches=tmp_path / "src" / "patches")
     out = tmp_path / "out"
     report = export_h5(store.open("clam_t"), out, layout="clam")
-    assert report.slides == 12 and len(report.files) == 24
+    assert report.slides == 12 and len(report.files) == 36
     for slide, (feats, coords) in data.items():
         got_feats, got_coords = clam_read_bag(out, slide)
         np.testing.assert_array_equal(got_feats, feats)
         np.testing.assert_array_equal(got_coords, coords)
         assert got_feats.dtype == np.float32 and got_coords.dtype == np.int32
+        np.testing.assert_array_equal(clam_read_pt(out, slide).numpy(), feats)
         level, size, length, custom = clam_read_patch_geometry(out / "patches" / f"{slide}.h5")
         assert (level, size, length, custom) == (1, 256, SIDE * SIDE, 1)
     import_h5(out, store, "again", encoder="resnet50_trunc")  # the feature file's coords carry the geometry
@@ -429,3 +438,24 @@ def test_transfer_between_imports_of_one_encoder_and_not_across_encoders(tmp_pat
         transfer([store.open("a")], store.open("c"), k=5)
     with pytest.raises(CytoError, match="uni_v1"):  # one table, one encoder: conch files are refused
         import_h5(tmp_path / "c", store, "a")
+
+
+def test_an_export_that_fails_midway_leaves_nothing(trident, tmp_path, monkeypatch) -> None:
+    import cytoretrieve.queries.export_h5 as ex
+
+    folder, _, _ = trident
+    store = Store(tmp_path / "store")
+    import_h5(folder, store, "t")
+    real, calls = ex._write_block, []
+
+    def failing(plan, vectors, xy):  # noqa: ANN001, ANN202 - the disk fills up after a few slides
+        calls.append(plan.slide)
+        if len(calls) == 3:
+            raise OSError("No space left on device")
+        real(plan, vectors, xy)
+
+    monkeypatch.setattr(ex, "_write_block", failing)
+    out = tmp_path / "new" / "clam_out"
+    with pytest.raises(OSError, match="No space"):
+        export_h5(store.open("t"), out, layout="clam")
+    assert not (tmp_path / "new").exists()  # no partial files, no folders made for them

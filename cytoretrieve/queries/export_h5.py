@@ -7,8 +7,9 @@
 - `clam`: `OUT/h5_files/<slide>.h5` with `features` float32 and `coords` int32 (what CLAM's
   `extract_features_fp.py` writes and `Generic_MIL_Dataset` reads), and `OUT/patches/<slide>.h5` with `coords`
   int64 and the patch attributes `patch_size`, `patch_level`, `downsample`, `name`, `save_path` (what
-  `Whole_Slide_Bag_FP` and `read_coords_legacy` read). The feature file's `coords` carry the same attributes, so
-  `import h5` needs no patches folder to read it back.
+  `Whole_Slide_Bag_FP` and `read_coords_legacy` read), and `OUT/pt_files/<slide>.pt`, the features as a torch
+  float32 tensor (what CLAM's training reads by default). The feature file's `coords` carry the same attributes,
+  so `import h5` needs no patches folder to read it back.
 
 Geometry comes from the rows: level-0 `x`, `y`; the patch side `tile_size`; its level-0 side from the tile id
 (`slide@x,y,extent`); `level`; magnification = 10 / `mpp` (TRIDENT's convention). A table imported from h5 files
@@ -48,6 +49,7 @@ class SlidePlan:
     mpp: float | None
     source: dict[str, Any] | None  # the slide's attributes as imported (table metadata), if any
     paths: dict[str, Path] = field(default_factory=dict)
+    h5_kinds: tuple[str, ...] = ()  # the paths written as h5 while streaming
     written: int = 0
 
 
@@ -100,7 +102,18 @@ def trident_attrs(plan: SlidePlan, out: Path, encoder: str) -> tuple[dict[str, A
 
 
 def clam_paths(out: Path, slide: str) -> dict[str, Path]:
-    return {"features": out / "h5_files" / f"{slide}.h5", "patches": out / "patches" / f"{slide}.h5"}
+    return {"features": out / "h5_files" / f"{slide}.h5", "patches": out / "patches" / f"{slide}.h5",
+            "pt": out / "pt_files" / f"{slide}.pt"}
+
+
+def clam_pt(plan: SlidePlan) -> None:
+    """CLAM's `pt_files/<slide>.pt` (what its training reads by default): the features as a float32 tensor."""
+    import h5py
+    import torch
+
+    with h5py.File(_partial(plan.paths["features"]), "r") as f:
+        features = torch.from_numpy(f["features"][:])
+    torch.save(features, _partial(plan.paths["pt"]))
 
 
 def clam_attrs(plan: SlidePlan, out: Path, encoder: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -119,12 +132,13 @@ def clam_attrs(plan: SlidePlan, out: Path, encoder: str) -> tuple[dict[str, Any]
 class Layout:
     paths: Callable[[Path, str], dict[str, Path]]
     attrs: Callable[[SlidePlan, Path, str], tuple[dict[str, Any], dict[str, Any]]]
-    coords_dtype: dict[str, type]  # per file kind
+    coords_dtype: dict[str, type]  # per h5 file kind: the dtype of its `coords`
+    extra: Callable[[SlidePlan], None] | None = None  # files made from a slide's finished h5 (CLAM's .pt)
 
 
 LAYOUTS: dict[str, Layout] = {
     "trident": Layout(trident_paths, trident_attrs, {"features": np.int64}),
-    "clam": Layout(clam_paths, clam_attrs, {"features": np.int32, "patches": np.int64}),
+    "clam": Layout(clam_paths, clam_attrs, {"features": np.int32, "patches": np.int64}, clam_pt),
 }
 
 
@@ -177,6 +191,16 @@ def _check_out(out: Path, plans: Sequence[SlidePlan], overwrite: bool) -> None:
                         "pass `overwrite` to replace them")
 
 
+def _make_dirs(folders: Sequence[Path]) -> list[Path]:
+    """Create the folders; return those that did not exist, parents first (an error removes them again)."""
+    made: list[Path] = []
+    for folder in folders:
+        missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+        folder.mkdir(parents=True, exist_ok=True)
+        made.extend(p for p in missing if p not in made)
+    return made
+
+
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL)
 
@@ -184,9 +208,7 @@ def _partial(path: Path) -> Path:
 def _create(plan: SlidePlan, kind: str, layout: Layout, dim: int, attrs: tuple[dict[str, Any], dict[str, Any]]) -> None:
     import h5py
 
-    path = _partial(plan.paths[kind])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
+    with h5py.File(_partial(plan.paths[kind]), "w") as f:
         if kind == "features":
             feats = f.create_dataset("features", shape=(plan.rows, dim), dtype=np.float32)
             _set_attrs(feats, attrs[0])
@@ -206,6 +228,8 @@ def _write_block(plan: SlidePlan, vectors: np.ndarray, xy: np.ndarray) -> None:
     if stop > plan.rows:
         raise CytoError(f"slide '{plan.slide}' gained rows during the export: run it again")
     for kind, path in plan.paths.items():
+        if kind not in plan.h5_kinds:
+            continue
         with h5py.File(_partial(path), "r+") as f:
             if kind == "features":
                 f["features"][start:stop] = vectors
@@ -236,21 +260,25 @@ def export_h5(table: VectorTable, out: str | Path, *, layout: str = "trident", o
     plans = plan_slides(table, where)
     for plan in plans:
         plan.paths = spec.paths(out, plan.slide)
+        plan.h5_kinds = tuple(spec.coords_dtype)
     _check_out(out, plans, overwrite)
     report = ExportReport(table.name, str(out), layout)
     encoder = str(table.meta["backbone"]["arch"])
     if any(p.mpp is None and not p.source for p in plans) and layout == "trident":
         report.notes.append(f"rows without a pixel size (mpp): their magnification is written as "
                             f"{DEFAULT_MAGNIFICATION:g}x (assumed)")
+    made = _make_dirs(sorted({path.parent for plan in plans for path in plan.paths.values()}))
     try:
         for plan in plans:
             attrs = spec.attrs(plan, out, encoder)
-            for kind in plan.paths:
+            for kind in plan.h5_kinds:
                 _create(plan, kind, spec, table.dim, attrs)
         _stream(table, {p.slide: p for p in plans}, where)
         short = [p.slide for p in plans if p.written != p.rows]
         if short:
             raise CytoError(f"slide '{short[0]}' lost rows during the export: run it again")
+        for plan in plans if spec.extra else ():
+            spec.extra(plan)
         for plan in plans:
             for path in plan.paths.values():
                 os.replace(_partial(path), path)
@@ -259,6 +287,8 @@ def export_h5(table: VectorTable, out: str | Path, *, layout: str = "trident", o
         for plan in plans:
             for path in plan.paths.values():
                 _partial(path).unlink(missing_ok=True)
+        for folder in reversed(made):
+            folder.rmdir()
         raise
     report.slides = len(plans)
     report.rows = sum(p.rows for p in plans)
