@@ -37,9 +37,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from cytoretrieve.backbones import load_backbone, resolve_device
+    from cytoretrieve.backbones import load_backbone
+    from cytoretrieve.embed import embed, forward, prepare
+    from cytoretrieve.runtime import default_workers, resolve_device
     from cytoretrieve.sources.cells import open_dataset
-    from cytoretrieve.embed import default_workers, embed, forward, prepare
     from cytoretrieve.store.tables import Store
 
     device = resolve_device(args.device)

@@ -34,13 +34,13 @@ TRAIN_TIMEOUT = timedelta(minutes=30)  # training ranks meet at every step
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of this process under torchrun; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def local_rank_world() -> tuple[int, int]:
     """(rank on this node, processes on this node) under torchrun; (0, world size) otherwise."""
     world = rank_world()[1]
-    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
 def shard(items: Sequence[T], key: Callable[[T], str]) -> list[T]:

@@ -16,9 +16,9 @@ from PIL import Image
 
 from cytoretrieve import backbones
 from cytoretrieve.backbones import Backbone, backbone_from_metadata, fingerprint, load_backbone
-from cytoretrieve.runtime import resolve_device
 from cytoretrieve.errors import CytoError
 from cytoretrieve.preprocess import Preprocessing
+from cytoretrieve.runtime import resolve_device
 
 SIZE = 64
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.sources.cohort.split import load_split
 from cytoretrieve.train.augment import (
     CellBank,
     DinoViews,
@@ -28,7 +29,6 @@ from cytoretrieve.train.data import (
     open_cell_bank,
     open_sources,
 )
-from cytoretrieve.sources.cohort.split import load_split
 from cytoretrieve.views.train_preview import write_preview
 
 

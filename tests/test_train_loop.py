@@ -202,8 +202,8 @@ def test_trains_from_a_tile_table_and_the_split_holds_its_slide_out(cells: Path,
     assert run(["train", "--data", "cmu_tiles", "--store", str(store), *TINY_CLI, "--batch-size", "8", "--workers", "0",
                 "--max-steps", "1", "--out", str(out)]) == 0
     start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    from cytoretrieve.store.tiles import open_tile_table
     from cytoretrieve.store.tables import Store
+    from cytoretrieve.store.tiles import open_tile_table
 
     assert start["event"] == "start" and start["images"] == open_tile_table(Store(store), "cmu_tiles").count() >= 8
     assert [s["step"] for s in _steps(out / "log.jsonl")] == [1]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cytoretrieve.train.head import DINOHead, DINOModel, WeightNormLinear
 from cytoretrieve.train.collapse import CollapseWatch
+from cytoretrieve.train.head import DINOHead, DINOModel, WeightNormLinear
 from cytoretrieve.train.loss import DINOLoss
 from cytoretrieve.train.optim import (
     cancel_gradients_last_layer,

@@ -1,4 +1,4 @@
-"""`cytoretrieve embed`: embed a cell dataset into a store table (resumable)."""
+"""`cytoretrieve embed`: embed a cell dataset, a tile table or a slide into a store table (resumable)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class RateColumn(ProgressColumn):
 
 
 def embed(
-    source: Annotated[Path, typer.Argument(help="Dataset: a Herlev or SIPaKMeD folder, class folders, a CSV manifest (path,label[,group]), or the name of a tile table of the store (`cytoretrieve tile`).")],
+    source: Annotated[Path, typer.Argument(help="Dataset: a Herlev or SIPaKMeD folder, class folders, a CSV manifest (path,label[,group]), the name of a tile table of the store (`cytoretrieve tile`), or one slide file (tiled first as `cytoretrieve tile` does by default).")],
     backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="Any timm model name: resnet50, vit_small_patch16_224, resnet18... Default: the arch in the JSON beside --weights FILE, else resnet50.")] = None,
     weights: Annotated[str, typer.Option("--weights", "-w", help="'timm' (pretrained, needs internet), 'random' (seeded, for tests), or a file: .safetensors or a cytoretrieve/DINO checkpoint (teacher).")] = "timm",
     table: Annotated[str | None, typer.Option("--table", "-t", help="Table to write; default <dataset>_<backbone>.")] = None,

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from cytoretrieve.preprocess import border_colour, to_rgb
-from cytoretrieve.train.config import IMAGENET_MEAN, IMAGENET_STD, PasteSpec, ViewSpec  # declared with the run's settings
+from cytoretrieve.train.config import IMAGENET_MEAN, IMAGENET_STD, PasteSpec, ViewSpec  # the run's settings
 
 BICUBIC = Image.Resampling.BICUBIC
 BILINEAR = Image.Resampling.BILINEAR

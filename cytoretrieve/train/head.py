@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 class WeightNormLinear(nn.Module):
     """y = x W^T with W = g * v / ||v|| (row-wise), no bias: `nn.utils.weight_norm(nn.Linear(..., bias=False))`."""
 

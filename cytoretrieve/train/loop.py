@@ -186,7 +186,8 @@ def _train(config: TrainConfig, d: Dist, resume: bool, on_start: Callable[[Start
     log.event("start", **asdict(info), resumed=state is not None, config=config.to_dict())
     if on_start is not None and d.is_main:
         on_start(info)
-    watch = CollapseWatch(config.out_dim, after_step=ipe * max(config.warmup_epochs, config.freeze_last_layer),
+    warm_up = max(1, config.warmup_epochs, config.freeze_last_layer)  # epochs; outputs start near-uniform
+    watch = CollapseWatch(config.out_dim, after_step=ipe * warm_up,
                           window=min(50, max(5, ipe)))
     stop_at = min(run.total_steps, config.max_steps) if config.max_steps else run.total_steps
     with _StopFlag() as flag, contextlib.closing(log):

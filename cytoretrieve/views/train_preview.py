@@ -1,4 +1,4 @@
-"""``preview` N`: a PNG grid of what the model sees. One row per image: the source, the image after cell
+"""`train --preview N`: a PNG grid of what the model sees. One row per image: the source, the image after cell
 copy-paste, then each view (global 1, global 2, local crops), all at the global crop size."""
 
 from __future__ import annotations
