@@ -459,3 +459,18 @@ def test_an_export_that_fails_midway_leaves_nothing(trident, tmp_path, monkeypat
     with pytest.raises(OSError, match="No space"):
         export_h5(store.open("t"), out, layout="clam")
     assert not (tmp_path / "new").exists()  # no partial files, no folders made for them
+
+
+def test_slides_folder_gives_rows_their_slide_file_and_pixel_size(tmp_path) -> None:
+    from synthetic_slides import write_standard_slide  # 0.25 um/px at level 0
+
+    write_clam_dirs(tmp_path, np.random.default_rng(4), slides=("s00", "s06"))
+    (tmp_path / "wsis").mkdir()
+    slide = write_standard_slide(tmp_path / "wsis" / "s00.tiff")
+    store = Store(tmp_path / "store")
+    report = import_h5(tmp_path / "feats", store, "t", encoder="resnet50_trunc", patches=tmp_path / "patches",
+                       slides=tmp_path / "wsis")
+    rows = {r["slide"]: r for r in store.open("t").read(["slide", "path", "mpp"]).to_pylist()}
+    assert rows["s00"]["path"] == str(slide.absolute()) and rows["s00"]["mpp"] == pytest.approx(0.5)  # 256 px, level-0 side 512
+    assert rows["s06"]["path"] is None and rows["s06"]["mpp"] is None
+    assert any("1 slide(s) have no slide file" in n for n in report.notes)
