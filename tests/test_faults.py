@@ -57,18 +57,22 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-def test_two_concurrent_embeds_store_each_id_once(cells: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("wait", [None, "120"])
+def test_two_concurrent_embeds_store_each_id_once(cells: Path, tmp_path: Path, wait: str | None) -> None:
     store = tmp_path / "s"
-    a = _cli("embed", str(cells), *EMBED, "--table", TABLE, "--store", str(store))
-    time.sleep(0.5)
-    b = _cli("embed", str(cells), *EMBED, "--table", TABLE, "--store", str(store))
-    (_, err_a), (_, err_b) = a.communicate(timeout=300), b.communicate(timeout=300)
+    extra = ["--wait", wait] if wait else []
+    jobs = [_cli("embed", str(cells), *EMBED, "--table", TABLE, "--store", str(store), *extra) for _ in range(2)]
+    done = [(job.returncode, err) for job in jobs for _, err in [job.communicate(timeout=300)]]
     ids = _ids(store)
     assert len(ids) == len(set(ids)) == _n_images(cells)
-    assert a.returncode == 0, err_a
-    if b.returncode:  # it met the first job's lease: one line naming the holder, nothing written
-        assert b.returncode == 2 and "another job is writing table" in _one_line(err_b) and "--wait" in err_b
-    assert "Traceback" not in err_a + err_b
+    assert all("Traceback" not in err for _, err in done)
+    if wait:  # the second waits for the first, then finds every row stored
+        assert [rc for rc, _ in done] == [0, 0], done
+    else:  # whichever came second met the first one's lease: one line naming the holder, nothing written
+        assert sorted(rc for rc, _ in done) in ([0, 0], [0, 2]), done
+        for rc, err in done:
+            if rc == 2:
+                assert "another job is writing table" in _one_line(err) and "--wait" in err
 
 
 @pytest.mark.parametrize("fault", ["commit:3", "compact", "compacted"])

@@ -43,7 +43,7 @@ def demo(
     table = table_name_for(open_dataset(data, label_map=label_map).name, backbone)  # the name `embed` gives it
     console.print(f"[bold]1/3[/] embed {data} -> table {table}")
     embed_cmd.embed(data, backbone=backbone, weights=weights, table=table, store=store, label_map=label_map,
-                    image_size=image_size, batch_size=32, workers=None, device="auto", commit_rows=2048)
+                    image_size=image_size, batch_size=32, workers=None, device="auto", commit_rows=2048, wait=0.0)
     console.print("[bold]2/3[/] classify (k-NN protocol, 4 runs, k 1-100)")
     classify_cmd.classify(table=[table], store=store, runs=4, train_fraction=0.75, k="1-100", vote="majority",
                           temperature=0.07, seed=0, json_out=None, plot=Path(store) / "demo-classify.png")

@@ -34,6 +34,7 @@ def embed(
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="DataLoader worker processes; default half the cores (at most 8), or 0 (decode in-process) for a CPU run on 2 or fewer cores.")] = None,
     device: options.Device = "auto",
     commit_rows: Annotated[int, typer.Option("--commit-rows", min=1, help="Rows per store commit (a killed job loses at most one commit's work).")] = 2048,
+    wait: Annotated[float, typer.Option("--wait", min=0, help="If another job is writing the table, wait up to this many seconds for it (default: stop at once with who holds it). torchrun processes of one job write together.")] = 0.0,
 ) -> None:
     """Embed every image of SOURCE with a backbone into a store table.
 
@@ -69,7 +70,7 @@ def embed(
         progress.update(task, completed=done, failed=failed)
 
     try:
-        report = run_embed(source, bb, Store(store), table=table, layout=layout, label_map=label_map,
+        report = run_embed(source, bb, Store(store, wait=wait), table=table, layout=layout, label_map=label_map,
                            batch_size=batch_size, workers=workers, device=device, commit_rows=commit_rows,
                            on_progress=on_progress, on_start=on_start)
     finally:

@@ -142,8 +142,10 @@ class TableInfo:
 class Store:
     """A LanceDB database: a local folder (default `indexes/`) or any LanceDB URI (s3://, gs://, ...)."""
 
-    def __init__(self, uri: str | Path | None = None) -> None:
+    def __init__(self, uri: str | Path | None = None, *, wait: float = 0.0) -> None:
+        """`wait`: how long a writer waits for another job's write lease on a table before giving up (s)."""
         self.uri = str(uri) if uri is not None else default_store_uri()
+        self.wait = wait
         self.local = "://" not in self.uri
         if self.local and Path(self.uri).exists() and not Path(self.uri).is_dir():
             raise CytoError(f"store {self.uri} is a file, not a folder: give `store` a folder (or a LanceDB URI)")
@@ -164,10 +166,11 @@ class Store:
         """False for a local store whose folder is not there yet (it holds no tables)."""
         return not self.local or Path(self.uri).is_dir()
 
-    def lease(self, name: str, wait: float = 0.0) -> Lease:
-        """The write lease of table `name` (see `lease.py`): one job at a time writes a table."""
+    def lease(self, name: str, wait: float | None = None) -> Lease:
+        """The write lease of table `name` (see `lease.py`): one job at a time writes a table. `wait` defaults to
+        the store's."""
         folder = Path(self.uri) / ".leases" if self.local else self.index_dir() / "leases"
-        return acquire(folder, name, wait)
+        return acquire(folder, name, self.wait if wait is None else wait)
 
     def table_names(self) -> list[str]:
         if not self.exists():
@@ -193,10 +196,11 @@ class Store:
         return VectorTable(self, self.open_raw(name))
 
     def create_or_open(self, name: str, backbone: dict[str, Any], dataset: dict[str, Any],
-                       wait: float = 0.0) -> VectorTable:
+                       wait: float | None = None) -> VectorTable:
         """Open `name` for appending vectors of `backbone`, creating it if needed; refuse another backbone's table.
 
-        Takes the table's write lease (waiting up to `wait` s for another job's), released by `finish` or at exit.
+        Takes the table's write lease (waiting up to `wait` s, default the store's, for another job's), released by
+        `finish` or at exit.
         Safe when several processes of one job (torchrun) call it at once: the first creates, the others open.
         """
         lease = self.lease(name, wait)

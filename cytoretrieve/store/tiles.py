@@ -122,7 +122,7 @@ class BagWriter:
     """Writes bags into a tile table that is created on the first slide with rows (so a command that writes
     nothing leaves the store unchanged). An existing table must have been made with the same settings."""
 
-    def __init__(self, store: Store, name: str, meta: dict[str, Any], wait: float = 0.0) -> None:
+    def __init__(self, store: Store, name: str, meta: dict[str, Any], wait: float | None = None) -> None:
         self.store = store
         self.name = name
         self.meta = meta
