@@ -61,7 +61,7 @@ def import_h5(
 
     report = run_import(folder, Store(store), table, layout=layout, encoder=encoder, slides=slides, labels=labels,
                         patches=patches)
-    console = Console()
+    console = Console(stderr=json_out == "-")  # stdout is the JSON then
     console.print(f"{report.table}: {report.slides} slides, {report.rows} patches of {report.dim}-d "
                   f"{report.encoder} vectors in {report.seconds:.1f} s ({report.rows_per_second:,.0f} rows/s)"
                   + (f"; {report.skipped} slide(s) already there, skipped" if report.skipped else ""))
@@ -95,7 +95,7 @@ def export_h5(
     from cytoretrieve.store.tables import Store
 
     report = run_export(Store(store).open(table), out, layout=layout, overwrite=overwrite, where=where)
-    console = Console()
+    console = Console(stderr=json_out == "-")  # stdout is the JSON then
     console.print(f"{report.slides} slides, {report.rows} patches -> {len(report.files)} {layout} files in {out} "
                   f"in {report.seconds:.1f} s ({report.to_dict()['rows_per_second']:,.0f} rows/s)")
     for note in report.notes:
