@@ -158,17 +158,13 @@ def _hit_rows(table: VectorTable, index: TableIndex, keys: Sequence[int]) -> dic
     return held.lookup(keys)
 
 
-def _stored_query(table: VectorTable, row_id: str) -> tuple[np.ndarray, int]:
+def _stored_query(table: VectorTable, row_id: str, index: TableIndex | None) -> tuple[np.ndarray, int]:
     """(L2-normalised vector, key) of the stored row `row_id`; a missing id is a CytoError.
 
     The vector comes from the table's index when it holds the row: the index stores exactly
     `l2_normalise(vector)`, and a lookup in memory spares a LanceDB query (~5-7 ms of a ~15 ms search at 200k rows).
-    Otherwise (a GPU index, a very large table, an empty one) it is read from the table.
+    Otherwise (a GPU index, a very large table, an empty one: `index` None) it is read from the table.
     """
-    try:
-        index: TableIndex | None = table_index(table)
-    except CytoError:  # an empty table: row_by_id below reports the missing id
-        index = None
     if index is not None and index.rows <= HIT_CACHE_MAX_ROWS:
         key = row_key(row_id)
         vector = index.stored_vector(key)
@@ -270,16 +266,20 @@ def search(
     if k < 1:
         raise CytoError(f"`k` must be at least 1, not {k}")
     allowed = table.read(["key"], where).column("key").to_numpy() if where else None
+    try:
+        index: TableIndex | None = table_index(table)  # once per search: each asks LanceDB for the table version
+    except CytoError:  # an empty table: a query id is reported missing first, else the emptiness below
+        index = None
     exclude: int | None = None
     if row_id is not None:
-        query, exclude = _stored_query(table, row_id)
+        query, exclude = _stored_query(table, row_id, index)
         label = f"id {row_id}"
     else:
         query = l2_normalise(query_vector_from_image(table, image, device)[None, :])[0]
         label = str(image) if isinstance(image, (str, Path)) else "uploaded image"
     if allowed is not None and exclude is not None:
         allowed = allowed[allowed != exclude]
-    index = table_index(table)
+    index = index or table_index(table)
     hits: list[Hit] = []
     if allowed is None or len(allowed):
         scores, keys = index.search(query[None, :], k + (exclude is not None), allowed)
