@@ -94,8 +94,9 @@ def _print_hits(console: Console, result: SearchResult) -> None:
         view.add_row(*[cells[c] for c in columns])
     console.print(view)
     if result.majority_label is not None:
-        counts = " · ".join(f"{label} {n}" for label, n in result.label_counts().items())
-        console.print(f"majority label of the neighbours: [bold]{result.majority_label}[/] (labels: {counts})")
+        from cytoretrieve.views.hits import counts_line
+
+        console.print(f"majority label of the neighbours: [bold]{result.majority_label}[/] (labels: {counts_line(result)})")
 
 
 def _write_views(t: VectorTable, result: SearchResult, image: Path | None, row_id: str | None,
@@ -139,7 +140,8 @@ def _evaluate(t: VectorTable, k: str, json_out: str | None) -> None:
 
 def _print_evaluation(console: Console, result: SearchEvaluation) -> None:
     for ev in result.evaluations:
-        view = RichTable(title=f"search as classification: {result.table}, {ev.kind}s (leave-one-out)",
+        what = "labels" if ev.kind == "label" else "binary classes"
+        view = RichTable(title=f"search as classification: {result.table}, {what} (leave-one-out)",
                          box=box.SIMPLE_HEAD)
         for col in ("class", "n", *(f"top-{k}" for k in result.ks), f"mMV@{result.mv_k}"):
             view.add_column(col, justify="left" if col == "class" else "right")
