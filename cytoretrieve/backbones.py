@@ -25,6 +25,7 @@ import torch
 from timm.models import get_pretrained_cfg
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.foundation import encoder_kwargs, external_message, hub_failure, hub_id, resolve_local_dir
 from cytoretrieve.preprocess import INTERPOLATIONS, Preprocessing
 from cytoretrieve.runtime import resolve_device
 
@@ -74,6 +75,8 @@ def load_backbone(
 
 def backbone_from_metadata(meta: Mapping[str, Any], device: str = "cpu") -> Backbone:
     """Rebuild the backbone a table was embedded with; CytoError if its fingerprint no longer matches."""
+    if meta.get("weights") == "external":  # imported vectors (`import h5`): no model here to rebuild
+        raise CytoError(external_message(dict(meta)))
     try:
         arch, weights, expected = meta["arch"], meta["weights"], meta["fingerprint"]
         preprocessing = Preprocessing.from_dict(dict(meta["preprocessing"]))
@@ -157,6 +160,8 @@ def _check_arch(arch: str | None) -> str:
     """The arch if timm knows it (pretrained tags allowed), else a CytoError with close matches."""
     if not arch:
         raise CytoError("no backbone architecture given: name one (`backbone` for embed, `arch` for train), e.g. resnet50")
+    if arch.startswith("local-dir:"):
+        return resolve_local_dir(arch)
     if arch.startswith(_HUB_PREFIXES) or timm.is_model(arch):
         return arch
     family = re.match(r"[a-z]*", arch.lower()).group(0) or "resnet"
@@ -179,7 +184,9 @@ def create_model(arch: str, *, pretrained: bool = False, img_size: int | None = 
     cfg = None if arch.startswith(_HUB_PREFIXES) else get_pretrained_cfg(arch)
     if cfg is not None and cfg.fixed_input_size:
         kwargs.update(img_size=img_size, dynamic_img_size=True)
-    offline = pretrained and _go_offline_when_hub_unreachable()
+    kwargs.update(encoder_kwargs(arch))  # foundation models: what their config.json cannot hold (foundation.py)
+    needs_hub = hub_id(arch) is not None or (pretrained and not arch.startswith("local-dir:"))
+    offline = needs_hub and _go_offline_when_hub_unreachable()
     try:
         try:
             return _seeded_create(arch, pretrained, kwargs, seed)
@@ -193,6 +200,10 @@ def create_model(arch: str, *, pretrained: bool = False, img_size: int | None = 
             raise
         raise CytoError(f"{arch} takes no drop-path rate: pass `drop_path` 0") from e
     except OSError as e:  # huggingface_hub and urllib errors are OSErrors
+        if hub_id(arch) is not None:  # gated, missing or unreachable: say how to log in or use a local copy
+            raise CytoError(hub_failure(arch, e, offline)) from e
+        if arch.startswith("local-dir:"):
+            raise CytoError(f"`backbone` {arch}: {_first_line(e)}") from e
         if not pretrained:
             raise
         why = "huggingface.co is unreachable and they are not in the local cache" if offline else "offline?"
@@ -200,6 +211,10 @@ def create_model(arch: str, *, pretrained: bool = False, img_size: int | None = 
             f"could not fetch pretrained weights for {arch} ({why}): pass `weights` FILE or `weights` random"
         ) from e
     except RuntimeError as e:
+        if pretrained and arch.startswith(_HUB_PREFIXES) and "state_dict" in str(e):
+            detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), _first_line(e))
+            raise CytoError(f"the weights of {arch} do not fit the model built from its config.json ({detail}): "
+                            "it may need creation kwargs config.json cannot hold (cytoretrieve.foundation.REGISTRY)") from e
         if not (pretrained and "pretrained" in str(e).lower()):
             raise
         raise CytoError(f"timm has no pretrained weights for {arch}: pass `weights` FILE or `weights` random") from e
