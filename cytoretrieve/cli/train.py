@@ -17,6 +17,7 @@ def _opt(*names: str, help: str, **kw: Any) -> Any:  # noqa: A002
     return typer.Option(*names, help=help, **kw)
 
 
+# long by declaration only: one typer option per hyperparameter of the run; the body is a few lines
 def train(
     data: Annotated[list[str] | None, _opt("--data", "-d", help="Training images: a tile table of --store (from `cytoretrieve tile`), a folder (all images below it, recursively; a slide = a top-level sub-folder), a Herlev/SIPaKMeD folder, or a CSV manifest (path,label[,group]). Repeat for several.")] = None,
     out: Annotated[Path | None, _opt("--out", "-o", help="Run folder: checkpoint.pth, log.jsonl, preview.png.")] = None,
@@ -109,6 +110,10 @@ def train(
     else:
         if not data:
             raise CytoError("no training data: pass --data with a tile table, a folder of images or a CSV manifest")
+        from cytoretrieve.sources.resolve import resolve_source
+
+        for spec in data:  # a bad path fails here, in well under a second, before torch and timm load
+            resolve_source(spec, param="data")
         config = make_config(data, str(out), arch=arch, recipe=recipe, **given)
 
     console = Console(stderr=True)
@@ -162,7 +167,8 @@ def _run_training(config, resume: bool, console, main: bool) -> None:  # noqa: A
     try:
         report = run_train(config, resume=resume, on_start=on_start, on_step=on_step, on_event=on_event)
     finally:
-        progress.stop()
+        if task is not None:  # a progress bar never started would print an empty line on stop
+            progress.stop()
     if not main:
         return
     loss = (f"; loss {report.first_loss:.4f} -> {report.last_loss:.4f}" if report.first_loss is not None else "")
