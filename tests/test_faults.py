@@ -207,3 +207,46 @@ def test_readers_keep_answering_while_an_embed_writes_and_compacts(cells: Path, 
         reader.join(timeout=60)
     assert writer.returncode == 0
     assert failures == [] and len(counts) > 3 and counts[-1] >= counts[0]
+
+
+# ------------------------------------------------------------------------------------ messages a user sees
+
+
+@pytest.mark.parametrize("args", [["tables"], ["classify", "--table", "t"], ["search", "--id", "x", "--table", "t"],
+                                  ["embed", "{cells}", "--backbone", "resnet18", "--weights", "random"]])
+def test_a_store_that_is_a_file_is_one_line(cells: Path, tmp_path: Path, args: list[str]) -> None:
+    not_a_folder = tmp_path / "README.md"
+    not_a_folder.write_text("# a file\n")
+    proc = _cli(*[a.format(cells=cells) for a in args], "--store", str(not_a_folder))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.startswith("cytoretrieve: error:") and "is a file, not a folder" in _one_line(err)
+
+
+@pytest.mark.parametrize("command", [["embed", "{missing}", "--backbone", "resnet18", "--weights", "random",
+                                      "--store", "{store}"],
+                                     ["train", "--data", "{missing}", "--out", "{out}", "--store", "{store}"]])
+def test_bad_paths_are_one_line_and_leave_nothing_behind(tmp_path: Path, command: list[str]) -> None:
+    names = {"missing": str(tmp_path / "nope"), "store": str(tmp_path / "store"), "out": str(tmp_path / "run")}
+    proc = _cli(*[a.format(**names) for a in command])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.startswith("cytoretrieve: error:"), err  # no blank line before it
+    assert len(err.strip().splitlines()) == 1 and "nope" in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "run").exists()
+
+
+def test_tables_and_dedupe_show_and_remove_duplicates(cells: Path, tmp_path: Path, capsys) -> None:
+    store = tmp_path / "s"
+    assert _embed(cells, store).returncode == 0
+    t = Store(store).open(TABLE)
+    t.add(t.read([c for c in t.tbl.schema.names]).slice(0, 5))  # a manual append of five stored rows
+    assert run(["tables", "--store", str(store)]) == 0
+    out = capsys.readouterr()
+    assert "duplicated" in out.out and "dedupe" in out.err
+    assert run(["classify", "--table", TABLE, "--store", str(store), "--runs", "1"]) == 2
+    assert "5 duplicated row(s)" in _one_line(capsys.readouterr().err)
+    assert run(["dedupe", "--table", TABLE, "--store", str(store)]) == 0
+    assert "5 duplicated row(s) removed" in capsys.readouterr().out
+    ids = _ids(store)
+    assert len(ids) == len(set(ids)) == _n_images(cells)
+    assert run(["classify", "--table", TABLE, "--store", str(store), "--runs", "1", "--k", "1-5"]) == 0

@@ -146,6 +146,7 @@ def test_export_then_embed_records_the_same_fingerprint(cells: Path, one_step, t
     run_dir, _ = one_step
     weights = tmp_path / "models" / "dino_r18.safetensors"
     assert run(["export", str(run_dir / "checkpoint.pth"), "--out", str(weights)]) == 0
+    assert weights.stat().st_mode & 0o777 == 0o644  # readable by the colleague who embeds with it
     printed = capsys.readouterr().out
     fingerprint = printed.split("fingerprint: ")[1].split()[0]
     meta = json.loads(weights.with_suffix(".json").read_text())

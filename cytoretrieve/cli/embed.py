@@ -24,7 +24,7 @@ def embed(
     source: Annotated[Path, typer.Argument(help="Dataset: a Herlev or SIPaKMeD folder, class folders, a CSV manifest (path,label[,group]), the name of a tile table of the store (`cytoretrieve tile`), or one slide file (tiled first as `cytoretrieve tile` does by default).")],
     backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="Any timm model name: resnet50, vit_small_patch16_224, resnet18... Default: the arch in the JSON beside --weights FILE, else resnet50.")] = None,
     weights: Annotated[str, typer.Option("--weights", "-w", help="'timm' (pretrained, needs internet), 'random' (seeded, for tests), or a file: .safetensors or a cytoretrieve/DINO checkpoint (teacher).")] = "timm",
-    table: Annotated[str | None, typer.Option("--table", "-t", help="Table to write; default <dataset>_<backbone>.")] = None,
+    table: Annotated[str | None, typer.Option("--table", "-t", help="Table to write; default: the dataset name and the backbone joined by an underscore, e.g. herlev_resnet18.")] = None,
     store: options.Store = options.DEFAULT_STORE,
     layout: Annotated[str, typer.Option("--layout", help="auto, herlev, sipakmed, folders or manifest.")] = "auto",
     label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON or CSV (class,binary[,name]) mapping classes to positive (1) / negative (0).")] = None,
@@ -44,6 +44,10 @@ def embed(
 
     Example: cytoretrieve embed data/herlev --backbone resnet50 --weights dino_teacher.safetensors
     """
+    from cytoretrieve.sources.resolve import resolve_source
+
+    resolve_source(source)  # a bad path fails here, in well under a second, before torch and timm load
+
     from cytoretrieve.backbones import load_backbone
     from cytoretrieve.embed import embed as run_embed
     from cytoretrieve.store.tables import Store
@@ -74,7 +78,8 @@ def embed(
                            batch_size=batch_size, workers=workers, device=device, commit_rows=commit_rows,
                            on_progress=on_progress, on_start=on_start)
     finally:
-        progress.stop()
+        if task is not None:  # a progress bar never started would print an empty line on stop
+            progress.stop()
     out = Console()
     out.print(f"table [bold]{report.table}[/]: {report.added} added, {report.skipped} already stored, "
               f"{len(report.failed)} unreadable; {report.images_per_second:.1f} img/s")

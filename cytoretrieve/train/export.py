@@ -71,6 +71,7 @@ def export(checkpoint: str | Path, out: str | Path, *, which: str = "teacher", r
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(out), metadata={"format": "pt", "arch": arch})
+    out.chmod(0o644)  # safetensors writes 0600; weights are meant to be shared (another user's embed reads them)
     config_path = out.with_suffix(".json")
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     backbone = load_backbone(None, str(out))  # the exact path `embed --weights` takes
