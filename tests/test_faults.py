@@ -80,11 +80,13 @@ def test_embed_killed_at_each_stage_resumes_with_every_row_once(cells: Path, tmp
     store = tmp_path / "s"
     killed = _embed(cells, store, fault=fault)
     assert killed.returncode == -9
+    assert Store(store).write_state(TABLE) == "interrupted"  # `tables` says so, until a rerun finishes the job
     table = Store(store).open(TABLE)  # the table opens at its last commit
     stored = table.count()
     assert (0 < stored < _n_images(cells)) if fault.startswith("commit") else stored == _n_images(cells)
     rerun = _embed(cells, store)  # the dead job's lease is stale: taken over
     assert rerun.returncode == 0, rerun.stderr
+    assert Store(store).write_state(TABLE) == ""
     ids = _ids(store)
     assert len(ids) == len(set(ids)) == _n_images(cells)
 

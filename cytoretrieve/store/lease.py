@@ -70,6 +70,16 @@ def _holder(path: Path) -> dict | None:
         return {}  # being written right now, or damaged: treated as held until it is readable or stale
 
 
+def state(folder: Path, table: str) -> tuple[str, dict] | None:
+    """("writing", holder) while a job holds the table's lease, ("interrupted", holder) when its holder died on
+    this host without finishing (kill -9, power loss: rerun its command to add the rest), else None."""
+    held = _holder(folder / f"{table}.lease")
+    if held is None:
+        return None
+    dead = held.get("host") == socket.gethostname() and held.get("pid") and not _alive(int(held["pid"]))
+    return ("interrupted" if dead else "writing"), held
+
+
 def acquire(folder: Path, table: str, wait: float = 0.0) -> Lease:
     """The write lease of `table`, waiting up to `wait` seconds for another job's to be released."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import pyarrow as pa
 from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
 from cytoretrieve.faults import failpoint
-from cytoretrieve.store.lease import Lease, acquire
+from cytoretrieve.store.lease import Lease, acquire, state
 
 DEFAULT_STORE = "indexes"
 META_KEY = b"cytoretrieve"
@@ -137,6 +137,7 @@ class TableInfo:
     dataset: str
     bytes: int
     duplicates: int = 0  # rows beyond the first of each id
+    state: str = ""  # '', 'writing (...)' or 'interrupted' (see Store.write_state)
 
 
 class Store:
@@ -166,11 +167,22 @@ class Store:
         """False for a local store whose folder is not there yet (it holds no tables)."""
         return not self.local or Path(self.uri).is_dir()
 
+    def _lease_folder(self) -> Path:
+        return Path(self.uri) / ".leases" if self.local else self.index_dir() / "leases"
+
     def lease(self, name: str, wait: float | None = None) -> Lease:
         """The write lease of table `name` (see `lease.py`): one job at a time writes a table. `wait` defaults to
         the store's."""
-        folder = Path(self.uri) / ".leases" if self.local else self.index_dir() / "leases"
-        return acquire(folder, name, self.wait if wait is None else wait)
+        return acquire(self._lease_folder(), name, self.wait if wait is None else wait)
+
+    def write_state(self, name: str) -> str:
+        """'' when no job writes table `name`; 'writing (pid P on H)' while one does; 'interrupted' when its
+        writer was killed on this machine before finishing (rerun its command to add the rest)."""
+        found = state(self._lease_folder(), name) if self.local or self.index_dir().exists() else None
+        if found is None:
+            return ""
+        what, holder = found
+        return "interrupted" if what == "interrupted" else f"writing (pid {holder.get('pid')} on {holder.get('host')})"
 
     def table_names(self) -> list[str]:
         if not self.exists():
@@ -252,6 +264,7 @@ class Store:
                     dataset=(meta.get("dataset") or {}).get("name", ""),
                     bytes=int(stats["total_bytes"]),
                     duplicates=Table(self, tbl).duplicates() if "id" in tbl.schema.names else 0,
+                    state=self.write_state(name),
                 )
             )
         return infos
