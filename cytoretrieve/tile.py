@@ -25,7 +25,6 @@ from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
 from cytoretrieve.sources.cells.labels import BETHESDA, LabelMap
 from cytoretrieve.sources.cohort.labels import SlideLabel, expand_slides, match_labels, slides_from_labels
-from cytoretrieve.sources.slides.deposit import DepositParams
 from cytoretrieve.sources.slides.grid import GridSpec
 from cytoretrieve.sources.slides.annotations import (
     CELL_SIZE,
@@ -36,6 +35,7 @@ from cytoretrieve.sources.slides.annotations import (
     read_geojson,
 )
 from cytoretrieve.sources.slides.reader import Slide, slide_id
+from cytoretrieve.sources.slides.rules import Params, table_settings
 from cytoretrieve.sources.slides.tiling import SLIDE_ERRORS, SlideResult, TiledSlide, tile_slide
 from cytoretrieve.store.overviews import make_overview, write_overviews
 from cytoretrieve.store.tables import Store
@@ -67,17 +67,23 @@ class TileReport:
 
 
 def write_overview(store: Store, tiled: TiledSlide) -> None:
-    """Store the slide's overview picture (its deposit-mask thumbnail) for the views."""
-    info, mask = tiled.info, tiled.mask
-    write_overviews(store, [make_overview(info.id, info.path, *info.dimensions, info.mpp, mask.thumbnail,
-                                          mask.downsample)])
+    """Store the slide's overview picture (the thumbnail its tile rule worked on) for the views."""
+    info, d = tiled.info, tiled.decision
+    write_overviews(store, [make_overview(info.id, info.path, *info.dimensions, info.mpp, d.thumbnail, d.downsample)])
 
 
 def preview_caption(result: SlideResult, spec: GridSpec, grid: Any) -> str:
-    """The preview's caption: kept / grid tiles, their size and pixel size, the level read, the deposit area."""
+    """The preview's caption: kept / region / grid tiles, their size and pixel size, the level read, the deposit
+    area; then the rule, its threshold, the foreground and what was excluded."""
     c = grid.choice
-    return (f"{result.slide}: {grid.n_kept}/{grid.xs.size} tiles of {spec.tile_size} px at {c.tile_mpp:.3g} um/px "
-            f"(level {c.level}, read {c.read_size} px), deposit {result.deposit_mm2:.3g} mm2")
+    first = (f"{result.slide}: {grid.n_kept} kept / {grid.n_region} in the region / {grid.xs.size} tiles of "
+             f"{spec.tile_size} px at {c.tile_mpp:.3g} um/px (level {c.level}, read {c.read_size} px), "
+             f"deposit region {result.deposit_mm2:.3g} mm2")
+    if spec.rule == "coverage":
+        return f"{first}\nrule coverage: keep >= {spec.min_coverage:g} of the tile in the deposit"
+    excluded = ", ".join(f"{k} {v:.3g}" for k, v in result.artefact_mm2.items() if v > 0) or "none"
+    return (f"{first}\nrule cells: keep >= {spec.min_foreground_um2:g} um2 of cells per tile in the region; "
+            f"cells {result.foreground_mm2:.3g} mm2; excluded (mm2): {excluded}")
 
 
 def tile_slides(
@@ -86,7 +92,7 @@ def tile_slides(
     *,
     table: str = DEFAULT_TABLE,
     spec: GridSpec = GridSpec(),
-    params: DepositParams = DepositParams(),
+    params: Params | None = None,
     labels: dict[str, SlideLabel] | None = None,
     mpp: float | None = None,
     objective: float | None = None,
@@ -98,11 +104,12 @@ def tile_slides(
 ) -> TileReport:
     """Tile slides into the tile table `table` of `store` (created on the first slide with tiles).
 
-    `slides` may be empty when every label has a `path`. Callbacks: `on_slide(i, n, path)` before each slide,
+    `params` are the settings of `spec.rule` (its defaults when None). `slides` may be empty when every label has
+    a `path`. Callbacks: `on_slide(i, n, path)` before each slide,
     `on_progress(done, total)` while its thumbnail is read, `on_result(result)` after it.
     """
     spec.validate()
-    params.validate()
+    meta = tile_table_meta("grid", table_settings(spec, params))  # checks `params` against the rule
     start = time.perf_counter()
     if slides:
         paths = expand_slides(slides)
@@ -118,7 +125,6 @@ def tile_slides(
             Path(preview).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CytoError(f"cannot write previews to {preview}: {e.strerror or e}") from None
-    meta = tile_table_meta("grid", {**spec.to_dict(), "deposit": params.to_dict()})
     writer = BagWriter(store, table, meta)
     report = TileReport(table=table, store=store.uri)
     cache = openslide.OpenSlideCache(cache_bytes)
@@ -137,7 +143,7 @@ def tile_slides(
                 result = tiled.result
                 if preview is not None:
                     caption = preview_caption(result, spec, tiled.grid)
-                    result.preview = str(write_preview(tiled.mask, tiled.grid, caption, preview, result.slide))
+                    result.preview = str(write_preview(tiled.decision, caption, preview, result.slide))
                 writer.write(sid, tiled.rows)
                 if tiled.rows:
                     write_overview(store, tiled)

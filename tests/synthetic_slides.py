@@ -16,6 +16,10 @@ tiles) the deposit is:
 - block B: the left half of tile (7, 0): coverage exactly 0.5;
 - specks: 8 x 8 um (removed by the median), and a 24 x 24 um blob (576 um^2 < min_object_um2: removed).
 So the mask area is 4,710,400 level-0 px^2 = 0.2944 mm^2, 11 tiles have coverage 1, one 0.5, the rest 0.
+
+The cells rule (the default) sees the same slide as cells on glass: it keeps those 12 tiles and the blob's tile
+(576 um^2 of stain is more than `min_foreground_um2`, 100: cell-sized), but not the specks' (64 um^2 each) nor the
+big hole's (no stain): `CELL_TILES`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ MASK_AREA_L0 = (2560 * 1920) - (640 * 640) + (320 * 640)  # level-0 px^2
 MASK_AREA_MM2 = MASK_AREA_L0 * MPP * MPP / 1e6  # 0.2944
 FULL_TILES = {(x * TILE_L0, y * TILE_L0) for x in range(2, 6) for y in range(1, 4)} - {(3 * TILE_L0, 2 * TILE_L0)}
 HALF_TILE = (7 * TILE_L0, 0)
+BLOB_TILE = (6 * TILE_L0, 4 * TILE_L0)
+CELL_TILES = FULL_TILES | {HALF_TILE, BLOB_TILE}
 
 
 def draw_standard(d: int = 1) -> np.ndarray:

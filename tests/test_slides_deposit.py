@@ -11,6 +11,7 @@ from synthetic_slides import FULL_TILES, HALF_TILE, MASK_AREA_MM2, slide_folder
 from cytoretrieve.sources.slides.deposit import DepositParams, deposit_mask, detect_deposit, otsu_threshold
 from cytoretrieve.sources.slides.grid import GridSpec, make_grid
 from cytoretrieve.sources.slides.reader import Slide
+from cytoretrieve.sources.slides.rules import RULES
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,13 @@ def slides(tmp_path_factory) -> dict[str, Path]:
 def standard(slides):
     with Slide(slides["standard"]) as s:
         return s.info, deposit_mask(s)
+
+
+def coverage_grid(path: Path, spec: GridSpec):
+    """The grid the coverage rule keeps, the level chosen once as the tiler does."""
+    with Slide(path) as s:
+        grid = make_grid(s.info, spec, s.choose_level(spec.target_mpp, spec.tile_size))
+        return RULES["coverage"].apply(s, grid, spec, DepositParams(), None).grid
 
 
 def test_otsu_splits_two_populations() -> None:
@@ -59,24 +67,22 @@ def test_specks_and_small_holes(standard) -> None:
     assert mask[10:50, 10:50].all()
 
 
-def test_grid_keeps_tiles_by_coverage(standard) -> None:
-    info, mask = standard
-    grid = make_grid(info, GridSpec(), mask)
+def test_grid_keeps_tiles_by_coverage(slides) -> None:
+    grid = coverage_grid(slides["standard"], GridSpec())
     assert (grid.choice.level, grid.choice.read_size, grid.choice.extent) == (1, 320, 640)
     assert grid.xs.size == 8 * 6
     kept = {(x, y): c for x, y, c in grid.tiles()}
     assert set(kept) == FULL_TILES | {HALF_TILE}
     assert all(kept[t] == 1.0 for t in FULL_TILES) and kept[HALF_TILE] == 0.5
-    assert make_grid(info, GridSpec(min_coverage=0.6), mask).n_kept == 11
-    assert make_grid(info, GridSpec(min_coverage=0.0), mask).n_kept == 48
+    assert coverage_grid(slides["standard"], GridSpec(min_coverage=0.6)).n_kept == 11
+    assert coverage_grid(slides["standard"], GridSpec(min_coverage=0.0)).n_kept == 48
 
 
-def test_grid_stride_and_target_mpp(standard) -> None:
-    info, mask = standard
-    half = make_grid(info, GridSpec(stride=160), mask)  # 50% overlap
+def test_grid_stride_and_target_mpp(slides) -> None:
+    half = coverage_grid(slides["standard"], GridSpec(stride=160))  # 50% overlap
     assert half.stride == 320 and half.xs.size == 15 * 11
     assert {(x, y) for x, y, c in half.tiles() if c == 1.0} >= FULL_TILES
-    coarse = make_grid(info, GridSpec(target_mpp=1.0), mask)  # 10x: level 2, 1280 level-0 px per tile
+    coarse = coverage_grid(slides["standard"], GridSpec(target_mpp=1.0))  # 10x: level 2, 1280 level-0 px per tile
     assert (coarse.choice.level, coarse.choice.extent, coarse.xs.size) == (2, 1280, 4 * 3)
-    fine = make_grid(info, GridSpec(target_mpp=0.4, tile_size=256), mask)  # no level: level 0, resized
+    fine = coverage_grid(slides["standard"], GridSpec(target_mpp=0.4, tile_size=256))  # no level: level 0, resized
     assert (fine.choice.level, fine.choice.read_size, fine.choice.extent) == (0, 410, 410)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic_slides import FULL_TILES, HALF_TILE, STAIN, slide_folder
+from synthetic_slides import BLOB_TILE, CELL_TILES, FULL_TILES, HALF_TILE, STAIN, slide_folder
 
 from cytoretrieve.cli import run
 from cytoretrieve.store.tiles import SHARED_COLUMNS, TILE_COLUMNS, open_tile_table
@@ -29,10 +29,12 @@ def _tiles(store: Path, table: str = "tiles") -> list[dict]:
 
 
 def test_tile_rows_are_exact_and_readable(slides, tmp_path, capsys) -> None:
+    """The tissue rule (coverage) on the block slide: the kept tiles and their coverages are exact."""
     store = tmp_path / "store"
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,label,binary\nstandard.tiff,HSIL,1\n")
-    assert run(["tile", str(slides["standard"]), "--labels", str(labels), "--store", str(store)]) == 0
+    argv = ["tile", str(slides["standard"]), "--labels", str(labels), "--store", str(store), "--rule", "coverage"]
+    assert run(argv) == 0
     out = capsys.readouterr().out
     assert "standard" in out and "tiled" in out and "0.294" in out  # deposit area in the summary
     rows = _tiles(store)
@@ -50,8 +52,8 @@ def test_tile_rows_are_exact_and_readable(slides, tmp_path, capsys) -> None:
     assert set(TILE_COLUMNS) == set(types) and "vector" not in types
     meta = json.loads(table.tbl.schema.metadata[META_KEY])
     assert meta["kind"] == "tiles" and meta["source"] == "grid"
-    assert (meta["tile_size"], meta["target_mpp"], meta["stride"], meta["min_coverage"]) == (320, 0.5, 320, 0.5)
-    assert meta["deposit"]["method"] == "saturation"
+    assert (meta["tile_size"], meta["target_mpp"], meta["stride"], meta["min_coverage"]) == (320, 0.5, 320, 0.05)
+    assert meta["deposit"]["method"] == "saturation" and "rule" not in meta  # as tables made before the rules
     # what the embed job will do with a row
     image = SlideReader().read_row(r)
     assert image.size == (320, 320) and image.mode == "RGB"
@@ -65,7 +67,7 @@ def test_rerun_skips_finished_slides(slides, tmp_path, capsys) -> None:
     assert run(["tile", str(slides["standard"]), "--store", store]) == 0
     assert "1 already in the table" in capsys.readouterr().out
     table = open_tile_table(Store(store), "tiles")
-    assert table.count() == 12 and table.tbl.version == version
+    assert table.count() == len(CELL_TILES) and table.tbl.version == version
     # other settings into the same table: refused, nothing changes
     assert run(["tile", str(slides["standard"]), "--store", store, "--tile-size", "256"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -83,7 +85,7 @@ def test_bad_slides_are_skipped_and_reported(slides, tmp_path, capsys) -> None:
     assert any(line.startswith("skipped nompp: ") and "--mpp" in line for line in err)
     assert any(line.startswith("skipped corrupt: unreadable image data (") for line in err)
     assert any(line.startswith("warning: empty: no cell deposit found: 0 tiles") for line in err)
-    assert "1 tiled (12 tiles added), 1 empty" in captured.out and "4 skipped" in captured.out
+    assert f"1 tiled ({len(CELL_TILES)} tiles added), 1 empty" in captured.out and "4 skipped" in captured.out
     assert {r["slide"] for r in _tiles(store)} == {"standard"}  # nothing written for what failed
 
 
@@ -95,7 +97,7 @@ def test_slide_without_mpp(slides, tmp_path, capsys) -> None:
     assert err.splitlines()[-1].startswith("cytoretrieve: error: nompp: no pixel size")
     assert not store.exists() or not Store(store).table_names()
     assert run(["tile", str(slides["nompp"]), "--store", str(store), "--mpp", "0.25"]) == 0
-    assert len(_tiles(store)) == 12
+    assert len(_tiles(store)) == len(CELL_TILES)
 
 
 def test_whole_command_errors_exit_2_and_write_nothing(slides, tmp_path, capsys) -> None:
@@ -128,17 +130,32 @@ def test_labels_with_paths_list_the_slides(slides, tmp_path, capsys) -> None:
 
 
 def test_real_svs_with_preview(tmp_path, capsys) -> None:
+    """The tissue rule on a real H&E slide: the kept tiles hold the tissue the preview outlines, thin strands and
+    edges included (every tile with 5% tissue is kept)."""
+    from cytoretrieve.sources.slides.deposit import deposit_mask
+    from cytoretrieve.sources.slides.reader import Slide
+
     svs = WSI / "CMU-1-Small-Region.svs"
     if not svs.is_file():
         pytest.skip(f"{svs} not found")
     store, preview = tmp_path / "store", tmp_path / "qc"
-    assert run(["tile", str(svs), "--preview", str(preview), "--store", str(store), "--json", str(tmp_path / "r.json")]) == 0
+    argv = ["tile", str(svs), "--rule", "coverage", "--preview", str(preview), "--store", str(store)]
+    assert run([*argv, "--json", str(tmp_path / "r.json")]) == 0
     rows = _tiles(store)
     assert 10 <= len(rows) <= 54  # 6 x 9 grid positions; the tissue covers about a third
     assert all(r["level"] == 0 and r["read_size"] == 320 and r["x"] % 320 == 0 and r["y"] % 320 == 0 for r in rows)
-    assert all(r["coverage"] >= 0.5 for r in rows)
+    assert all(r["coverage"] >= 0.05 for r in rows)
+    with Slide(svs) as slide:
+        mask = deposit_mask(slide)
+    ys, xs = np.nonzero(mask.mask)  # the outlined tissue, as level-0 pixel centres
+    x0, y0 = (xs + 0.5) * mask.downsample, (ys + 0.5) * mask.downsample
+    on_grid = (x0 < 6 * 320) & (y0 < 9 * 320)  # whole tiles only: the slide's last 300 / 87 px carry none
+    kept = {(r["x"], r["y"]) for r in rows}
+    in_kept = np.array([((int(x) // 320) * 320, (int(y) // 320) * 320) in kept for x, y in zip(x0, y0)])
+    assert in_kept[on_grid].mean() >= 0.99
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["slides"][0]["tiles"] == len(rows) and report["slides"][0]["deposit_mm2"] > 0.3
+    assert report["slides"][0]["rule"] == "coverage" and report["slides"][0]["thresholds"]["min_coverage"] == 0.05
     png = Image.open(preview / "CMU-1-Small-Region.png").convert("RGB")
     pixels = np.asarray(png).reshape(-1, 3)
     assert png.width >= 800
@@ -146,11 +163,26 @@ def test_real_svs_with_preview(tmp_path, capsys) -> None:
     assert ((pixels == (30, 90, 255)).all(1)).sum() > 500  # the kept tiles
 
 
+def test_cells_rule_on_the_block_slide(slides, tmp_path) -> None:
+    """The default rule keeps what holds cell-sized stain: the blocks and the blob, not the specks."""
+    store = tmp_path / "store"
+    assert run(["tile", str(slides["standard"]), "--store", str(store), "--json", str(tmp_path / "r.json")]) == 0
+    rows = _tiles(store)
+    assert {(r["x"], r["y"]) for r in rows} == CELL_TILES
+    blob = next(r for r in rows if (r["x"], r["y"]) == BLOB_TILE)
+    assert 0 < blob["coverage"] < 0.05  # the blob covers a small part of its tile
+    meta = json.loads(open_tile_table(Store(store), "tiles").tbl.schema.metadata[META_KEY])
+    assert meta["rule"] == "cells" and meta["min_foreground_um2"] == 100 and "min_coverage" not in meta
+    assert meta["cells"]["detect_mpp"] == 4.0 and "deposit" not in meta
+    result = json.loads((tmp_path / "r.json").read_text())["slides"][0]
+    assert result["tiles"] == len(CELL_TILES) < result["region_tiles"] <= result["grid_tiles"]
+
+
 @pytest.mark.parametrize(
     "command, expected",
     [
         (["tile"], ["--labels", "--store", "--table", "--mpp", "--objective", "--tile-size", "--stride", "--target-mpp",
-                    "--min-coverage", "--deposit", "--preview", "--json"]),
+                    "--rule", "--min-foreground-um2", "--min-coverage", "--deposit", "--preview", "--json", "cytology"]),
         (["split"], ["--labels", "--folds", "--seed", "--out", "--slides"]),
         (["annotations", "import"], ["--slide", "--table", "--cell-size", "--target-mpp", "--mpp"]),
     ],

@@ -1,5 +1,5 @@
-"""`cytoretrieve tile`: whole slides -> cell-deposit mask -> 320 px tiles at 0.5 um/px -> a tile table (one bag
-per slide)."""
+"""`cytoretrieve tile`: whole slides -> cell foreground and deposit region (or a tissue mask) -> 320 px tiles at
+0.5 um/px -> a tile table (one bag per slide)."""
 
 from __future__ import annotations
 
@@ -31,14 +31,20 @@ def tile(
     tile_size: TileSize = 320,
     stride: Annotated[int | None, typer.Option("--stride", help="Grid step in px at --target-mpp; default the tile size (no overlap).")] = None,
     target_mpp: TargetMpp = 0.5,
-    min_coverage: Annotated[float, typer.Option("--min-coverage", help="Keep a tile when at least this fraction of it is cell deposit.")] = 0.5,
-    deposit: Annotated[str, typer.Option("--deposit", help="Deposit detection: saturation (HSV, stained cells) or grey (Otsu on grey level).")] = "saturation",
-    preview: Annotated[Path | None, typer.Option("--preview", help="Write one PNG per slide here: thumbnail, deposit outline, kept tiles.")] = None,
+    rule: Annotated[str, typer.Option("--rule", help="Which tiles to keep: cells (cytology, the default: tiles in the deposit region holding --min-foreground-um2 of cells) or coverage (tissue sections: tiles at least --min-coverage deposit).")] = "cells",
+    min_foreground_um2: Annotated[float | None, typer.Option("--min-foreground-um2", help="Cells rule: um2 of cell foreground a tile needs (default 100, about one small cell; 0 keeps every tile of the deposit region).", show_default=False)] = None,
+    min_coverage: Annotated[float | None, typer.Option("--min-coverage", help="Coverage rule: keep a tile when at least this fraction of it is deposit (default 0.05: thin strands and tissue edges are kept).", show_default=False)] = None,
+    deposit: Annotated[str | None, typer.Option("--deposit", help="Coverage rule: deposit detection, saturation (HSV, default) or grey (Otsu on grey level).", show_default=False)] = None,
+    preview: Annotated[Path | None, typer.Option("--preview", help="Write one PNG per slide here: deposit region, kept tiles, tiles with too little to keep, excluded artefacts.")] = None,
     json_out: options.JsonOut = None,
 ) -> None:
-    """Cut whole slides into tiles: find the cell deposit on a thumbnail, lay a grid of 320 px tiles at
-    0.5 um/px (20x) over it, and store one row per kept tile (slide, level-0 x/y, read level and size, mpp,
+    """Cut whole slides into tiles: lay a grid of 320 px tiles at 0.5 um/px (20x) over the slide, keep the
+    tiles the rule picks, and store one row per kept tile (slide, level-0 x/y, read level and size, mpp,
     coverage, slide label) in a tile table. Each slide's rows are its bag.
+
+    The default rule, cells, is for cytology (Pap smears): it finds cells on a ~4 um/px image (pale cytoplasm
+    included), excludes marker ink, the label, the coverslip edge and dark debris, and keeps every tile of the
+    deposit region that holds at least --min-foreground-um2 of cells. Use --rule coverage for tissue sections.
 
     A slide that cannot be read (not a slide, truncated, no mpp without --mpp) is skipped and reported; a
     slide with no deposit gives a warning and 0 tiles. A rerun skips the slides the table already holds.
@@ -46,15 +52,12 @@ def tile(
     Example: cytoretrieve tile slides/ --labels slides.csv --preview qc/
     """
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.sources.slides.deposit import DepositParams
-    from cytoretrieve.sources.slides.grid import GridSpec
     from cytoretrieve.sources.cohort.labels import read_labels
     from cytoretrieve.tile import tile_slides
     from cytoretrieve.store.tables import Store
 
     err = Console(stderr=True)
-    spec = GridSpec(tile_size=tile_size, target_mpp=target_mpp, stride=stride, min_coverage=min_coverage)
-    params = DepositParams(method=deposit)
+    spec, params = _rule_settings(rule, tile_size, target_mpp, stride, min_foreground_um2, min_coverage, deposit)
     slide_labels = read_labels(labels) if labels else None
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -84,17 +87,18 @@ def tile(
         progress.stop()
 
     out = Console()
-    view = RichTable(title=f"table {report.table} in {report.store} (mm2: deposit area; read: px read at level)",
+    view = RichTable(title=f"table {report.table} in {report.store} (region: tiles touching the deposit region; "
+                           "mm2: its area; read: px read at level)",
                      box=box.SIMPLE_HEAD)
     longest = max((len(r.slide) for r in report.results), default=5)
     labelled = any(r.label for r in report.results)
-    for col in ("slide", "status", "tiles", "grid", "mm2", "level", "read", "um/px") + (("label",) if labelled else ()):
+    for col in ("slide", "status", "tiles", "region", "grid", "mm2", "level", "read", "um/px") + (("label",) if labelled else ()):
         width = min(longest, 28) if col == "slide" else (7 if col == "status" else len(col))
         view.add_column(col, justify="left" if col in ("slide", "status", "label") else "right",
                         no_wrap=col != "label", min_width=width)
     for r in report.results:
         view.add_row(
-            r.slide, r.status, str(r.tiles), str(r.grid_tiles) if r.grid_tiles else "",
+            r.slide, r.status, str(r.tiles), str(r.region_tiles) if r.grid_tiles else "", str(r.grid_tiles) if r.grid_tiles else "",
             f"{r.deposit_mm2:.3f}" if r.deposit_mm2 is not None else "", "" if r.level is None else str(r.level),
             "" if r.read_size is None else str(r.read_size), f"{r.tile_mpp:.3f}" if r.tile_mpp else "",
             *((r.label or "",) if labelled else ()),
@@ -114,3 +118,22 @@ def tile(
         if len(report.results) == 1:
             raise CytoError(f"{first.slide}: {first.reason}")
         raise CytoError(f"none of the {len(report.results)} slides could be tiled (first: {first.slide}: {first.reason})")
+
+
+def _rule_settings(rule: str, tile_size: int, target_mpp: float, stride: int | None, min_foreground_um2: float | None,
+                   min_coverage: float | None, deposit: str | None):  # noqa: ANN202 - (GridSpec, params)
+    """The grid spec and the rule's settings from the options; an option of the other rule is a mistake."""
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.sources.slides.deposit import DepositParams
+    from cytoretrieve.sources.slides.grid import GridSpec
+
+    if rule == "cells" and (min_coverage is not None or deposit is not None):
+        name = "min_coverage" if min_coverage is not None else "deposit"
+        raise CytoError(f"`{name}` is a setting of the coverage rule (tissue): add `rule` coverage, or leave it out")
+    if rule == "coverage" and min_foreground_um2 is not None:
+        raise CytoError("`min_foreground_um2` is a setting of the cells rule: leave it out with `rule` coverage")
+    given = {k: v for k, v in (("min_foreground_um2", min_foreground_um2), ("min_coverage", min_coverage)) if v is not None}
+    spec = GridSpec(tile_size=tile_size, target_mpp=target_mpp, stride=stride, rule=rule, **given)
+    spec.validate()
+    params = DepositParams(**({"method": deposit} if deposit else {})) if rule == "coverage" else None
+    return spec, params

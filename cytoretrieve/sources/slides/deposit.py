@@ -17,7 +17,9 @@ pixels, from a summed-area table), which the grid compares with its threshold.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from cytoretrieve.errors import CytoError
 from cytoretrieve.sources.slides.reader import Slide
 
 CHUNK = 2048  # level px per side read at a time for the thumbnail
+READ_THREADS = min(2, os.cpu_count() or 1)  # chunks read at once
 METHODS = ("saturation", "grey")
 
 
@@ -78,28 +81,34 @@ class DepositMask:
 
     def coverage(self, xs: np.ndarray, ys: np.ndarray, extent: float) -> np.ndarray:
         """Fraction of each square [x, x+extent) x [y, y+extent) (level-0 px) that lies in the deposit."""
-        xs = np.asarray(xs, dtype=np.float64)
-        ys = np.asarray(ys, dtype=np.float64)
-        if xs.size == 0:
-            return np.zeros(0, np.float64)
-        h, w = self.mask.shape
-        sat = np.zeros((h + 1, w + 1), np.float64)
-        sat[1:, 1:] = self.mask.cumsum(0, dtype=np.float64).cumsum(1)
+        return area_fraction(self.mask, self.downsample, xs, ys, extent)
 
-        def integral(px: np.ndarray, py: np.ndarray) -> np.ndarray:
-            # the integral of a pixel-constant image is the bilinear interpolation of its summed-area table
-            px = np.clip(px, 0, w)
-            py = np.clip(py, 0, h)
-            i = np.minimum(np.floor(px).astype(np.int64), w - 1)
-            j = np.minimum(np.floor(py).astype(np.int64), h - 1)
-            fx, fy = px - i, py - j
-            return (sat[j, i] * (1 - fx) * (1 - fy) + sat[j, i + 1] * fx * (1 - fy)
-                    + sat[j + 1, i] * (1 - fx) * fy + sat[j + 1, i + 1] * fx * fy)
 
-        d = self.downsample
-        x0, y0, x1, y1 = xs / d, ys / d, (xs + extent) / d, (ys + extent) / d
-        inside = integral(x1, y1) - integral(x0, y1) - integral(x1, y0) + integral(x0, y0)
-        return np.clip(inside / ((x1 - x0) * (y1 - y0)), 0.0, 1.0)
+def area_fraction(mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, extent: float) -> np.ndarray:
+    """Fraction of each square [x, x+extent) x [y, y+extent) (level-0 px) covered by `mask` (one mask px =
+    `downsample` level-0 px): exact, area-weighted over mask pixels, from a summed-area table."""
+    xs = np.asarray(xs, dtype=np.float64)
+    ys = np.asarray(ys, dtype=np.float64)
+    if xs.size == 0:
+        return np.zeros(0, np.float64)
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), np.float64)
+    sat[1:, 1:] = mask.cumsum(0, dtype=np.int64).cumsum(1)
+
+    def integral(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        # the integral of a pixel-constant image is the bilinear interpolation of its summed-area table
+        px = np.clip(px, 0, w)
+        py = np.clip(py, 0, h)
+        i = np.minimum(np.floor(px).astype(np.int64), w - 1)
+        j = np.minimum(np.floor(py).astype(np.int64), h - 1)
+        fx, fy = px - i, py - j
+        return (sat[j, i] * (1 - fx) * (1 - fy) + sat[j, i + 1] * fx * (1 - fy)
+                + sat[j + 1, i] * (1 - fx) * fy + sat[j + 1, i + 1] * fx * fy)
+
+    d = downsample
+    x0, y0, x1, y1 = xs / d, ys / d, (xs + extent) / d, (ys + extent) / d
+    inside = integral(x1, y1) - integral(x0, y1) - integral(x1, y0) + integral(x0, y0)
+    return np.clip(inside / ((x1 - x0) * (y1 - y0)), 0.0, 1.0)
 
 
 def otsu_threshold(channel: np.ndarray) -> int:
@@ -183,12 +192,14 @@ def _remove_small(mask: np.ndarray, min_pixels: float, keep_border: bool = False
 
 
 def thumbnail(
-    slide: Slide, mask_mpp: float, max_side: int, on_progress: Callable[[int, int], None] | None = None
+    slide: Slide, mask_mpp: float, max_side: int, on_progress: Callable[[int, int], None] | None = None,
+    threads: int = READ_THREADS,
 ) -> tuple[np.ndarray, float]:
     """An RGB thumbnail at about `mask_mpp` um/px (at most `max_side` px), and its downsample from level 0.
 
     Box average of an integer factor `k` over the pyramid level just finer than needed, read in chunks of about
-    `CHUNK` px so memory stays bounded whatever the slide.
+    `CHUNK` px so memory stays bounded whatever the slide, by `threads` threads (OpenSlide and Pillow's reduce
+    release the GIL, and an OpenSlide handle may be read from several threads at once).
     """
     info = slide.info
     w0, h0 = info.dimensions
@@ -202,13 +213,18 @@ def thumbnail(
     out = np.empty((out_h, out_w, 3), np.uint8)
     step = max(k, (CHUNK // k) * k)
     chunks = [(cx, cy) for cy in range(0, hl, step) for cx in range(0, wl, step)]
-    for n, (cx, cy) in enumerate(chunks):
+
+    def read(cx: int, cy: int) -> None:
         cw, ch = min(step, out_w * k - cx), min(step, out_h * k - cy)
         region = slide.read_rgb(round(cx * ds), round(cy * ds), level, (cw, ch))
         small = np.asarray(region.reduce(k) if k > 1 else region)
         out[cy // k: cy // k + small.shape[0], cx // k: cx // k + small.shape[1]] = small
-        if on_progress:
-            on_progress(n + 1, len(chunks))
+
+    with ThreadPoolExecutor(max(1, min(threads, len(chunks)))) as pool:
+        for n, done in enumerate(as_completed([pool.submit(read, cx, cy) for cx, cy in chunks])):
+            done.result()  # an OpenSlide error in a chunk propagates
+            if on_progress:
+                on_progress(n + 1, len(chunks))
     return out, ds * k
 
 

@@ -1,9 +1,10 @@
 """The tile grid: `tile_size` px tiles at `target_mpp` (320 px at 0.5 um/px = 20x by default) on a regular grid
-over the scanned area, without overlap unless `stride` < `tile_size`; a tile is kept when at least
-`min_coverage` of its area is cell deposit.
+over the scanned area, without overlap unless `stride` < `tile_size`, and which tile rule decides what is kept
+(`rules.py`: `cells` for cytology, the default; `coverage` for tissue).
 
 Positions are level-0 pixels. Only whole tiles are placed: the grid starts at the scan's top-left corner and
-stops before a tile would cross its right or bottom edge.
+stops before a tile would cross its right or bottom edge. The read level is chosen once per slide, by the caller
+(`Slide.choose_level`), and passed in.
 """
 
 from __future__ import annotations
@@ -13,25 +14,34 @@ from dataclasses import dataclass
 import numpy as np
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.sources.slides.deposit import DepositMask
-from cytoretrieve.sources.slides.reader import LevelChoice, SlideInfo, choose_level
+from cytoretrieve.sources.slides.reader import LevelChoice, SlideInfo
+
+DEFAULT_RULE = "cells"
 
 
 @dataclass(frozen=True)
 class GridSpec:
-    """Tile size (output px), target pixel size (um/px), stride (output px; default the tile size) and the mask
-    coverage a tile needs to be kept."""
+    """Tile size (output px), target pixel size (um/px), stride (output px; default the tile size), the tile rule
+    and its threshold: `min_foreground_um2` of cell foreground per tile (`cells`) or `min_coverage`, the fraction
+    of a tile in the deposit (`coverage`)."""
 
     tile_size: int = 320
     target_mpp: float = 0.5
     stride: int | None = None
-    min_coverage: float = 0.5
+    rule: str = DEFAULT_RULE
+    min_foreground_um2: float = 100.0
+    min_coverage: float = 0.05  # tissue: a tile with 5% tissue is kept, so thin strands and edges are too
 
     @property
     def step(self) -> int:
         return self.stride or self.tile_size
 
     def validate(self) -> None:
+        # imported here: the registry imports this module
+        from cytoretrieve.sources.slides.rules import RULES
+
+        if self.rule not in RULES:
+            raise CytoError(f"unknown `rule` '{self.rule}': use {' or '.join(RULES)}")
         if self.tile_size < 8:
             raise CytoError(f"`tile_size` must be at least 8 px, not {self.tile_size}")
         if self.target_mpp <= 0:
@@ -40,26 +50,41 @@ class GridSpec:
             raise CytoError(f"`stride` must be at least 1 px, not {self.stride}")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise CytoError(f"`min_coverage` must be between 0 and 1, not {self.min_coverage}")
+        if self.min_foreground_um2 < 0:
+            raise CytoError(f"`min_foreground_um2` must be at least 0 um^2, not {self.min_foreground_um2}")
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"tile_size": self.tile_size, "target_mpp": self.target_mpp, "stride": self.step,
-                "min_coverage": self.min_coverage}
+    def to_dict(self) -> dict[str, float | int | str]:
+        """The settings a tile table records: the grid's and the rule's own threshold. A `coverage` table has no
+        `rule` key, as tables made before the rules existed: they stay appendable."""
+        out: dict[str, float | int | str] = {"tile_size": self.tile_size, "target_mpp": self.target_mpp,
+                                             "stride": self.step}
+        if self.rule == "coverage":
+            return {**out, "min_coverage": self.min_coverage}
+        return {**out, "rule": self.rule, "min_foreground_um2": self.min_foreground_um2}
 
 
 @dataclass
 class Grid:
-    """Every grid position of a slide (level-0 top-left corners), its deposit coverage, and which are kept."""
+    """Every grid position of a slide (level-0 top-left corners) and what the rule found there: `coverage`, the
+    fraction of the tile in the deposit (`coverage` rule) or covered by cell foreground (`cells`); `in_region`,
+    whether it touches the deposit region; `kept`."""
 
     choice: LevelChoice
     stride: int  # level-0 px between neighbouring tiles
     xs: np.ndarray  # int64, all positions
     ys: np.ndarray
     coverage: np.ndarray  # float64 in [0, 1]
+    in_region: np.ndarray  # bool
     kept: np.ndarray  # bool
+    foreground_um2: np.ndarray | None = None  # cells rule: cell foreground per tile
 
     @property
     def n_kept(self) -> int:
         return int(self.kept.sum())
+
+    @property
+    def n_region(self) -> int:
+        return int(self.in_region.sum())
 
     def tiles(self) -> list[tuple[int, int, float]]:
         """(x, y, coverage) of the kept tiles, row by row."""
@@ -74,10 +99,9 @@ def positions(start: int, length: int, extent: int, stride: int) -> np.ndarray:
     return np.arange(start, start + length - extent + 1, stride, dtype=np.int64)
 
 
-def make_grid(info: SlideInfo, spec: GridSpec, mask: DepositMask | None) -> Grid:
-    """The grid of a slide; with no mask every tile is kept (coverage 1)."""
+def make_grid(info: SlideInfo, spec: GridSpec, choice: LevelChoice) -> Grid:
+    """The grid of a slide read as `choice` says, every tile kept (coverage 1) until a rule decides."""
     spec.validate()
-    choice = choose_level(info.level_downsamples, info.mpp, spec.target_mpp, spec.tile_size)
     stride = max(1, round(spec.step * choice.read_size / spec.tile_size * choice.downsample))
     if spec.step == spec.tile_size:
         stride = choice.extent  # exactly edge to edge
@@ -85,9 +109,5 @@ def make_grid(info: SlideInfo, spec: GridSpec, mask: DepositMask | None) -> Grid
     gx = positions(bx, bw, choice.extent, stride)
     gy = positions(by, bh, choice.extent, stride)
     ys, xs = (a.ravel() for a in np.meshgrid(gy, gx, indexing="ij"))
-    if mask is None:
-        coverage = np.ones(xs.size)
-    else:
-        coverage = mask.coverage(xs, ys, choice.extent)
-    kept = coverage >= spec.min_coverage - 1e-9
-    return Grid(choice=choice, stride=stride, xs=xs, ys=ys, coverage=coverage, kept=kept)
+    ones = np.ones(xs.size, bool)
+    return Grid(choice=choice, stride=stride, xs=xs, ys=ys, coverage=np.ones(xs.size), in_region=ones, kept=ones.copy())
