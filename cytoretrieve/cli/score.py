@@ -110,10 +110,13 @@ def score(
             console.print(f"note: {note}")
         plot_roc(result, out / "roc.png", title=f"{tiles}: {method}")
         options.write_json(top_tiles(result, bags, n_top), str(out / "top_tiles.json"))
-        with (out / "scores.csv").open("w") as f:
-            f.write("slide,binary,fold,score\n")
-            for s, y, fo, sc in zip(result.slides, result.y, result.fold_of, result.scores):
-                f.write(f"{s},{y},{fo},{sc:.6g}\n")
+        from cytoretrieve.faults import failpoint
+
+        failpoint("score-output")
+        lines = [f"{s},{y},{fo},{sc:.6g}\n" for s, y, fo, sc in zip(result.slides, result.y, result.fold_of, result.scores)]
+        partial = out / "scores.csv.tmp"  # written whole, then renamed: a killed run never leaves half a file
+        partial.write_text("slide,binary,fold,score\n" + "".join(lines))
+        partial.replace(out / "scores.csv")
         heat = f", {len(maps)} heat maps in {out / 'heatmaps'}" if maps else ""
         heat += f", {len(shapes)} QuPath GeoJSON files in {out / 'geojson'}" if shapes else ""
         console.print(f"written: {out / 'roc.png'}, {out / 'top_tiles.json'}, {out / 'scores.csv'}{heat}")
