@@ -86,7 +86,7 @@ def test_mil_model_trains_on_the_gpu() -> None:
     from mil_synthetic import synthetic_bags
 
     from cytoretrieve.queries.mil.evaluate import auc
-    from cytoretrieve.queries.mil.train import TrainConfig, fit
+    from cytoretrieve.queries.mil.train import MILTrainConfig as TrainConfig, fit
 
     train_bags, _ = synthetic_bags(60, seed=0)
     test_bags, _ = synthetic_bags(40, seed=1)

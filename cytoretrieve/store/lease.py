@@ -22,6 +22,7 @@ from pathlib import Path
 from cytoretrieve.errors import CytoError
 
 POLL_SECONDS = 1.0
+SETTLE_SECONDS = 5.0  # an unreadable lease file older than this is treated as stale
 
 
 def job_id() -> str:
@@ -80,33 +81,57 @@ def state(folder: Path, table: str) -> tuple[str, dict] | None:
     return ("interrupted" if dead else "writing"), held
 
 
+def _create(path: Path, content: dict) -> bool:
+    """Create the lease file with its content in one step (written aside, then hard-linked into place: the link
+    fails if the file exists), so no other process ever reads it empty. True if we created it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+    tmp.write_text(json.dumps(content))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: exclusive create, then write (a short empty window)
+        try:
+            with open(path, "x") as f:
+                f.write(json.dumps(content))
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def acquire(folder: Path, table: str, wait: float = 0.0) -> Lease:
     """The write lease of `table`, waiting up to `wait` seconds for another job's to be released."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{table}.lease"
     me = job_id()
     deadline = time.monotonic() + max(wait, 0.0)
+    damaged_since: float | None = None
     while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            held = _holder(path)
-            if held is None:
-                continue  # released between our two calls
-            if held.get("job") == me:
-                return Lease(path, me, owner=False)
-            if held.get("host") == socket.gethostname() and held.get("pid") and not _alive(int(held["pid"])):
-                path.unlink(missing_ok=True)  # its holder died without releasing it
-                continue
-            if time.monotonic() >= deadline:
-                who = f"pid {held.get('pid', '?')} on {held.get('host', '?')}, since {held.get('since', '?')}"
-                raise CytoError(f"another job is writing table '{table}' ({who}): wait for it to finish, or pass "
-                                f"`wait` SECONDS to wait for it") from None
-            time.sleep(POLL_SECONDS)
+        mine = {"job": me, "host": socket.gethostname(), "pid": os.getpid(), "table": table,
+                "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        if _create(path, mine):
+            lease = Lease(path, me, owner=True)
+            atexit.register(lease.release)
+            return lease
+        held = _holder(path)
+        if held is None:
+            continue  # released between our two calls
+        if not held:  # unreadable: damaged (a full disk?); given a moment, then treated as stale
+            damaged_since = damaged_since or time.monotonic()
+            if time.monotonic() - damaged_since > SETTLE_SECONDS:
+                path.unlink(missing_ok=True)
+            time.sleep(0.05)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"job": me, "host": socket.gethostname(), "pid": os.getpid(), "table": table,
-                       "since": datetime.datetime.now().isoformat(timespec="seconds")}, f)
-        lease = Lease(path, me, owner=True)
-        atexit.register(lease.release)
-        return lease
+        if held.get("job") == me:
+            return Lease(path, me, owner=False)
+        if held.get("host") == socket.gethostname() and held.get("pid") and not _alive(int(held["pid"])):
+            path.unlink(missing_ok=True)  # its holder died without releasing it
+            continue
+        if time.monotonic() >= deadline:
+            who = f"pid {held.get('pid', '?')} on {held.get('host', '?')}, since {held.get('since', '?')}"
+            raise CytoError(f"another job is writing table '{table}' ({who}): wait for it to finish, or pass "
+                            f"`wait` SECONDS to wait for it")
+        time.sleep(POLL_SECONDS)
