@@ -181,18 +181,19 @@ def find_ink(rgb: np.ndarray, sat: np.ndarray, params: SmearParams, px_um2: floa
 
 
 def find_debris(mx: np.ndarray, sat: np.ndarray, not_glass: np.ndarray, params: SmearParams) -> np.ndarray:
-    """Dark grey-black objects whose surroundings (a 2 px ring) are mostly glass."""
+    """Dark grey-black objects whose surroundings (a 2 px ring) are mostly glass; objects closer than that are
+    judged together."""
     dark = (mx <= params.dark_value) & (sat < params.dark_saturation)
     box = _bbox(dark, 3)
     if box is None:
         return dark
-    labels, n = _components(dark[box])
-    ring_labels = ndimage.grey_dilation(labels, size=(5, 5))
-    ring = (ring_labels > 0) & (labels == 0)
-    total = np.bincount(ring_labels[ring], minlength=n + 1)
-    glass = np.bincount(ring_labels[ring & ~not_glass[box]], minlength=n + 1)
+    dark_box = dark[box]
+    near, n = _components(ndimage.binary_dilation(dark_box, structure=np.ones((3, 3), bool), iterations=2))
+    ring = near * ~dark_box
+    total = np.bincount(ring.ravel(), minlength=n + 1)
+    glass = np.bincount((ring * ~not_glass[box]).ravel(), minlength=n + 1)
     out = np.zeros(dark.shape, bool)
-    out[box] = _select(labels, glass >= params.debris_glass * np.maximum(total, 1))
+    out[box] = dark_box & _select(near, glass >= params.debris_glass * np.maximum(total, 1))
     return out
 
 
