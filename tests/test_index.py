@@ -40,10 +40,11 @@ def test_auto_is_flat_for_small_tables() -> None:
     assert kind == "flat"
 
 
-def _table(tmp_path, n: int = 300):
+def _table(tmp_path, n: int = 300, spread: float = 0.0):
     store = Store(tmp_path / "s")
     t = store.create_or_open("t", {"arch": "x", "fingerprint": "f" * 64, "dim": DIM}, {"name": "toy"})
     x = clustered(n)
+    x += spread * np.random.default_rng(9).normal(size=x.shape).astype(np.float32)
     rows = [{"id": f"r{i}", "label": "AB"[i % 2]} for i in range(n)]
     t.add(t.make_rows(rows, x))
     return t, x
@@ -97,7 +98,7 @@ def test_search_by_id_sees_rows_added_after_the_first_search(tmp_path) -> None:
     assert after.hits[0].id == "twin" and after.hits[0].label == "B"
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
 def test_appends_and_deletes_update_the_cached_index_like_a_fresh_build(tmp_path, kind: str) -> None:
     from cytoretrieve.store import index as index_module
 
@@ -110,7 +111,8 @@ def test_appends_and_deletes_update_the_cached_index_like_a_fresh_build(tmp_path
     updated = table_index(t, kind)
     assert updated.version > first.version and updated.rows == 4000 + 300 - 3
     meta = json.loads((tmp_path / "s" / "t.faiss.json").read_text())
-    assert meta["trained_rows"] == 4000  # updated in place: the quantiser was not retrained
+    # updated in place, the quantiser not retrained (ivfpq cannot remove rows: the deletes made it rebuild)
+    assert meta["trained_rows"] == (4297 if kind == "ivfpq" else 4000)
     fresh = table_index(t, kind, rebuild=True)
     q = l2_normalise(np.concatenate([x[:20], more[:20]]))
     _, got = updated.search(q, 10)
@@ -160,3 +162,40 @@ def test_a_damaged_cache_is_rebuilt_with_one_warning(tmp_path, damage: str, capl
     caplog.clear()
     table_index(t)  # the rebuilt cache is trusted again: no second warning
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_auto_picks_the_compressed_kind_by_rows_times_dimension(monkeypatch) -> None:
+    from cytoretrieve.store import index as index_module
+
+    assert index_module._auto_kind(1_500_000, 384) == "ivfpq" and index_module._auto_kind(1_500_000, 2048) == "ivfpq"
+    assert index_module._auto_kind(200_000, 2048) == "ivf" and index_module._auto_kind(50_000, 2048) == "flat"
+    monkeypatch.setattr(index_module, "AUTO_FLAT_MAX", 1000)
+    monkeypatch.setattr(index_module, "AUTO_COMPRESSED_VALUES", 2000 * DIM)
+    assert build(clustered(1500), np.arange(1500), "auto")[1] == "ivf"
+    assert build(clustered(3000), np.arange(3000), "auto")[1] == "ivfpq"
+    assert index_module.table_nlist(1_500_000, 2048) == 512 and index_module.table_nlist(1_500_000, 384) == 2048
+
+
+def test_compressed_table_index_is_streamed_mapped_filtered_and_updated(tmp_path) -> None:
+    """ivfpq on a table: built from streamed batches, reloaded memory-mapped, a where-filter honoured, and an
+    append after a mapped load updates the cache (FAISS would abort on adding to the mapped copy)."""
+    from cytoretrieve.store import index as index_module
+
+    t, x = _table(tmp_path, n=3000, spread=1.0)  # neighbourhoods that 4-bit PQ codes resolve
+    built = table_index(t, "ivfpq")
+    q = l2_normalise(x[:30])
+    _, want = built.search(q, 10)
+    index_module.forget_loaded()
+    mapped = table_index(t, "ivfpq")
+    _, got = mapped.search(q, 10)
+    assert mapped.kind == "ivfpq" and (got == want).all()  # the mapped copy answers as the built one
+    assert (got[:, 0] == [row_key(f"r{i}") for i in range(30)]).mean() >= 0.9  # a stored vector finds itself
+    np.testing.assert_allclose(mapped.stored_vector(row_key("r5")), l2_normalise(x[5:6])[0], atol=1e-3)
+    allowed = np.array([row_key(f"r{i}") for i in range(0, 3000, 2)])
+    _, keys = mapped.search(l2_normalise(x[1:2]), 20, allowed)
+    assert set(keys[0]) <= set(allowed) and len(set(keys[0])) == 20
+    t.add(t.make_rows([{"id": "twin"}], x[1:2] * 3))
+    updated = table_index(t)  # auto follows the cached kind
+    assert updated.kind == "ivfpq" and updated.rows == 3001
+    assert updated.search(l2_normalise(x[1:2]), 2)[1][0].tolist() in ([row_key("r1"), row_key("twin")],
+                                                                     [row_key("twin"), row_key("r1")])

@@ -6,6 +6,14 @@ so inner product = cosine similarity. A table's index maps FAISS ids to the tabl
 resolve to rows without a side list; other indexes (k-NN protocol, retrieval references) use row positions.
 Exact search (flat) by default; IVF, IVF-PQ fast-scan with re-ranking, or HNSW for large sets; on the GPU when
 faiss reports one.
+
+`auto` picks a table's kind from its size: flat up to `AUTO_FLAT_MAX` rows, IVFFlat while its float32 vectors fit
+`AUTO_COMPRESSED_VALUES`, and above that the compressed `ivfpq` (4-bit PQ fast-scan codes in memory, the short list
+of `refine` x k candidates re-ranked on float16 copies, or 8-bit ones from `HIGH_DIM` dimensions): 1.5M x 2048
+float32 vectors are 12 GB, their compressed index ~4.6 GB on disk, of which a search process touches a small part.
+A table's index is built from streamed batches of the table (never all its vectors at once) and a cached one is
+loaded memory-mapped (flat codes, IVF lists and re-ranking codes are paged in as searches touch them), so a fresh
+process answers its first query without reading the whole file.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ if TYPE_CHECKING:
     from cytoretrieve.store.tables import VectorTable
 
 AUTO_FLAT_MAX = 100_000  # above this many rows `auto` builds an IVF index for a table
+AUTO_COMPRESSED_VALUES = 1 << 29  # above rows x dim this many float32 values (2 GiB), `auto` builds `ivfpq`
+HIGH_DIM = 1024  # from this dimension `ivfpq` re-ranks on 8-bit codes (1 byte / dimension), below on float16
+ASSIGN_BUDGET = 1 << 20  # a table index's lists x dimension: the multiply-adds to assign one row to its list
 EF_SEARCH = 128  # HNSW candidate list per query
 NPROBE = 16  # IVF lists visited per query: recall ~1.0 on clustered embeddings (see STACK.md)
 MEMORY_CACHE_TABLES = 4  # indexes kept loaded per process (most recently used); each holds all its vectors
@@ -55,6 +66,20 @@ def auto_nlist(n: int) -> int:
     (370k rows: 1024 lists)."""
     nlist = 2 ** round(math.log2(max(2 * math.sqrt(max(n, 1)), 1)))
     return int(max(1, min(max(16, min(nlist, 4096)), n // 39)))
+
+
+def table_nlist(n: int, dim: int) -> int:
+    """IVF lists of a table's index: `auto_nlist(n)`, capped so that assigning a row to its list costs at most
+    `ASSIGN_BUDGET` multiply-adds (2048 lists at 384-d, 512 at 2048-d): a build's time is dominated by that
+    assignment (1.5M x 2048 lists x 2048-d is 6.4e12 multiply-adds, ~30 min on two cores)."""
+    cap = 2 ** int(math.log2(max(ASSIGN_BUDGET // max(dim, 1), 16)))
+    return min(auto_nlist(n), cap)
+
+
+def _refine_codec(dim: int) -> str:
+    """The re-ranking codes of `ivfpq`: float16 (exact to ~1e-4), 8-bit per dimension from `HIGH_DIM` dimensions
+    (half the bytes: 1.5M x 2048 re-ranking codes are 3 GB instead of 6)."""
+    return "SQ8" if dim >= HIGH_DIM else "SQfp16"
 
 
 def _pq_m(dim: int) -> int:
@@ -103,7 +128,7 @@ def _ivf_factory(spec: Callable[[int, int], str]) -> Callable[[int, int, IndexPa
 KINDS: dict[str, Callable[[int, int, IndexParams], faiss.Index]] = {
     "flat": _flat,
     "ivf": _ivf_factory(lambda d, nlist: f"IVF{nlist},Flat"),
-    "ivfpq": _ivf_factory(lambda d, nlist: f"IVF{nlist},PQ{_pq_m(d)}x4fs,Refine(SQfp16)"),
+    "ivfpq": _ivf_factory(lambda d, nlist: f"IVF{nlist},PQ{_pq_m(d)}x4fs,Refine({_refine_codec(d)})"),
     "hnsw": _hnsw,
 }
 
@@ -126,41 +151,64 @@ def _sample(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -
     return l2_normalise(np.concatenate(parts))
 
 
+def _new_index(kind: str, dim: int, n: int, params: IndexParams) -> tuple[faiss.Index, dict[str, Any], int]:
+    """An empty, untrained index of `kind` for `n` rows, its description, and the rows its training wants (0: no
+    training). Unknown kinds and empty sets are user errors."""
+    if kind not in KINDS:
+        raise CytoError(f"unknown index kind '{kind}' (one of {', '.join(['auto', *KINDS])})")
+    if n == 0:
+        raise CytoError("cannot index an empty set of vectors")
+    index = KINDS[kind](dim, n, params)
+    info: dict[str, Any] = {"kind": kind, "rows": n}
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return index, info, 0
+    info.update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))
+    if isinstance(index, faiss.IndexRefine):
+        info["refine"] = params.refine
+    return index, info, max(TRAIN_PER_LIST * ivf.nlist, 10_000)
+
+
+def _with_ids(index: faiss.Index) -> faiss.Index:
+    """An index that takes ids: IVF takes them as is, others (flat, HNSW, IVF-PQ + re-ranking) sit in an IDMap2."""
+    return index if isinstance(index, faiss.IndexIVF) else faiss.IndexIDMap2(index)
+
+
+def _add(index: faiss.Index, x: np.ndarray, ids: np.ndarray | None) -> None:
+    """Add the L2-normalised rows of `x` in `ADD_BATCH` batches, with `ids` (int64) or none."""
+    for b in range(0, len(x), ADD_BATCH):
+        part = l2_normalise(np.asarray(x[b:b + ADD_BATCH]))
+        if ids is None:
+            index.add(part)
+        else:
+            index.add_with_ids(part, np.ascontiguousarray(ids[b:b + len(part)], dtype=np.int64))
+
+
+def _key_map(index: faiss.Index) -> faiss.Index:
+    if isinstance(index, faiss.IndexIVF):
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # key -> stored vector, for `stored_vector`
+    return index
+
+
 def build_index(chunks: np.ndarray | Sequence[np.ndarray], kind: str, params: IndexParams = IndexParams(),
                 ids: np.ndarray | None = None) -> tuple[faiss.Index, dict[str, Any]]:
     """An index of the L2-normalised rows of `chunks` (one array or a sequence of arrays, added in batches: no
     concatenated copy) and a description of it. Ids are `ids` (int64) or row positions in chunk order. IVF kinds
     train on a sample sized to their list count, not on every row."""
-    if kind not in KINDS:
-        raise CytoError(f"unknown index kind '{kind}' (one of {', '.join(['auto', *KINDS])})")
     chunks = [chunks] if isinstance(chunks, np.ndarray) else chunks
     sizes = _rows(chunks)
     n = int(sum(sizes))
-    if n == 0:
-        raise CytoError("cannot index an empty set of vectors")
-    dim = int(np.asarray(chunks[next(i for i, s in enumerate(sizes) if s)]).shape[1])
-    index = KINDS[kind](dim, n, params)
-    info: dict[str, Any] = {"kind": kind, "rows": n}
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        index.train(_sample(chunks, sizes, max(TRAIN_PER_LIST * ivf.nlist, 10_000), params.seed))
-        info.update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))
-        if isinstance(index, faiss.IndexRefine):
-            info["refine"] = params.refine
-    if ids is not None and ivf is None:
-        index = faiss.IndexIDMap2(index)
+    dim = int(np.asarray(chunks[next(i for i, s in enumerate(sizes) if s)]).shape[1]) if n else 0
+    index, info, train_rows = _new_index(kind, dim, n, params)
+    if train_rows:
+        index.train(_sample(chunks, sizes, train_rows, params.seed))
+    if ids is not None:
+        index = _with_ids(index)
     a = 0
     for c in chunks:
-        for b in range(0, len(c), ADD_BATCH):
-            x = l2_normalise(np.asarray(c[b:b + ADD_BATCH]))
-            if ids is None:
-                index.add(x)
-            else:
-                index.add_with_ids(x, np.ascontiguousarray(ids[a:a + len(x)], dtype=np.int64))
-            a += len(x)
-    if ids is not None and ivf is not None:
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # key -> stored vector, for `stored_vector`
-    return index, info
+        _add(index, c, None if ids is None else ids[a:a + len(c)])
+        a += len(c)
+    return (index if ids is None else _key_map(index)), info
 
 
 def exact_neighbours(references: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,14 +235,13 @@ class TableIndex:
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, keys) for L2-normalised queries; `allowed` restricts hits to these keys."""
-        params = None
-        if allowed is not None:
-            sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-            params = _search_params(self.kind, sel)
         k = min(k, self.rows)
-        if params is None:
+        if allowed is None:
             return self.index.search(queries, k)
-        return self.index.search(queries, k, params=params)
+        if _refined(self.index):
+            return _search_refined(self.index, queries, k, allowed)
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        return self.index.search(queries, k, params=_search_params(self.kind, sel))
 
     def stored_vector(self, key: int) -> np.ndarray | None:
         """The L2-normalised vector stored under `key`, or None when the key is not in the index or this index
@@ -213,17 +260,69 @@ def _search_params(kind: str, sel: faiss.IDSelector) -> faiss.SearchParameters:
     return faiss.SearchParameters(sel=sel)
 
 
+def _refined(index: faiss.Index) -> bool:
+    return isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index), faiss.IndexRefine)
+
+
+def _search_refined(index: faiss.Index, queries: np.ndarray, k: int,
+                    allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A filtered search of an IDMap2 around IVF-PQ + re-ranking: FAISS's id map translates a selector for the
+    index it wraps, but the re-ranking index does not pass it on to its IVF, so the allowed keys are translated
+    to row positions here and given to the IVF search directly."""
+    keys = faiss.vector_to_array(index.id_map)
+    positions = np.flatnonzero(np.isin(keys, np.asarray(allowed, dtype=np.int64))).astype(np.int64)
+    refine = faiss.downcast_index(index.index)
+    ivf = faiss.extract_index_ivf(refine)
+    params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=faiss.SearchParametersIVF(
+        sel=faiss.IDSelectorBatch(positions), nprobe=ivf.nprobe))
+    scores, rows = refine.search(queries, k, params=params)
+    return scores, np.where(rows >= 0, keys[np.maximum(rows, 0)], -1)
+
+
 def _paths(table: VectorTable) -> tuple[Path, Path]:
     base = table.store.index_dir() / table.name
     return base.with_suffix(".faiss"), base.with_suffix(".faiss.json")
 
 
 def build(vectors: np.ndarray, keys: np.ndarray, kind: str = "auto") -> tuple[faiss.Index, str]:
-    """A table's index of `vectors` with ids `keys`; `auto` = flat up to 100k rows, else IVF."""
+    """A table's index of `vectors` with ids `keys` (`auto`: by rows x dimension, see `_auto_kind`)."""
+    n, dim = vectors.shape
     if kind == "auto":
-        kind = _auto_kind(len(vectors))
-    index, info = build_index(vectors, kind, IndexParams(), ids=keys)
+        kind = _auto_kind(n, dim)
+    index, info = build_index(vectors, kind, IndexParams(nlist=table_nlist(n, dim)), ids=keys)
     return index, info["kind"]
+
+
+def _table_sample(table: VectorTable, n: int, rows: int, seed: int) -> np.ndarray:
+    """`rows` of the table's `n` vectors drawn uniformly without replacement, picked from one streamed scan."""
+    pick = np.sort(np.random.default_rng(seed).choice(n, min(rows, n), replace=False))
+    parts, a = [], 0
+    for batch in table.scan(["vector"]):
+        lo, hi = np.searchsorted(pick, [a, a + batch.num_rows])
+        if hi > lo:
+            vec = batch.column("vector")
+            parts.append(vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), table.dim)[pick[lo:hi] - a])
+        a += batch.num_rows
+    return l2_normalise(np.concatenate(parts))
+
+
+def build_table(table: VectorTable, kind: str = "auto") -> tuple[faiss.Index, str, int]:
+    """(index, kind, rows) of the table's vectors, streamed: one scan for the training sample (IVF kinds), one to
+    add the rows batch by batch, so that memory holds the index and one batch, never all the vectors."""
+    n, dim = table.count(), table.dim
+    if n == 0:
+        raise CytoError(f"table '{table.name}' is empty: embed something into it first")
+    kind = _auto_kind(n, dim) if kind == "auto" else kind
+    params = IndexParams(nlist=table_nlist(n, dim))
+    index, _, train_rows = _new_index(kind, dim, n, params)
+    if train_rows:
+        index.train(_table_sample(table, n, train_rows, params.seed))
+    index = _with_ids(index)
+    for batch in table.scan(["key", "vector"]):
+        vec = batch.column("vector")
+        _add(index, vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim),
+             batch.column("key").to_numpy())
+    return _key_map(index), kind, int(index.ntotal)
 
 
 def _with_key_map(index: faiss.Index) -> faiss.Index:
@@ -234,8 +333,9 @@ def _with_key_map(index: faiss.Index) -> faiss.Index:
 
 
 def to_gpu(index: faiss.Index) -> faiss.Index:
-    """Move a flat or IVF index to GPU 0 when one is there; HNSW stays on the CPU (faiss has no GPU HNSW)."""
-    if not gpu_available() or isinstance(index, faiss.IndexIDMap2) and isinstance(
+    """Move a flat or IVF index to GPU 0 when one is there; HNSW and IVF-PQ + re-ranking stay on the CPU (faiss has
+    no GPU HNSW, nor a GPU copy of fast-scan codes inside a re-ranking index)."""
+    if not gpu_available() or _refined(index) or isinstance(index, faiss.IndexIDMap2) and isinstance(
         faiss.downcast_index(index.index), faiss.IndexHNSWFlat
     ):
         return index
@@ -287,7 +387,13 @@ def _index_keys(index: faiss.Index) -> np.ndarray:
 
 def _read_cache(table: VectorTable, index_path: Path, meta_path: Path) -> tuple[dict[str, Any], faiss.Index] | None:
     """The cached index and its .json, or None when there is none or it cannot be trusted (truncated, foreign,
-    not the file its .json describes): a cache is disposable, so a damaged one is rebuilt with a warning."""
+    not the file its .json describes): a cache is disposable, so a damaged one is rebuilt with a warning.
+
+    A cache of the table's current version is only searched: it is memory-mapped (`IO_FLAG_MMAP_IFC`: flat
+    codes, IVF lists, re-ranking codes stay in the file's pages until a search touches them). One that is about
+    to be updated is read into memory (FAISS aborts the process on adding to a mapped index). Cache files are
+    replaced by rename, never rewritten in place, so a mapped file stays valid while another process updates it.
+    """
     if not meta_path.exists() or not index_path.exists():
         return None
     try:
@@ -296,7 +402,8 @@ def _read_cache(table: VectorTable, index_path: Path, meta_path: Path) -> tuple[
             raise ValueError(f"it belongs to table {meta.get('table')!r}")
         if "bytes" in meta and index_path.stat().st_size != meta["bytes"]:
             raise ValueError(f"its file has {index_path.stat().st_size} bytes, its .json says {meta['bytes']}")
-        index = _with_key_map(faiss.read_index(str(index_path)))
+        flags = faiss.IO_FLAG_MMAP_IFC if meta.get("version") == table.version else 0
+        index = _with_key_map(faiss.read_index(str(index_path), flags))
         if index.ntotal != int(meta["rows"]):
             raise ValueError(f"it holds {index.ntotal} rows, its .json says {meta['rows']}")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -334,17 +441,17 @@ def _rows_by_keys(table: VectorTable, keys: np.ndarray) -> tuple[np.ndarray, np.
 def _update(table: VectorTable, meta: dict[str, Any], index: faiss.Index) -> faiss.Index | None:
     """The cached index brought up to the table's rows (new keys added, gone keys removed), or None when a fresh
     build is due: the kind `auto` would pick has changed, an IVF table has outgrown its quantiser (`RETRAIN_GROWTH`
-    x the rows it was trained on), or the kind cannot remove rows (HNSW)."""
+    x the rows it was trained on), or rows were deleted from a kind that cannot remove them (HNSW, IVF-PQ)."""
     keys = table.read(["key"]).column("key").to_numpy().astype(np.int64)
     held = _index_keys(index)
     new, gone = np.setdiff1d(keys, held), np.setdiff1d(held, keys)
     kind, rows = meta["kind"], len(keys)
-    if meta.get("auto") and kind != _auto_kind(rows):
+    if meta.get("auto") and kind != _auto_kind(rows, table.dim):
         return None
     if kind in ("ivf", "ivfpq") and rows > RETRAIN_GROWTH * int(meta.get("trained_rows", meta["rows"])):
         return None
     if len(gone):
-        if kind == "hnsw":
+        if kind in ("hnsw", "ivfpq"):  # FAISS cannot remove rows from these (the re-ranking index of ivfpq)
             return None
         gone = np.ascontiguousarray(gone, dtype=np.int64)
         index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable key map takes
@@ -355,8 +462,11 @@ def _update(table: VectorTable, meta: dict[str, Any], index: faiss.Index) -> fai
     return index
 
 
-def _auto_kind(rows: int) -> str:
-    return "flat" if rows <= AUTO_FLAT_MAX else "ivf"
+def _auto_kind(rows: int, dim: int) -> str:
+    """flat up to `AUTO_FLAT_MAX` rows, IVFFlat up to `AUTO_COMPRESSED_VALUES` float32 values, else `ivfpq`."""
+    if rows <= AUTO_FLAT_MAX:
+        return "flat"
+    return "ivf" if rows * dim <= AUTO_COMPRESSED_VALUES else "ivfpq"
 
 
 def table_index(table: VectorTable, kind: str = "auto", rebuild: bool = False) -> TableIndex:
@@ -387,10 +497,7 @@ def table_index(table: VectorTable, kind: str = "auto", rebuild: bool = False) -
         if index is not None:
             loaded = TableIndex(to_gpu(index), meta["kind"], version, int(index.ntotal))
             return _remember(index_path, meta_path, loaded)
-    vectors, ids = table.vectors(["key"])
-    if len(vectors) == 0:
-        raise CytoError(f"table '{table.name}' is empty: embed something into it first")
-    index, built_kind = build(vectors, ids.column("key").to_numpy(), kind)
-    meta = {"version": version, "kind": built_kind, "auto": kind == "auto", "trained_rows": len(vectors)}
+    index, built_kind, rows = build_table(table, kind)
+    meta = {"version": version, "kind": built_kind, "auto": kind == "auto", "trained_rows": rows}
     _write_cache(table, index_path, meta_path, index, meta)
-    return _remember(index_path, meta_path, TableIndex(to_gpu(index), built_kind, version, len(vectors)))
+    return _remember(index_path, meta_path, TableIndex(to_gpu(index), built_kind, version, rows))
