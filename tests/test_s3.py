@@ -227,3 +227,17 @@ def test_two_machines_each_keep_their_index_cache_in_step(cells: Path, uri: str,
         assert len(caches) == 1, caches
         meta = json.loads(caches[0].read_text())
         assert meta["version"] == table_a.version and meta["rows"] == _n_images(cells)
+
+
+def test_storage_options_stand_in_for_the_environment(s3: str, uri: str, monkeypatch) -> None:
+    import numpy as np
+
+    options = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "aws_endpoint": s3,
+               "aws_region": "us-east-1", "allow_http": "true"}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_ALLOW_HTTP"):
+        monkeypatch.delenv(name)
+    store = Store(uri, storage_options=options)
+    table = store.create_or_open("t", {"arch": "x", "fingerprint": "f" * 64, "dim": 4}, {"name": "toy"})
+    table.add(table.make_rows([{"id": f"r{i}"} for i in range(3)], np.eye(3, 4, dtype=np.float32)))
+    table.finish()
+    assert Store(uri, storage_options=options).open("t").count() == 3

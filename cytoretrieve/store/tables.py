@@ -143,10 +143,14 @@ class TableInfo:
 class Store:
     """A LanceDB database: a local folder (default `indexes/`) or any LanceDB URI (s3://, gs://, ...)."""
 
-    def __init__(self, uri: str | Path | None = None, *, wait: float = 0.0) -> None:
-        """`wait`: how long a writer waits for another job's write lease on a table before giving up (s)."""
+    def __init__(self, uri: str | Path | None = None, *, wait: float = 0.0,
+                 storage_options: dict[str, str] | None = None) -> None:
+        """`wait`: how long a writer waits for another job's write lease on a table before giving up (s).
+        `storage_options`: LanceDB's object-store settings (`aws_endpoint`, `allow_http`, ...) for a remote URI;
+        without them the standard environment variables are read (AWS_ACCESS_KEY_ID, AWS_ENDPOINT, ...)."""
         self.uri = str(uri) if uri is not None else default_store_uri()
         self.wait = wait
+        self.storage_options = storage_options
         self.local = "://" not in self.uri
         if self.local and Path(self.uri).exists() and not Path(self.uri).is_dir():
             raise CytoError(f"store {self.uri} is a file, not a folder: give `store` a folder (or a LanceDB URI)")
@@ -158,7 +162,7 @@ class Store:
         and reads of an existing folder get here, so a failed or read-only command leaves nothing behind)."""
         if self._db is None:
             try:
-                self._db = lancedb.connect(self.uri)
+                self._db = lancedb.connect(self.uri, storage_options=self.storage_options)
             except Exception as e:  # noqa: BLE001 - any connection failure is the user's URI or credentials
                 raise CytoError(f"cannot open store {self.uri}: {str(e).splitlines()[0] if str(e) else e}") from e
         return self._db
