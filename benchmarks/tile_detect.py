@@ -3,27 +3,31 @@
 A SurePath deposit is 13 mm across: 26,000 px at 0.5 um/px (20x). The script draws one such slide (28,160 x
 28,160 px at 0.5 um/px, a 13 mm round deposit of `--cells` real cells cut from ../shared/data, made by
 tests/synthetic_smears.py) and writes it as a pyramidal TIFF, level 0 band by band so memory stays bounded (the
-file is generated, not stored: it goes to a temporary folder, or `--keep PATH`), JPEG tiles of 256 px (quality 80,
-as scanners write them; `--compression zlib` without imagecodecs). Two pyramids, as scanners write them: `aperio` (downsamples 1, 4, 16, 64: the cells rule's 4 um/px image is box-averaged from the 2 um/px level)
-and `halving` (1, 2, 4, 8, 16, 32: the 4 um/px level is read as is).
+file is generated, not stored: it goes to a temporary folder, or `--keep PATH`), JPEG tiles of 256 px (quality
+80, as scanners write them; zlib when imagecodecs is not installed, or with `--compression zlib`). Two pyramids,
+as scanners write them: `aperio` (downsamples 1, 4, 16, 64: the cells rule's 4 um/px image is box-averaged from
+the 2 um/px level) and `halving` (1, 2, 4, 8, 16, 32: the 4 um/px level is read as is).
 
 First, quality on the test suite's small smears (2.5 mm deposits at three densities, `--quality-seeds`): cell
-recall and the share of kept tiles with no cell pixel at the default settings. Then, timed, `--repeats` times each, in this process, after one untimed warm-up run:
+recall and the share of kept tiles with no cell pixel, at the default settings. Then, timed `--repeats` times
+each in this process, after one untimed warm-up run:
 - `tile_slide` (open, choose the level, read the detection image, foreground / artefacts / region, the grid's
-  decision, the rows): the figure the target (< ~2 s per slide) is about, wall-clock and CPU time of this process
-  (it runs on one core: on a machine other jobs load, CPU time is what a quiet machine's wall-clock would be);
-  its parts: reading the detection image (`thumbnail`) and the detection (`detect_smear`), wall-clock;
+  decision, the rows): the figure the target (< ~2 s per slide) is about, as wall-clock and as CPU time of the
+  process (all its threads: the detection image is read by 2 threads, the rest runs on one). On a machine other
+  jobs load, wall-clock grows with the load; CPU time does not;
+- its parts, wall-clock: reading the detection image (`thumbnail`) and the detection (`detect_smear`);
 - the whole `tile` job (`tile_slides`: also the LanceDB commit of the rows and the overview) into a fresh store,
   with and without `--preview`.
 Reading the tiles' pixels for `embed` is separate and not timed here.
 
-    nice .venv/bin/python benchmarks/tile_detect.py                   # both pyramids, 3 repeats (~3 min)
+    nice .venv/bin/python benchmarks/tile_detect.py                   # both pyramids, 3 repeats (~5 min)
     nice .venv/bin/python benchmarks/tile_detect.py --pyramid aperio --repeats 1 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
@@ -196,6 +200,9 @@ def main() -> None:
                     help="seeds of the small test smears whose recall is printed first ('' for none)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.compression == "jpeg" and importlib.util.find_spec("imagecodecs") is None:
+        print("imagecodecs is not installed (pip install imagecodecs): zlib tiles instead of JPEG")
+        args.compression = "zlib"
     info = _common.machine()
     _common.print_machine(info)
     results: dict[str, Any] = {"machine": info, "cells": args.cells, "side_px": SIDE, "deposit_mm": DEPOSIT_MM,

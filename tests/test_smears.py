@@ -166,3 +166,28 @@ def test_detection_on_drawn_cases() -> None:
     assert (codes[265:385, 225:385] == code["label"]).all()
     assert not fg[300:380, 20:200].any() and tuple(found["glass"]) == (238, 238, 234)
     assert found["region"].sum() * (4.0 * found["region_factor"]) ** 2 >= 0.01e6  # the cells' envelope
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_recall_holds_at_the_coarsest_detection(smears, density) -> None:
+    """A 4x pyramid (Aperio) has 2 and 8 um/px levels: its 8 um/px level is read as it is (16x fewer pixels to
+    decode than averaging the 2 um/px one). Cells stay found there."""
+    smear = smears[density]
+    t = tile_slide(smear.path, GridSpec(), SmearParams(detect_mpp=8.0), table="t")
+    assert t.result.thresholds["detect_mpp"] == 8.0
+    centres, touched = _truth(smear, t)
+    assert centres[t.grid.kept].sum() / centres.sum() >= 0.98 and (~touched[t.grid.kept]).mean() <= 0.05
+
+
+def test_a_level_up_to_coarsest_mpp_is_read_as_it_is(tmp_path) -> None:
+    from synthetic_slides import write_pyramid
+
+    from cytoretrieve.sources.slides.deposit import thumbnail
+    from cytoretrieve.sources.slides.reader import Slide
+
+    img = np.full((2048, 2048, 3), 230, np.uint8)
+    path = write_pyramid(tmp_path / "aperio.tiff", img, mpp=0.5, downsamples=(1, 4, 16))  # 0.5, 2 and 8 um/px
+    with Slide(path) as slide:
+        assert thumbnail(slide, 4.0, 8192, coarsest_mpp=8.0)[1] == 16  # the 8 um/px level, as it is
+        assert thumbnail(slide, 4.0, 8192)[1] == 8  # without: the 2 um/px level averaged by 2
+        assert thumbnail(slide, 4.0, 8192, coarsest_mpp=6.0)[1] == 8

@@ -45,6 +45,8 @@ def tile(
     The default rule, cells, is for cytology (Pap smears): it finds cells on a ~4 um/px image (pale cytoplasm
     included), excludes marker ink, the label, the coverslip edge and dark debris, and keeps every tile of the
     deposit region that holds at least --min-foreground-um2 of cells. Use --rule coverage for tissue sections.
+    --json reports per slide the tiles kept, in the region and on the grid, the region, cell and excluded areas,
+    and the thresholds used (the glass colour measured, ...).
 
     A slide that cannot be read (not a slide, truncated, no mpp without --mpp) is skipped and reported; a
     slide with no deposit gives a warning and 0 tiles. A rerun skips the slides the table already holds.

@@ -193,19 +193,24 @@ def _remove_small(mask: np.ndarray, min_pixels: float, keep_border: bool = False
 
 def thumbnail(
     slide: Slide, mask_mpp: float, max_side: int, on_progress: Callable[[int, int], None] | None = None,
-    threads: int = READ_THREADS,
+    threads: int = READ_THREADS, coarsest_mpp: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """An RGB thumbnail at about `mask_mpp` um/px (at most `max_side` px), and its downsample from level 0.
 
-    Box average of an integer factor `k` over the pyramid level just finer than needed, read in chunks of about
-    `CHUNK` px so memory stays bounded whatever the slide, by `threads` threads (OpenSlide and Pillow's reduce
-    release the GIL, and an OpenSlide handle may be read from several threads at once).
+    A pyramid level between `mask_mpp` and `coarsest_mpp` (when given) is read as it is, the finest such;
+    otherwise the level just finer than needed is box-averaged by an integer factor `k` (a 4x pyramid's 2 um/px
+    level decodes 16x the pixels of its 8 um/px one). Read in chunks of about `CHUNK` px so memory stays bounded
+    whatever the slide, by `threads` threads (OpenSlide and Pillow's reduce release the GIL, and an OpenSlide
+    handle may be read from several threads at once).
     """
     info = slide.info
     w0, h0 = info.dimensions
     want = max(mask_mpp / info.mpp, max(w0, h0) / max_side, 1.0)
-    level = max((i for i, d in enumerate(info.level_downsamples) if d <= want * (1 + 1e-6)), default=0,
-                key=lambda i: info.level_downsamples[i])
+    limit = max(want, (coarsest_mpp or 0) / info.mpp) * (1 + 1e-6)
+    as_is = [i for i, d in enumerate(info.level_downsamples) if want * (1 - 1e-6) <= d <= limit]
+    level = min(as_is, key=lambda i: info.level_downsamples[i]) if as_is else max(
+        (i for i, d in enumerate(info.level_downsamples) if d <= want * (1 + 1e-6)), default=0,
+        key=lambda i: info.level_downsamples[i])
     ds = info.level_downsamples[level]
     wl, hl = info.level_dimensions[level]
     k = max(1, int(want / ds + 0.5), math.ceil(max(wl, hl) / max_side))

@@ -2,8 +2,8 @@
 
 Pap smears are cells scattered on clear glass, often far apart, with pale cytoplasm around a dark nucleus: a rule
 made for tissue (what fraction of a tile is stained) drops most of them. This module finds, on one detection
-image at about `detect_mpp` um/px (4: a 20 um cell is 5 px across; read from the pyramid level just finer, never
-level 0 of a large slide):
+image of 4-8 um/px (`detect_mpp` 4: a 20 um cell is 5 px across; a pyramid level up to `coarsest_mpp` 8 is read
+as it is, else the level just finer is box-averaged to 4; never level 0 of a large slide):
 
 1. **glass**: the colour of clear glass, per channel the most common value among the brighter half of the pixels;
 2. **not glass**: any channel at least `min_od` optical density darker than glass (pale cytoplasm absorbs in one
@@ -46,6 +46,7 @@ class SmearParams:
     scan resolution; colour levels 0-255."""
 
     detect_mpp: float = 4.0
+    coarsest_mpp: float = 8.0  # a pyramid level up to this coarse is read as is rather than averaging a finer one
     max_side: int = 8192  # the detection image is coarser than detect_mpp when the slide would exceed this
     min_od: float = 0.04
     min_saturation: int = 18
@@ -66,7 +67,7 @@ class SmearParams:
     min_region_mm2: float = 0.2
 
     def validate(self) -> None:
-        for name in ("detect_mpp", "min_od", "region_mpp", "line_min_mm"):
+        for name in ("detect_mpp", "coarsest_mpp", "min_od", "region_mpp", "line_min_mm"):
             if getattr(self, name) <= 0:
                 raise CytoError(f"`{name}` must be positive, not {getattr(self, name)}")
         if self.max_side < 16:
@@ -288,7 +289,8 @@ def smear_mask(
 ) -> SmearMask:
     """The cell foreground, artefacts and deposit region of an open slide (reads one detection image)."""
     params.validate()
-    rgb, downsample = thumbnail(slide, params.detect_mpp, params.max_side, on_progress)
+    rgb, downsample = thumbnail(slide, params.detect_mpp, params.max_side, on_progress,
+                                coarsest_mpp=params.coarsest_mpp)
     pixel_um = slide.info.mpp * downsample
     found = detect_smear(rgb, pixel_um, params)
     return SmearMask(thumbnail=rgb, downsample=downsample, mpp=pixel_um, glass=found["glass"],
