@@ -118,3 +118,25 @@ def test_augmentation_still_needs_negative_training_slides() -> None:
     with pytest.raises(CytoError, match="only one class"):  # fold 0 trains on folds 2-3: positives only
         cross_validate(bags, split({0: [0, 1], 1: [0, 1, 2, 3]}), "abmil", train_config=cfg, positives=positives,
                        folds=[0])
+
+
+def test_models_trained_in_lockstep_match_separate_fits(data) -> None:
+    """fit_many trains each set's model as fit would (own seed, rng, standardisation): with sets of equal size and
+    no dropout (whose masks come from torch's one generator in another order) the predictions agree with separate
+    fits to float rounding, so the vmapped models do not leak into each other."""
+    from dataclasses import replace
+
+    from cytoretrieve.queries.mil.train import fit_many
+
+    train, test, _ = data
+    sets = [train.subset(range(0, 30)), train.subset(range(30, 60))]
+    cfg = MILTrainConfig(method="gated", epochs=3, dropout=0.0, device="cpu")
+    configs = [replace(cfg, seed=1), replace(cfg, seed=2)]
+    together = fit_many(sets, configs)
+    for bags, c, scorer in zip(sets, configs, together):
+        alone = fit(bags, c)
+        np.testing.assert_allclose(scorer.predict(test.vectors)[0], alone.predict(test.vectors)[0], atol=1e-4)
+    first, second = (s.predict(test.vectors)[0] for s in together)
+    assert np.abs(first - second).max() > 1e-3  # different data and seeds: different models
+    with pytest.raises(ValueError, match="only in `seed`"):
+        fit_many(sets, [cfg, replace(cfg, lr=1e-3)])

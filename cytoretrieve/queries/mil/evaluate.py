@@ -219,19 +219,22 @@ def cross_validate(bags: Bags, split, method: str = "abmil", *, train_config=Non
 def repeated_cv(bags: Bags, config=None, *, folds: int = 10, repeats: int = 5, seed: int = 0,  # noqa: ANN001
                 method: str = "abmil") -> np.ndarray:
     """Accuracies of the (folds x repeats) protocol: KFold(shuffle) over bags, repeat r seeded `seed + r`, the
-    model standardised and trained on the training bags of each fold, accuracy at probability 0.5 on its test bags."""
+    model standardised and trained on the training bags of each fold (fold f of repeat r seeded
+    `config.seed + 1000 r + f`; a repeat's folds trained in lockstep by `fit_many`), accuracy at probability 0.5
+    on its test bags. Fold order: repeat by repeat."""
     from dataclasses import replace
 
     from sklearn.model_selection import KFold
 
-    from cytoretrieve.queries.mil.train import MILTrainConfig, fit
+    from cytoretrieve.queries.mil.train import MILTrainConfig, fit_many
 
     cfg = replace(config or MILTrainConfig(), method=method)
     accs = []
     for r in range(repeats):
-        kf = KFold(n_splits=folds, shuffle=True, random_state=seed + r)
-        for f, (tr, te) in enumerate(kf.split(np.arange(len(bags)))):
-            scorer = fit(bags.subset(tr), replace(cfg, seed=cfg.seed + 1000 * r + f))
+        splits = list(KFold(n_splits=folds, shuffle=True, random_state=seed + r).split(np.arange(len(bags))))
+        scorers = fit_many([bags.subset(tr) for tr, _ in splits],
+                           [replace(cfg, seed=cfg.seed + 1000 * r + f) for f in range(len(splits))])
+        for scorer, (_, te) in zip(scorers, splits):
             p, _ = scorer.predict(bags.subset(te).vectors)
             accs.append(float(((p >= 0.5) == (bags.y[te] == 1)).mean()))
     return np.asarray(accs)

@@ -1,7 +1,8 @@
 """MIL models over padded mini-batches of bags: x (B, N, D) with a mask (B, N) of real instances.
 
 Every model is `encoder -> pooling -> classifier`:
-- encoder: Linear(D, hidden) + ReLU + dropout (one layer by default; `layers` stacks more);
+- encoder: one Linear + ReLU (+ dropout) per width of `encoder` (one layer of 128 by default; (256, 128) is the
+  two-layer instance network of the MIL-benchmark literature, no better here: BENCHMARKS.md);
 - pooling:
   - `abmil`: attention pooling of Ilse et al. 2018, a_i = softmax_i(w^T tanh(V h_i));
   - `gated`: gated attention, a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)));
@@ -27,19 +28,24 @@ NEG_INF = -1e9
 
 
 class MILModel(nn.Module):
-    def __init__(self, dim: int, method: str = "abmil", hidden: int = 128, attention: int = 64, layers: int = 1,
+    def __init__(self, dim: int, method: str = "abmil", encoder: Sequence[int] = (128,), attention: int = 64,
                  dropout: float = 0.25, top_k: int = 4) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown MIL method '{method}' (one of {', '.join(METHODS)})")
+        if not encoder:
+            raise ValueError("`encoder` needs at least one layer width")
         self.method, self.top_k = method, top_k
         enc: list[nn.Module] = []
         d = dim
-        for _ in range(layers):
-            # in-place ReLU: the Linear's output is not needed for its backward, so one (B, N, hidden) tensor less
-            enc += [nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            d = hidden
+        for width in encoder:
+            # in-place ReLU: the Linear's output is not needed for its backward, so one (B, N, width) tensor less
+            enc += [nn.Linear(d, int(width)), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                enc.append(nn.Dropout(dropout))
+            d = int(width)
         self.encoder = nn.Sequential(*enc)
+        hidden = d
         if method in ("abmil", "gated"):
             self.att_v = nn.Linear(hidden, attention)
             self.att_w = nn.Linear(attention, 1)
@@ -86,13 +92,14 @@ class MILModel(nn.Module):
 
 
 def pad(bags: Sequence, device: str | torch.device = "cpu", mean: np.ndarray | None = None,
-        std: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a list of (n_i, D) arrays (any float dtype) into x (B, N, D) float32 and mask (B, N) bool.
+        std: np.ndarray | None = None, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a list of (n_i, D) arrays (any float dtype) into x (B, N, D) float32 and mask (B, N) bool, N the
+    largest n_i (at least `length`).
 
     With `mean` and `std`, each bag is standardised, (v - mean) / std in float32 (the same numbers as numpy's), as
     it is copied in: the batch exists once, not also as a standardised copy of every bag first.
     """
-    n = max((len(b) for b in bags), default=0)
+    n = max(max((len(b) for b in bags), default=0), length)
     d = int(bags[0].shape[1])
     x = torch.empty(len(bags), n, d, dtype=torch.float32)
     mask = torch.zeros(len(bags), n, dtype=torch.bool)
