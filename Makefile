@@ -23,4 +23,4 @@ bench: install
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) indexes/*.lance indexes/*.faiss* indexes/demo-cells
+	rm -rf $(VENV) indexes/*.lance indexes/*.faiss* indexes/.leases indexes/demo-cells
