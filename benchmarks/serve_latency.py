@@ -9,7 +9,8 @@ real Herlev cell. Figures:
   target p50 <= 15 ms;
 - by upload: p50 / p95 over `--queries` POSTs of the cell image (decode + embed + search + JSON), and the ratio of
   its p50 to the p50 of embedding the same image alone in this process (decode + preprocess + forward, same
-  backbone, same thread count); target <= 1.3x;
+  backbone, same thread count); target <= 1.3x. The two are timed in alternation (one upload, one embedding
+  alone, ...) so that both see the same load on a shared machine;
 - throughput: 8 client threads, each 50 queries alternating by id and by upload, and 8 x 50 by id only: queries/s.
 
     nice .venv/bin/python benchmarks/serve_latency.py                 # 200k rows, 200 queries each
@@ -86,13 +87,19 @@ def summary(seconds: list[float]) -> dict[str, float]:
             "p95_ms": round(_common.percentile(seconds, 95) * 1e3, 2)}
 
 
-def embed_alone(backbone: Any, image: bytes, n: int) -> list[float]:
-    """Embedding the upload without the server: decode + preprocess + forward, as the server does per upload."""
+def alternate(upload: Any, backbone: Any, image: bytes, n: int) -> tuple[list[float], list[float]]:
+    """(upload seconds, embedding-alone seconds), timed in turn: the embedding alone is what the server does per
+    upload without the server (decode + preprocess + forward)."""
     from cytoretrieve.embed import embed_images
     from cytoretrieve.queries.search import decode_image
 
-    embed_images(backbone, [decode_image(image)], "cpu")  # warm-up
-    return timed(lambda i: embed_images(backbone, [decode_image(image)], "cpu"), n)
+    embed = lambda i: embed_images(backbone, [decode_image(image)], "cpu")  # noqa: E731
+    embed(0)  # warm-up
+    ups, alone = [], []
+    for i in range(n):
+        ups += timed(upload, 1)
+        alone += timed(embed, 1)
+    return ups, alone
 
 
 def run_clients(base: str, ids: list[str], image: bytes, mixed: bool) -> float:
@@ -128,8 +135,8 @@ def measure(base: str, n_rows: int, queries: int, image: bytes, backbone: Any) -
         by_id = lambda i: http.get(f"{base}/api/tables/{TABLE}/search", params={"id": ids[i], "k": 10}).raise_for_status()  # noqa: E731
         upload = lambda i: http.post(f"{base}/api/tables/{TABLE}/search", files={"image": image}, data={"k": "10"}).raise_for_status()  # noqa: E731
         timed(by_id, 5), timed(upload, 3)  # warm-up: index and backbone loaded by the server
-        id_times, upload_times = timed(by_id, queries), timed(upload, queries)
-    embed_times = embed_alone(backbone, image, queries)
+        id_times = timed(by_id, queries)
+        upload_times, embed_times = alternate(upload, backbone, image, queries)
     out = {"by_id": summary(id_times), "by_upload": summary(upload_times), "embed_alone": summary(embed_times)}
     out["upload_over_embed"] = round(out["by_upload"]["p50_ms"] / out["embed_alone"]["p50_ms"], 3)
     out["throughput_mixed_qps"] = round(run_clients(base, ids, image, mixed=True), 1)
