@@ -127,7 +127,7 @@ def time_parts(path: Path) -> dict[str, float]:
     t1, c1 = time.perf_counter(), time.process_time()
     p = SmearParams()
     with Slide(path) as slide:
-        rgb, ds = thumbnail(slide, p.detect_mpp, p.max_side)
+        rgb, ds = thumbnail(slide, p.detect_mpp, p.max_side, coarsest_mpp=p.coarsest_mpp)
         t2 = time.perf_counter()
         detect_smear(rgb, slide.info.mpp * ds, p)
         t3 = time.perf_counter()

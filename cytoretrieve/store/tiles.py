@@ -13,14 +13,15 @@ vector rows as they are; the columns only tiles need follow:
 | `level`, `read_size` | the pyramid level read and the side read there (level px) |
 | `tile_size`, `mpp` | the side of the delivered tile (px) and its pixel size (um/px) |
 | `extent` | the tile's side in level-0 px |
-| `coverage` | fraction of the tile inside the cell deposit (null for annotation rows) |
+| `coverage` | cells rule: fraction of the tile covered by cell foreground; coverage rule: fraction inside the deposit (null for annotation rows) |
 | `source`, `annotation` | `grid` or `annotation`; the annotation's id (annotation rows) |
 | `label`, `binary` | the slide label (grid rows) or the annotation's class (annotation rows) |
 
 Reading a tile: `SlideReader().read_row(row)` (see `reader.py`).
 
 The schema metadata (key `cytoretrieve`) is JSON with `"kind": "tiles"`, `source` (`grid` or `annotations`),
-`tile_size`, `target_mpp`, `stride`, `min_coverage`, the deposit settings, the cytoretrieve version and the
+`tile_size`, `target_mpp`, `stride`, the tile rule's settings (`rule`, `min_foreground_um2` and `cells`; or
+`min_coverage` and `deposit`: see `sources.slides.rules.table_settings`), the cytoretrieve version and the
 creation time. A table keeps the settings it was created with: writing other settings into it is refused.
 
 Each slide's rows are written in one commit, so a slide is either entirely in the table or not at all: a rerun

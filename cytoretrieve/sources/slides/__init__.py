@@ -4,9 +4,11 @@ and QuPath annotations -> annotation rows. Nothing here writes: `cytoretrieve.ti
 | module | one job |
 |---|---|
 | `reader.py` | open a slide with clear errors, its mpp, the level for a target mpp, a picklable tile reader |
-| `deposit.py` | the cell-deposit mask on a low-resolution thumbnail, and each tile's coverage of it |
-| `grid.py` | the regular tile grid at a target mpp, and which tiles the deposit keeps |
-| `tiling.py` | one slide -> its tile rows, with the mask and grid they came from (`tile_slide`) |
+| `grid.py` | the regular tile grid at a target mpp (the read level chosen once, by the caller) |
+| `rules.py` | tile rules, name -> rule: `cells` (cytology, the default), `coverage` (tissue) |
+| `smear.py` | the cells rule's detection: glass, cell foreground, artefacts (ink, debris, label, edge), region |
+| `deposit.py` | the tissue rule's deposit mask on a thumbnail, each tile's coverage; the chunked thumbnail reader |
+| `tiling.py` | one slide -> its tile rows, with the rule's decision they came from (`tile_slide`) |
 | `annotations.py` | QuPath GeoJSON -> labelled cell crops and tiles centred on each annotation |
 
 Slide labels and splits are the cohort's (`cytoretrieve.sources.cohort`); tile tables are the store's
