@@ -91,7 +91,7 @@ def test_upload_click_filter_and_download(page, herlev_root: Path, tmp_path: Pat
     assert set(_labels(page)) == {"NS"}
 
     page.select_option("#table", TILE_TABLE)
-    page.wait_for_selector("#browse img.cell")
+    page.wait_for_selector("#browse img.cell[data-id*='@']")  # the tile table's cells, not the previous table's
     page.locator("#browse img.cell").nth(5).click()
     page.wait_for_function(f"document.querySelectorAll('#results .hit').length === {K}")
     page.wait_for_selector(".overview .frame img")

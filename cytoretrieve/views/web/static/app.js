@@ -53,8 +53,10 @@ async function chooseTable(name) {
   $("table").value = name;
   $("results").innerHTML = "";
   $("overviews").innerHTML = "";
+  $("browse").innerHTML = "";  // the previous table's cells must not be clicked while this one's load
   $("summary").hidden = true;
   const f = await (await api(`/api/tables/${encodeURIComponent(name)}/facets`)).json();
+  if (state.table !== name) return;  // another table was chosen while this one's facets loaded
   state.facets = f;
   $("table-info").textContent = `${f.rows} rows${f.tiles ? ", tiles on " + f.slide.length + " slide(s)" : ""}`;
   fillSelect($("filter-label"), f.label);
