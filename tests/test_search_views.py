@@ -191,3 +191,23 @@ def test_filters_quote_values_and_check_binary() -> None:
     assert Filters().where() is None
     with pytest.raises(CytoError, match="`binary`"):
         Filters(binary=2).where()
+
+
+def test_evaluate_asks_again_when_the_own_group_fills_the_first_hits(tmp_path: Path) -> None:
+    """Groups of 20 near-copies: the first 2k + 1 hits of every query are its own group's, so each must ask again;
+    the result must equal brute force with the group left out."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16)).astype(np.float32)
+    x = np.repeat(centres, 20, axis=0) + 0.01 * rng.normal(size=(120, 16)).astype(np.float32)
+    groups = np.repeat(np.arange(6), 20)
+    labels = rng.choice(["A", "B"], size=120)
+    store = Store(tmp_path / "s")
+    t = store.create_or_open("big_groups", {"arch": "none", "fingerprint": "1" * 64, "dim": 16}, {"name": "toy"})
+    t.add(t.make_rows([{"id": f"r{i}", "label": str(labels[i]), "group": f"g{groups[i]}"} for i in range(120)], x))
+    got = evaluate_search(t, [1, 3]).evaluations[0].overall
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    sims[groups[:, None] == groups[None, :]] = -np.inf
+    order = np.argsort(-sims, axis=1)
+    for k in (1, 3):
+        assert got.top[k] == pytest.approx(np.mean([(labels[order[i, :k]] == labels[i]).any() for i in range(120)]), abs=1e-4)

@@ -9,7 +9,7 @@ binary classes:
 
 When rows carry a group (patient, slide) or a slide (tiles), hits from the query's own group are left out: cells
 of one slide look alike for reasons that have nothing to do with their class, and would flatter the score.
-FAISS is asked for k + the query's own group size hits, so enough remain after the exclusion (more when needed).
+FAISS is asked for 2k + 1 hits per query, and again for more for the queries their own group's hits left short.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from cytoretrieve.store.index import l2_normalise, table_index
 from cytoretrieve.store.tables import VectorTable
 
 DEFAULT_KS = (1, 3, 5)
-QUERY_BATCH = 4096  # queries searched at once
+QUERY_BATCH = 4096  # queries searched at once ...
+HITS_PER_BATCH = 1 << 24  # ... or fewer, so that one batch's hits stay ~200 MB
 
 
 @dataclass
@@ -72,31 +73,43 @@ def _groups(meta: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
     return group, f"{what} (and the query row itself)"
 
 
+def _positions(sorted_keys: np.ndarray, order: np.ndarray, hit_keys: np.ndarray) -> np.ndarray:
+    """Pool position of each hit key (-1 for FAISS's padding and keys outside the pool)."""
+    at = np.minimum(np.searchsorted(sorted_keys, hit_keys), len(sorted_keys) - 1)
+    return np.where(sorted_keys[at] == hit_keys, order[at], -1)
+
+
 def _neighbours(table: VectorTable, vectors: np.ndarray, keys: np.ndarray, group_codes: np.ndarray, k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, sims) of each pool row's first `k` hits in the pool outside its own group: (n, k), -1 = none."""
+    """(positions, sims) of each pool row's first `k` hits in the pool outside its own group: (n, k), -1 = none.
+
+    Each query asks FAISS for 2k + 1 hits first; the queries left short by their own group's hits ask again for 4x
+    as many, until they have k or have seen the whole pool.
+    """
     index = table_index(table)
     allowed = keys if len(keys) < index.rows else None  # the pool is part of the table: only its rows are hits
-    position = {int(key): i for i, key in enumerate(keys)}
-    sizes = np.bincount(group_codes)
-    out_pos = np.full((len(keys), k), -1, dtype=np.int64)
-    out_sim = np.zeros((len(keys), k), dtype=np.float32)
-    todo = np.arange(len(keys))
-    extra = int(sizes.max())
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    n = len(keys)
+    out_pos = np.full((n, k), -1, dtype=np.int64)
+    out_sim = np.zeros((n, k), dtype=np.float32)
+    todo, want = np.arange(n), 2 * k + 1
     while len(todo):
-        want = min(k + extra, len(keys))
-        short = []
-        for start in range(0, len(todo), QUERY_BATCH):
-            rows = todo[start:start + QUERY_BATCH]
+        want = min(want, n)
+        short: list[np.ndarray] = []
+        step = max(1, min(QUERY_BATCH, HITS_PER_BATCH // want))
+        for start in range(0, len(todo), step):
+            rows = todo[start:start + step]
             sims, hit_keys = index.search(vectors[rows], want, allowed)
-            for r, srow, krow in zip(rows, sims, hit_keys):
-                pos = np.array([position.get(int(h), -1) for h in krow])
-                keep = (pos >= 0) & (group_codes[np.maximum(pos, 0)] != group_codes[r])
-                found = pos[keep][:k]
-                if len(found) < k and want < len(keys):
-                    short.append(r)
-                out_pos[r, :len(found)], out_sim[r, :len(found)] = found, srow[keep][:k]
-        todo, extra = np.array(short, dtype=np.int64), extra * 4
+            pos = _positions(sorted_keys, order, hit_keys)
+            keep = (pos >= 0) & (group_codes[np.maximum(pos, 0)] != group_codes[rows][:, None])
+            rank = np.cumsum(keep, axis=1)
+            r, c = np.nonzero(keep & (rank <= k))
+            out_pos[rows[r], rank[r, c] - 1] = pos[r, c]
+            out_sim[rows[r], rank[r, c] - 1] = sims[r, c]
+            if want < n:
+                short.append(rows[rank[:, -1] < k])
+        todo, want = (np.concatenate(short) if short else np.zeros(0, np.int64)), want * 4
     return out_pos, out_sim
 
 
