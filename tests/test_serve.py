@@ -131,6 +131,18 @@ def test_unknown_names_are_404(client: TestClient) -> None:
         _one_line_error(client.get(url, params=params), 404)
 
 
+def test_no_request_reads_a_file(client: TestClient) -> None:
+    """Ids, slides and table names that look like paths are looked up in the store, never opened."""
+    secret = Path(__file__).resolve()
+    for url, params in [(f"/api/tables/{TABLE}/thumbnail", {"id": str(secret)}),
+                        (f"/api/tables/{TABLE}/search", {"id": "../../etc/passwd"}),
+                        ("/api/overview", {"slide": str(secret)})]:
+        _one_line_error(client.get(url, params=params), 404)
+    assert client.get("/api/tables/..%2F..%2Fetc/facets").status_code == 404
+    escaped = client.get("/static/..%2F..%2F..%2F..%2Ftests%2Ftest_serve.py")
+    assert escaped.status_code == 404 and "def test_" not in escaped.text
+
+
 def test_bad_uploads_and_parameters_are_one_line_errors(store: Store, cell_image: Path) -> None:
     client = TestClient(create_app(store.uri, max_upload_bytes=50_000, max_pixels=1_000_000))
     url = f"/api/tables/{TABLE}/search"
