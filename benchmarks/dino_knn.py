@@ -1,0 +1,188 @@
+"""Does DINO pre-training on cytology beat its starting point? Herlev k-NN weighted F1 of a short CPU run.
+
+    .venv/bin/python benchmarks/dino_knn.py --run RUN [--epochs 8] [--train-args "..."] [--paste-cells]
+                                            [--no-train] [--json out.json]
+
+1. Pre-train resnet18 at 64 px with `cytoretrieve train` on the CRIC crops of ../shared/data/cric_crops_100px
+   (images only: the class folders are never read as labels), `--recipe tiny` plus `--train-args`, keeping a
+   checkpoint every `--save-every` epochs (skipped with `--no-train`, or when RUN already holds a finished run).
+   `--paste-cells` pastes Herlev cells onto the crops (`train --paste-cells`): Herlev images, no Herlev labels.
+2. Export each kept checkpoint's teacher (`cytoretrieve export`), embed the 917 Herlev cells with it (the `embed`
+   job, letterbox at 64 px, into a scratch store) and run the paper's k-NN protocol on the table
+   (`classify_table`: 4 seeded stratified 75/25 splits, k 1-100, weighted and majority vote, k* by mean weighted
+   F1): weighted F1 against epochs.
+3. Baselines under the same protocol: the same architecture at random init (seeded, 64 px, letterbox), and raw
+   pixels (each Herlev image resized to 32 x 32 RGB, flattened).
+
+Prints one line per row; `--json` keeps every number (F1 curves included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+CRIC = DATA / "cric_crops_100px"
+HERLEV = DATA / "herlev_derived_jpg"
+VOTES = ("weighted", "majority")
+
+
+def train_command(run: Path, epochs: int, save_every: int, paste: bool, extra: str) -> list[str]:
+    """`cytoretrieve train` for the short CPU run: the tiny recipe, its epochs, checkpoints kept for the curve."""
+    cmd = [str(ROOT / ".venv" / "bin" / "cytoretrieve"), "train", "--data", str(CRIC), "--recipe", "tiny",
+           "--epochs", str(epochs), "--save-every", str(save_every), "--out", str(run)]
+    if paste:
+        cmd += ["--paste-cells", str(HERLEV)]
+    return cmd + shlex.split(extra)
+
+
+def knn(table) -> dict:  # noqa: ANN001 - a store VectorTable
+    """Weighted F1 (mean, std over the 4 runs) and k* of both votes on one table (`classify_table`, as
+    `cytoretrieve classify` runs it), and, as a diagnostic, of the weighted vote on the vectors minus their mean
+    (`centred`): ReLU-pooled CNN features share a large common component that cosine k-NN then mostly compares."""
+    from cytoretrieve.queries.knn import classify_table
+
+    out = {}
+    for vote in VOTES:
+        r = classify_table(table, vote=vote, runs=4)
+        out[vote] = {"f1": r.weighted_f1_mean, "std": r.weighted_f1_std, "k": r.k_best,
+                     "curve": [round(v, 4) for v in r.f1_curve_mean]}
+    vectors, meta = table.vectors(["label"])
+    out["centred"] = knn_vectors(vectors - vectors.mean(0), meta.column("label").to_pylist())["weighted"]
+    return out
+
+
+def knn_vectors(vectors, labels) -> dict:  # noqa: ANN001
+    from cytoretrieve.queries.knn import classify
+
+    out = {}
+    for vote in VOTES:
+        r = classify(vectors, labels, vote=vote, runs=4)
+        out[vote] = {"f1": r.weighted_f1_mean, "std": r.weighted_f1_std, "k": r.k_best,
+                     "curve": [round(v, 4) for v in r.f1_curve_mean]}
+    return out
+
+
+def embed_knn(backbone, scratch: Path, name: str) -> dict:  # noqa: ANN001
+    """Embed Herlev with `backbone` into a fresh table of the scratch store, then k-NN on it."""
+    from cytoretrieve.embed import embed
+    from cytoretrieve.store.tables import Store
+
+    store = Store(scratch / name)
+    report = embed(HERLEV, backbone, store, table="herlev", device="cpu")
+    return {"embed_s": round(report.seconds, 1), **knn(store.open("herlev"))}
+
+
+def raw_pixels(size: int = 32, mode: str = "RGB") -> dict:
+    """Each Herlev image resized to size x size (bilinear, `mode` RGB or L), flattened: the colour-and-shape
+    baseline; `centred` subtracts the mean image first (cosine k-NN of raw pixels mostly compares brightness)."""
+    import numpy as np
+    from PIL import Image
+
+    from cytoretrieve.sources.cells import open_dataset
+
+    records = open_dataset(HERLEV).records
+    x = np.stack([np.asarray(Image.open(r.path).convert(mode).resize((size, size), Image.Resampling.BILINEAR),
+                             dtype=np.float32).ravel() for r in records])
+    labels = [r.label for r in records]
+    return {**knn_vectors(x, labels), "centred": knn_vectors(x - x.mean(0), labels)["weighted"]}
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """The kept checkpoints in epoch order, the final one last."""
+    kept = sorted(run.glob("checkpoint_e*.pth"))
+    final = run / "checkpoint.pth"
+    return kept + ([final] if final.exists() else [])
+
+
+def evaluate_run(run: Path, scratch: Path) -> list[dict]:
+    """Herlev k-NN of every kept checkpoint's exported teacher (one row per epoch; the final one once)."""
+    from cytoretrieve.backbones import load_backbone
+    from cytoretrieve.train.export import export
+
+    rows, seen = [], set()
+    for ckpt in checkpoints(run):
+        rep = export(ckpt, scratch / f"{ckpt.stem}.safetensors")
+        if (rep.epoch, rep.step) in seen:
+            continue
+        seen.add((rep.epoch, rep.step))
+        backbone = load_backbone(None, str(rep.weights), device="cpu")
+        row = {"checkpoint": ckpt.name, "epoch": rep.epoch, "step": rep.step,
+               **embed_knn(backbone, scratch, ckpt.stem)}
+        rows.append(row)
+        print(line(f"DINO epoch {rep.epoch} ({ckpt.name})", row), flush=True)
+    return rows
+
+
+def line(what: str, r: dict) -> str:
+    w, m, c = r["weighted"], r["majority"], r["centred"]
+    return (f"{what}: weighted F1 {w['f1']:.3f} +- {w['std']:.3f} (k* {w['k']}, weighted vote); "
+            f"{m['f1']:.3f} +- {m['std']:.3f} (k* {m['k']}, majority); centred {c['f1']:.3f} +- {c['std']:.3f}")
+
+
+def log_summary(run: Path) -> dict:
+    """Loss and teacher entropy at the start and end of the run, from its log.jsonl (collapse shows as a loss and a
+    teacher entropy near ln(out_dim))."""
+    steps = [json.loads(s) for s in (run / "log.jsonl").read_text().splitlines() if '"loss"' in s]
+    steps = [s for s in steps if "loss" in s]
+    if not steps:
+        return {}
+    pick = lambda s: {k: s[k] for k in ("step", "epoch", "loss", "teacher_entropy", "teacher_batch_entropy", "lr",
+                                          "momentum") if k in s}  # noqa: E731
+    return {"first": pick(steps[0]), "last": pick(steps[-1]), "steps": len(steps),
+            "median_step_s": sorted(s["step_s"] for s in steps)[len(steps) // 2]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, type=Path, help="run folder (trained into unless it holds a run)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--save-every", type=int, default=2)
+    ap.add_argument("--paste-cells", action="store_true", help="train with Herlev cells pasted onto the crops")
+    ap.add_argument("--train-args", default="", help="more `cytoretrieve train` flags, e.g. \"--lr 0.01\"")
+    ap.add_argument("--no-train", action="store_true", help="only evaluate the checkpoints already in --run")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out: dict = {"run": str(args.run), "rows": []}
+    if not args.no_train and not (args.run / "checkpoint.pth").exists():
+        cmd = train_command(args.run, args.epochs, args.save_every, args.paste_cells, args.train_args)
+        out["train_command"] = shlex.join(cmd)
+        print("$", out["train_command"], flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(["nice", "-n", "10", *cmd], check=True)
+        out["train_s"] = round(time.perf_counter() - t0, 1)
+    with tempfile.TemporaryDirectory(prefix="dino_knn_") as tmp:
+        scratch = Path(tmp)
+        out["rows"] = evaluate_run(args.run, scratch)
+        if not args.no_baselines:
+            from cytoretrieve.backbones import load_backbone
+
+            rnd = load_backbone("resnet18", "random", image_size=64, resize="letterbox", device="cpu")
+            out["random_init"] = embed_knn(rnd, scratch, "random")
+            print(line("resnet18 random init, 64 px", out["random_init"]), flush=True)
+            out["raw_pixels_32"] = raw_pixels(32)
+            print(line("raw pixels 32 x 32 RGB", out["raw_pixels_32"]), flush=True)
+            out["raw_grey_32"] = raw_pixels(32, "L")
+            print(line("raw pixels 32 x 32 grey", out["raw_grey_32"]), flush=True)
+    out["log"] = log_summary(args.run)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
