@@ -191,6 +191,7 @@ def test_compressed_table_index_is_streamed_mapped_filtered_and_updated(tmp_path
     assert mapped.kind == "ivfpq" and (got == want).all()  # the mapped copy answers as the built one
     assert (got[:, 0] == [row_key(f"r{i}") for i in range(30)]).mean() >= 0.9  # a stored vector finds itself
     np.testing.assert_allclose(mapped.stored_vector(row_key("r5")), l2_normalise(x[5:6])[0], atol=1e-3)
+    assert mapped.stored_vector(12345) is None
     allowed = np.array([row_key(f"r{i}") for i in range(0, 3000, 2)])
     _, keys = mapped.search(l2_normalise(x[1:2]), 20, allowed)
     assert set(keys[0]) <= set(allowed) and len(set(keys[0])) == 20

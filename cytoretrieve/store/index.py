@@ -170,8 +170,12 @@ def _new_index(kind: str, dim: int, n: int, params: IndexParams) -> tuple[faiss.
 
 
 def _with_ids(index: faiss.Index) -> faiss.Index:
-    """An index that takes ids: IVF takes them as is, others (flat, HNSW, IVF-PQ + re-ranking) sit in an IDMap2."""
-    return index if isinstance(index, faiss.IndexIVF) else faiss.IndexIDMap2(index)
+    """An index that takes ids: IVF takes them as is, flat and HNSW sit in an IDMap2 (its key -> row map is
+    rebuilt on every load: cheap below `AUTO_FLAT_MAX` rows), IVF-PQ + re-ranking in a plain IDMap (1.5M keys
+    took ~2 s to rehash on load; `TableIndex.stored_vector` finds a key's row in a sorted copy instead)."""
+    if isinstance(index, faiss.IndexIVF):
+        return index
+    return faiss.IndexIDMap(index) if isinstance(index, faiss.IndexRefine) else faiss.IndexIDMap2(index)
 
 
 def _add(index: faiss.Index, x: np.ndarray, ids: np.ndarray | None) -> None:
@@ -245,11 +249,26 @@ class TableIndex:
 
     def stored_vector(self, key: int) -> np.ndarray | None:
         """The L2-normalised vector stored under `key`, or None when the key is not in the index or this index
-        cannot look vectors up by key (a GPU copy, an IVF index without its key map)."""
+        cannot look vectors up by key (a GPU copy, an IVF index without its key map). IVF-PQ + re-ranking returns
+        its re-ranking copy (float16, or 8-bit from `HIGH_DIM` dimensions)."""
+        if _refined(self.index):
+            row = self._row_of(int(key))
+            return None if row is None else faiss.downcast_index(self.index.index).reconstruct(row)
         try:
             return self.index.reconstruct(int(key))
         except (RuntimeError, TypeError):
             return None
+
+    def _row_of(self, key: int) -> int | None:
+        """The row of `key` in an id-mapped index, from a sorted copy of its keys made on first use (~0.2 s for
+        1.5M keys, kept with the index)."""
+        if "key_order" not in self.derived:
+            keys = faiss.vector_to_array(self.index.id_map)
+            order = np.argsort(keys, kind="stable")
+            self.derived["key_order"] = (keys[order], order)
+        sorted_keys, order = self.derived["key_order"]
+        at = int(np.searchsorted(sorted_keys, key))
+        return int(order[at]) if at < len(sorted_keys) and sorted_keys[at] == key else None
 
 
 def _search_params(kind: str, sel: faiss.IDSelector) -> faiss.SearchParameters:
@@ -261,12 +280,14 @@ def _search_params(kind: str, sel: faiss.IDSelector) -> faiss.SearchParameters:
 
 
 def _refined(index: faiss.Index) -> bool:
-    return isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index), faiss.IndexRefine)
+    """An id map around IVF-PQ + re-ranking (the `ivfpq` kind of a table)."""
+    return isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) and isinstance(
+        faiss.downcast_index(index.index), faiss.IndexRefine)
 
 
 def _search_refined(index: faiss.Index, queries: np.ndarray, k: int,
                     allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A filtered search of an IDMap2 around IVF-PQ + re-ranking: FAISS's id map translates a selector for the
+    """A filtered search of an id map around IVF-PQ + re-ranking: FAISS's id map translates a selector for the
     index it wraps, but the re-ranking index does not pass it on to its IVF, so the allowed keys are translated
     to row positions here and given to the IVF search directly."""
     keys = faiss.vector_to_array(index.id_map)
