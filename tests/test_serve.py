@@ -97,8 +97,10 @@ def test_search_by_id_with_filters(client: TestClient) -> None:
 
 
 def test_search_by_upload_finds_the_stored_copy(client: TestClient, cell_image: Path) -> None:
-    got = client.post(f"/api/tables/{TABLE}/search", files={"image": cell_image.read_bytes()}, data={"k": "4"})
+    got = client.post(f"/api/tables/{TABLE}/search", files={"image": ("cell.jpg", cell_image.read_bytes())},
+                      data={"k": "4"})
     assert got.status_code == 200, got.text
+    assert got.json()["query"] == "upload cell.jpg"
     hits = got.json()["hits"]
     assert len(hits) == 4 and hits[0]["id"] == f"carcinoma_in_situ/{cell_image.name}"
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)

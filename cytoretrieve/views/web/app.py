@@ -148,7 +148,7 @@ def _add_routes(app: FastAPI, viewer: Viewer, max_upload_bytes: int) -> None:
         data = await image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"detail": f"upload over the limit of {max_upload_bytes:,} bytes"}, status_code=413)
-        request = SearchRequest(k, image=data, filters=_filters(label, binary, dataset, slide))
+        request = SearchRequest(k, image=data, filters=_filters(label, binary, dataset, slide), name=image.filename)
         result = await run_in_threadpool(viewer.search, name, request)
         return await run_in_threadpool(_respond, viewer, result, format)
 

@@ -35,6 +35,7 @@ class SearchRequest:
     row_id: str | None = None
     image: bytes | None = None
     filters: Filters = Filters()
+    name: str | None = None  # the upload's file name, shown as the query
 
 
 class Viewer:
@@ -98,8 +99,8 @@ class Viewer:
         table = self.open(name)
         image = decode_image(request.image, self.max_pixels) if request.image is not None else None
         try:
-            return search(table, image=image, row_id=request.row_id, k=request.k, where=request.filters,
-                          device=self.device)
+            result = search(table, image=image, row_id=request.row_id, k=request.k, where=request.filters,
+                            device=self.device)
         except UnknownRow as e:
             raise NotFound(str(e)) from None
         except CytoError:
@@ -108,6 +109,9 @@ class Viewer:
             if name not in self.store.table_names():
                 raise NotFound(f"table '{name}' was dropped") from e
             raise
+        if image is not None and request.name:
+            result.query = f"upload {request.name}"
+        return result
 
     def payload(self, result: SearchResult) -> dict[str, Any]:
         """A search as the page's JSON: hits with their picture URLs, label counts, and overviews for tile hits."""
