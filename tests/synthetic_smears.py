@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -180,8 +180,6 @@ def draw_marker(canvas: np.ndarray, size: tuple[int, int], points: list[tuple[fl
     """A marker-pen stroke through `points` (level-0 px), `width_um` wide: ink multiplied over whatever is under it."""
     w, h = size
     img = Image.new("L", (w, h), 0)
-    from PIL import ImageDraw
-
     ImageDraw.Draw(img).line(points, fill=255, width=int(width_um / MPP), joint="curve")
     mask = np.asarray(img) > 0
     ink = np.array(INK, np.float32) / 255

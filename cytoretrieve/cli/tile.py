@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -14,6 +14,10 @@ from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
 from cytoretrieve.cli.messages import flag_message
+
+if TYPE_CHECKING:  # imported inside the command: `cytoretrieve --help` loads no slide library
+    from cytoretrieve.sources.slides.deposit import DepositParams
+    from cytoretrieve.sources.slides.grid import GridSpec
 
 Mpp = Annotated[float | None, typer.Option("--mpp", help="Level-0 um/px for slides whose metadata has none (openslide.mpp-x), or an implausible one (72 dpi TIFFs).")]
 Objective = Annotated[float | None, typer.Option("--objective", help="Objective power for slides without mpp metadata: P means 10/P um/px (20 -> 0.5).")]
@@ -123,7 +127,7 @@ def tile(
 
 
 def _rule_settings(rule: str, tile_size: int, target_mpp: float, stride: int | None, min_foreground_um2: float | None,
-                   min_coverage: float | None, deposit: str | None):  # noqa: ANN202 - (GridSpec, params)
+                   min_coverage: float | None, deposit: str | None) -> tuple[GridSpec, DepositParams | None]:
     """The grid spec and the rule's settings from the options; an option of the other rule is a mistake."""
     from cytoretrieve.errors import CytoError
     from cytoretrieve.sources.slides.deposit import DepositParams
