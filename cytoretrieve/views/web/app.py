@@ -76,26 +76,50 @@ def _install_errors(app: FastAPI) -> None:
         return JSONResponse({"detail": _one_line(f"`{where}`: {first.get('msg', 'invalid')}")}, status_code=422)
 
 
-def _install_guard(app: FastAPI, token: str | None, max_upload_bytes: int) -> None:
-    """Token check, early 413 on a declared body over the limit, and no traceback ever in a response."""
+class Guard:
+    """Token check, early 413 on a declared body over the limit, and no traceback ever in a response.
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
+    A plain ASGI middleware (not `@app.middleware("http")`, whose request/response streaming cost about a
+    millisecond per request): it sits inside Starlette's error middleware, so an unexpected exception of an
+    endpoint reaches it first and becomes a one-line 500.
+    """
+
+    def __init__(self, app: Any, token: str | None, max_upload_bytes: int) -> None:
+        self.app, self.token, self.max_upload_bytes = app, token, max_upload_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
         h = request.headers
-        if not token_ok(token, h.get("authorization"), h.get("x-token"), request.cookies.get(COOKIE),
+        if not token_ok(self.token, h.get("authorization"), h.get("x-token"), request.cookies.get(COOKIE),
                         request.query_params.get("token")):
-            return JSONResponse({"detail": "a valid token is required (Authorization: Bearer TOKEN)"}, status_code=401)
+            detail, status = "a valid token is required (Authorization: Bearer TOKEN)", 401
+            return await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
         length = h.get("content-length", "")
-        if length.isdigit() and int(length) > max_upload_bytes + FORM_SLACK:
-            return JSONResponse({"detail": f"upload over the limit of {max_upload_bytes:,} bytes"}, status_code=413)
+        if length.isdigit() and int(length) > self.max_upload_bytes + FORM_SLACK:
+            detail, status = f"upload over the limit of {self.max_upload_bytes:,} bytes", 413
+            return await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+        cookie = self.token is not None and bool(request.query_params.get("token")) and scope["path"] == "/"
+        started = False
+
+        async def send_on(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if cookie:
+                    value = f"{COOKIE}={self.token}; HttpOnly; Path=/; SameSite=strict"
+                    message["headers"] = [*message.get("headers", []), (b"set-cookie", value.encode())]
+            await send(message)
+
         try:
-            response = await call_next(request)
+            await self.app(scope, receive, send_on)
         except Exception:  # noqa: BLE001 - the traceback goes to the log, one line to the client
-            log.exception("request %s %s failed", request.method, request.url.path)
-            return JSONResponse({"detail": "internal error (the server log has the details)"}, status_code=500)
-        if token is not None and request.query_params.get("token") and request.url.path == "/":
-            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
-        return response
+            log.exception("request %s %s failed", scope.get("method"), scope["path"])
+            if started:
+                raise
+            detail = "internal error (the server log has the details)"
+            await JSONResponse({"detail": detail}, status_code=500)(scope, receive, send)
 
 
 def create_app(store_uri: str, *, token: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
@@ -107,7 +131,7 @@ def create_app(store_uri: str, *, token: str | None = None, max_upload_bytes: in
     app = FastAPI(title="cytoretrieve viewer", version=__version__,
                   description="Similar-cell search over a cytoretrieve store: the page at / and its JSON endpoints.")
     _install_errors(app)
-    _install_guard(app, token, max_upload_bytes)
+    app.add_middleware(Guard, token=token, max_upload_bytes=max_upload_bytes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_routes(app, viewer, max_upload_bytes)
     return app

@@ -50,11 +50,9 @@ class Viewer:
 
     def open(self, name: str) -> VectorTable:
         """The vector table `name` at its newest version; a missing (or dropped) or non-vector table is NotFound."""
-        if name not in self.store.table_names():
-            raise NotFound(f"no table '{name}' in this store")
         try:
-            return self.store.open(name)
-        except (CytoError, ValueError, FileNotFoundError) as e:  # dropped meanwhile, or a table without vectors
+            return self.store.open(name)  # one listing of the store's tables: a missing name is a CytoError
+        except (CytoError, ValueError, FileNotFoundError) as e:  # missing, dropped meanwhile, or without vectors
             raise NotFound(f"no vector table '{name}' in this store") from e
 
     def tables(self) -> list[dict[str, Any]]:
