@@ -23,6 +23,7 @@ import openslide
 
 from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
+from cytoretrieve.faults import failpoint
 from cytoretrieve.sources.cells.labels import BETHESDA, LabelMap
 from cytoretrieve.sources.cohort.labels import SlideLabel, expand_slides, match_labels, slides_from_labels
 from cytoretrieve.sources.slides.grid import GridSpec
@@ -147,6 +148,7 @@ def tile_slides(
                 writer.write(sid, tiled.rows)
                 if tiled.rows:
                     write_overview(store, tiled)
+                    failpoint("slide")
             except SLIDE_ERRORS as e:
                 reason = (str(e).splitlines() or [type(e).__name__])[0]
                 if isinstance(e, openslide.OpenSlideError):  # the file opened, its pixels did not decode
