@@ -49,5 +49,8 @@ def demo(
                           temperature=0.07, seed=0, json_out=None, plot=Path(store) / "demo-classify.png")
     first = Store(store).open(table).vectors(["id"])[1].column("id")[0].as_py()
     console.print(f"[bold]3/3[/] search: the 5 cells most similar to {first}")
-    search_cmd.search(table=table, image=None, row_id=first, k=5, where=None, store=store, device="auto", json_out=False)
-    console.print(f"\ndone: `cytoretrieve tables --store {store}` lists the store; rerunning the demo re-embeds nothing.")
+    search_cmd.search(table=table, image=None, row_id=first, k="5", where=None, store=store, device="auto",
+                      json_out=None, html=Path(store) / "demo-search.html", png=None, geojson=None, evaluate=False)
+    console.print(f"\ndone: open {Path(store) / 'demo-search.html'} to see the hits; `cytoretrieve serve --store {store}` "
+                  f"opens the viewer; `cytoretrieve tables --store {store}` lists the store; rerunning the demo re-embeds "
+                  "nothing.")
