@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-RECIPE_HELP = "resnet50 or vit_small; default: vit_small for ViT arches, else resnet50. Fills every default below."
+RECIPE_HELP = ("resnet50, vit_small or tiny (a short CPU run: resnet18 at 64 px, 6 epochs); default: vit_small for ViT "
+               "arches, else resnet50. Fills every default below.")
 Scale = tuple[float, float]
 
 
@@ -80,7 +81,7 @@ def train(
     written every epoch and on Ctrl-C; `--resume` continues exactly. Several GPUs or nodes: the same command
     under torchrun, e.g. `torchrun --nproc_per_node 8 -m cytoretrieve.train --data tiles --recipe vit_small --out runs/vits`.
 
-    Example (CPU, tiny): cytoretrieve train --data cells/ --arch resnet18 --image-size 64 --out-dim 256 --batch-size 16 --epochs 1 --out runs/tiny
+    Example (CPU, a short run): cytoretrieve train --data cells/ --recipe tiny --out runs/tiny
     """
     from rich.console import Console
 

@@ -102,6 +102,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "local_scale": (0.05, 0.14),  # DINO's ResNet-50 command line
     },
 }
+# a short CPU run (6 epochs of the 2,121 CRIC crops: ~4 min on 2 idle cores): the resnet50 recipe on resnet18 at
+# 64 px with a fast teacher (momentum 0.99), 1 warm-up epoch, a 1024-d head output, batch 64 and crops of at least
+# 30% of the image (BENCHMARKS.md, "DINO pre-training against its starting point")
+RECIPES["tiny"] = {**RECIPES["resnet50"], "arch": "resnet18", "image_size": 64, "epochs": 6, "batch_size": 64,
+                   "out_dim": 1024, "momentum_teacher": 0.99, "warmup_epochs": 1, "global_scale": (0.3, 1.0)}
 DEFAULT_RECIPE = "resnet50"
 _R = RECIPES[DEFAULT_RECIPE]  # TrainConfig's defaults: the default recipe, declared once above
 
