@@ -229,7 +229,10 @@ class _Lockstep:
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         n = max(len(v) for c in chunks for v in c)
         batches = [pad(c, self.device, r.mean, r.std, length=n) for r, c in zip(runs, chunks)]  # standardised
-        x, mask = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])  # (M, B, N, D), (M, B, N)
+        if len(batches) == 1:  # a view, not a copy of a (possibly cohort-sized) batch
+            x, mask = batches[0][0].unsqueeze(0), batches[0][1].unsqueeze(0)
+        else:
+            x, mask = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])  # (M, B, N, D)
         target = torch.as_tensor(np.asarray(targets, dtype=np.float32), device=self.device)  # (M, B)
         bag, _, inst = self.forward(x, mask)
         pw = torch.as_tensor(pos_weight, dtype=torch.float32, device=self.device).unsqueeze(1)
