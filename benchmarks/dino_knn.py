@@ -136,11 +136,13 @@ def log_summary(run: Path) -> dict:
     """Loss and teacher entropy at the start and end of the run, from its log.jsonl (collapse shows as a loss and a
     teacher entropy near ln(out_dim))."""
     steps = [json.loads(s) for s in (run / "log.jsonl").read_text().splitlines() if '"loss"' in s]
-    steps = [s for s in steps if "loss" in s]
     if not steps:
         return {}
-    pick = lambda s: {k: s[k] for k in ("step", "epoch", "loss", "teacher_entropy", "teacher_batch_entropy", "lr",
-                                          "momentum") if k in s}  # noqa: E731
+    keys = ("step", "epoch", "loss", "teacher_entropy", "teacher_batch_entropy", "lr", "momentum")
+
+    def pick(s: dict) -> dict:
+        return {k: s[k] for k in keys if k in s}
+
     return {"first": pick(steps[0]), "last": pick(steps[-1]), "steps": len(steps),
             "median_step_s": sorted(s["step_s"] for s in steps)[len(steps) // 2]}
 

@@ -129,7 +129,7 @@ def test_models_trained_in_lockstep_match_separate_fits(data) -> None:
     from cytoretrieve.queries.mil.train import fit_many
 
     train, test, _ = data
-    sets = [train.subset(range(0, 30)), train.subset(range(30, 60))]
+    sets = [train.subset(range(30)), train.subset(range(30, 60))]
     cfg = MILTrainConfig(method="gated", epochs=3, dropout=0.0, device="cpu")
     configs = [replace(cfg, seed=1), replace(cfg, seed=2)]
     together = fit_many(sets, configs)
