@@ -280,3 +280,21 @@ def test_score_out_killed_midway_is_completed_by_a_rerun(tmp_path: Path) -> None
     rows = (out / "scores.csv").read_text().splitlines()
     assert rows[0] == "slide,binary,fold,score" and len(rows) == len(bags) + 1
     assert (out / "roc.png").stat().st_size > 0 and json.loads((out / "top_tiles.json").read_text())
+
+
+def test_search_messages_a_user_sees(cells: Path, tmp_path: Path, capsys) -> None:
+    store = tmp_path / "s"
+    assert _embed(cells, store).returncode == 0
+    row = _ids(store)[0]
+    base = ["search", "--id", row, "--table", TABLE, "--store", str(store)]
+    assert run([*base, "--where", "label = 'nothing-has-this-label'"]) == 0
+    assert "match the filter: no hits" in capsys.readouterr().out
+    assert run([*base, "-k", "0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert run([*base, "--geojson", str(tmp_path / "missing" / "hits.geojson")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--geojson" in err and "does not exist" in err
+    assert not (tmp_path / "missing").exists()
+    assert run([*base, "-k", "3"]) == 0  # headers whole at 80 columns: label / group are not cut to "labe"
+    out = capsys.readouterr().out
+    assert "label" in out and "labe " not in out

@@ -52,6 +52,8 @@ def search(
     """
     from cytoretrieve.store.tables import Store
 
+    if geojson is not None and not geojson.parent.is_dir():
+        raise CytoError(f"folder {geojson.parent} of `geojson` does not exist: create it, or give another path")
     t = Store(store).open(table)
     if evaluate:
         if image is not None or row_id is not None or where or html or png or geojson:
@@ -81,6 +83,9 @@ def _int_k(k: str | None) -> int:
 
 
 def _print_hits(console: Console, result: SearchResult) -> None:
+    if not result.hits:  # a filter that matches nothing is said, not an empty table
+        console.print(f"no rows of {result.table} match the filter: no hits", markup=False, highlight=False)
+        return
     tiles = any(h.slide is not None for h in result.hits)
     view = RichTable(title=f"{len(result.hits)} nearest to {result.query} in {result.table}", box=box.SIMPLE_HEAD)
     labelled = any(h.label for h in result.hits)
