@@ -188,12 +188,6 @@ def _add(index: faiss.Index, x: np.ndarray, ids: np.ndarray | None) -> None:
             index.add_with_ids(part, np.ascontiguousarray(ids[b:b + len(part)], dtype=np.int64))
 
 
-def _key_map(index: faiss.Index) -> faiss.Index:
-    if isinstance(index, faiss.IndexIVF):
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # key -> stored vector, for `stored_vector`
-    return index
-
-
 def build_index(chunks: np.ndarray | Sequence[np.ndarray], kind: str, params: IndexParams = IndexParams(),
                 ids: np.ndarray | None = None) -> tuple[faiss.Index, dict[str, Any]]:
     """An index of the L2-normalised rows of `chunks` (one array or a sequence of arrays, added in batches: no
@@ -212,7 +206,7 @@ def build_index(chunks: np.ndarray | Sequence[np.ndarray], kind: str, params: In
     for c in chunks:
         _add(index, c, None if ids is None else ids[a:a + len(c)])
         a += len(c)
-    return (index if ids is None else _key_map(index)), info
+    return (index if ids is None else _with_key_map(index)), info
 
 
 def exact_neighbours(references: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -343,11 +337,12 @@ def build_table(table: VectorTable, kind: str = "auto") -> tuple[faiss.Index, st
         vec = batch.column("vector")
         _add(index, vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim),
              batch.column("key").to_numpy())
-    return _key_map(index), kind, int(index.ntotal)
+    return _with_key_map(index), kind, int(index.ntotal)
 
 
 def _with_key_map(index: faiss.Index) -> faiss.Index:
-    """An IVF index cached before it kept a key -> vector map gets one (flat and HNSW sit in an IndexIDMap2)."""
+    """An IVF index gets a key -> vector map, for `stored_vector` (one built or cached without it; flat and HNSW
+    sit in an IndexIDMap2)."""
     if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
     return index

@@ -62,6 +62,11 @@ class Lease:
         self.owner = False
 
 
+def _dead(held: dict) -> bool:
+    """The lease's holder ran on this host and is gone (a holder elsewhere cannot be checked: it counts as alive)."""
+    return held.get("host") == socket.gethostname() and bool(held.get("pid")) and not _alive(int(held["pid"]))
+
+
 def _holder(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -77,8 +82,7 @@ def state(folder: Path, table: str) -> tuple[str, dict] | None:
     held = _holder(folder / f"{table}.lease")
     if held is None:
         return None
-    dead = held.get("host") == socket.gethostname() and held.get("pid") and not _alive(int(held["pid"]))
-    return ("interrupted" if dead else "writing"), held
+    return ("interrupted" if _dead(held) else "writing"), held
 
 
 def _create(path: Path, content: dict) -> bool:
@@ -127,7 +131,7 @@ def acquire(folder: Path, table: str, wait: float = 0.0) -> Lease:
             continue
         if held.get("job") == me:
             return Lease(path, me, owner=False)
-        if held.get("host") == socket.gethostname() and held.get("pid") and not _alive(int(held["pid"])):
+        if _dead(held):
             path.unlink(missing_ok=True)  # its holder died without releasing it
             continue
         if time.monotonic() >= deadline:

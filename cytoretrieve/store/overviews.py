@@ -77,7 +77,7 @@ def write_overviews(store: Store, overviews: Sequence[Overview]) -> None:
     rows = pa.Table.from_pylist([o.__dict__ for o in overviews], schema=schema)
     tbl = store.db.create_table(OVERVIEWS_TABLE, schema=schema, exist_ok=True)
     retry_commit(lambda: tbl.merge_insert("slide").when_matched_update_all().when_not_matched_insert_all()
-                 .execute(rows), "store slide overviews")
+                 .execute(rows))
 
 
 def read_overviews(store: Store, slides: Iterable[str]) -> dict[str, Overview]:

@@ -89,8 +89,7 @@ def read_meta(tbl: lancedb.table.Table) -> dict[str, Any]:
 
 def _conflict(e: BaseException) -> bool:
     """A commit that lost a race to a concurrent writer: LanceDB says to retry it."""
-    text = str(e).lower()
-    return "retryable commit conflict" in text or "commit conflict" in text
+    return "commit conflict" in str(e).lower()  # "Retryable commit conflict for version N: ..."
 
 
 def _no_space(e: BaseException) -> bool:
@@ -98,7 +97,7 @@ def _no_space(e: BaseException) -> bool:
         or "os error 28" in str(e).lower()
 
 
-def retry_commit(action: Callable[[], T], what: str) -> T:
+def retry_commit(action: Callable[[], T]) -> T:
     """Run a LanceDB commit, retrying it with backoff while it loses races to concurrent writers."""
     for attempt in range(COMMIT_RETRIES):
         try:
@@ -110,12 +109,17 @@ def retry_commit(action: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
+def duplicated_rows(ids: pa.ChunkedArray | pa.Array) -> int:
+    """Rows beyond the first of each id."""
+    import pyarrow.compute as pc
+
+    return len(ids) - int(pc.count_distinct(ids).as_py())
+
+
 def require_unique(table: str, ids: pa.ChunkedArray | pa.Array) -> None:
     """Refuse a protocol on a table holding some id twice: the copies would land on both sides of a split and
     inflate every score."""
-    import pyarrow.compute as pc
-
-    extra = len(ids) - int(pc.count_distinct(ids).as_py())
+    extra = duplicated_rows(ids)
     if extra:
         raise CytoError(f"table '{table}' holds {extra} duplicated row(s) (an id stored more than once), which would "
                         f"leak between train and test: run `cytoretrieve dedupe --table {table}` first")
@@ -182,7 +186,7 @@ class Store:
     def write_state(self, name: str) -> str:
         """'' when no job writes table `name`; 'writing (pid P on H)' while one does; 'interrupted' when its
         writer was killed on this machine before finishing (rerun its command to add the rest)."""
-        found = state(self._lease_folder(), name) if self.local or self.index_dir().exists() else None
+        found = state(self._lease_folder(), name)
         if found is None:
             return ""
         what, holder = found
@@ -324,7 +328,7 @@ class Table:
         """One commit to this table: retried while it loses races to concurrent writers; a full disk is one line
         saying what the table holds at its last commit."""
         try:
-            return retry_commit(action, self.name)
+            return retry_commit(action)
         except (RuntimeError, OSError, ValueError) as e:
             if not _no_space(e):
                 raise
@@ -334,10 +338,7 @@ class Table:
 
     def duplicates(self) -> int:
         """Rows beyond the first of each id (0 for a table every writer kept clean)."""
-        import pyarrow.compute as pc
-
-        ids = self.read(["id"]).column("id")
-        return len(ids) - int(pc.count_distinct(ids).as_py())
+        return duplicated_rows(self.read(["id"]).column("id"))
 
     def dedupe(self) -> int:
         """Keep one row per id (the first stored) and return how many were removed. Extra copies are deleted by
