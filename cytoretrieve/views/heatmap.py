@@ -96,11 +96,14 @@ def _lut(name: str = CMAP) -> np.ndarray:
     return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
-def _where(column: str, value: str) -> str:
-    return f"`{column}` = '" + value.replace("'", "''") + "'"
+def slide_tiles(table: VectorTable, group_column: str, slide: str) -> dict[str, dict[str, Any]]:
+    """{tile id: row (x, y, tile_size, mpp)} of one slide's rows that have level-0 coordinates."""
+    where = f"`{group_column}` = '" + slide.replace("'", "''") + "'"
+    rows = table.read(["id", "x", "y", "tile_size", "mpp"], where).to_pylist()
+    return {r["id"]: r for r in rows if r["x"] is not None and r["y"] is not None}
 
 
-def _extents(rows: dict[str, dict[str, Any]], slide_mpp: float | None) -> dict[str, float]:
+def tile_extents(rows: dict[str, dict[str, Any]], slide_mpp: float | None) -> dict[str, float]:
     """Level-0 side of each tile: from its id, else tile_size * tile mpp / slide mpp, else tile_size."""
     from cytoretrieve.ids import parse_tile_id
 
@@ -199,21 +202,19 @@ def write_heatmaps(table: VectorTable, result: CVResult, bags: Bags, folder: Pat
     unopened: list[str] = []
     no_coords: list[str] = []
     mismatched: list[str] = []
-    columns = ["id", "path", "x", "y", "tile_size", "mpp"]
     for slide, y, fold, score in zip(result.slides, result.y, result.fold_of, result.scores):
         values = shown[slide]
         ids = bags.ids[pos[slide]] if bags.ids is not None and slide in pos else None
         if ids is None or len(ids) != len(values):
             mismatched.append(slide)
             continue
-        rows = {r["id"]: r for r in table.read(columns, _where(group_column, slide)).to_pylist()
-                if r["x"] is not None and r["y"] is not None}
+        rows = slide_tiles(table, group_column, slide)
         keep = [i for i, t in enumerate(ids) if t in rows and np.isfinite(values[i])]
         if not keep:
             no_coords.append(slide)
             continue
         overview = overviews.get(slide)
-        ext = _extents(rows, overview.mpp if overview else None)
+        ext = tile_extents(rows, overview.mpp if overview else None)
         x = np.array([rows[ids[i]]["x"] for i in keep], dtype=np.float64)
         yy = np.array([rows[ids[i]]["y"] for i in keep], dtype=np.float64)
         e = np.array([ext[ids[i]] for i in keep], dtype=np.float64)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytoretrieve.views.geojson import NEGATIVE_COLOR, POSITIVE_COLOR, SlideSquare, write_geojson
-from cytoretrieve.views.heatmap import _extents, display_scores, safe_names
+from cytoretrieve.views.heatmap import display_scores, safe_names, slide_tiles, tile_extents
 
 if TYPE_CHECKING:
     from cytoretrieve.queries.mil.bags import Bags
@@ -33,10 +33,6 @@ def tile_classes(method: str, shown: np.ndarray, slide_positive: bool) -> list[s
     return ["Positive" if p else "Negative" for p in positive]
 
 
-def _where(column: str, value: str) -> str:
-    return f"`{column}` = '" + value.replace("'", "''") + "'"
-
-
 def write_score_geojson(table: VectorTable, result: CVResult, bags: Bags, folder: Path, *,
                         group_column: str = "slide", object_type: str = "tile") -> tuple[list[Path], list[str]]:
     """Write folder/geojson/<slide>.geojson for each scored slide with tile coordinates; (files, notes)."""
@@ -50,12 +46,11 @@ def write_score_geojson(table: VectorTable, result: CVResult, bags: Bags, folder
     for slide, fold, score in zip(result.slides, result.fold_of, result.scores):
         shown = display_scores(result.method, result.tile_scores.get(slide, []))
         ids = bags.ids[pos[slide]] if bags.ids is not None and slide in pos else None
-        rows = {r["id"]: r for r in table.read(["id", "x", "y", "tile_size", "mpp"], _where(group_column, slide)).to_pylist()
-                if r["x"] is not None and r["y"] is not None}
+        rows = slide_tiles(table, group_column, slide)
         if ids is None or len(ids) != len(shown) or not rows:
             skipped.append(slide)
             continue
-        sides = _extents(rows, None)
+        sides = tile_extents(rows, None)
         classes = tile_classes(result.method, shown, score >= thresholds.get(fold, np.inf))
         squares = [
             SlideSquare(tid, rows[tid]["x"], rows[tid]["y"], sides[tid], cls,
