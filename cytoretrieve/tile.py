@@ -110,6 +110,10 @@ def tile_slides(
     `on_progress(done, total)` while its thumbnail is read, `on_result(result)` after it.
     """
     spec.validate()
+    if mpp is not None and mpp <= 0:  # checked here for every slide: the reader looks at it only without metadata
+        raise CytoError(f"`mpp` must be positive, not {mpp}")
+    if objective is not None and objective <= 0:
+        raise CytoError(f"`objective` must be positive, not {objective}")
     meta = tile_table_meta("grid", table_settings(spec, params))  # checks `params` against the rule
     start = time.perf_counter()
     if slides:

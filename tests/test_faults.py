@@ -298,3 +298,14 @@ def test_search_messages_a_user_sees(cells: Path, tmp_path: Path, capsys) -> Non
     assert run([*base, "-k", "3"]) == 0  # headers whole at 80 columns: label / group are not cut to "labe"
     out = capsys.readouterr().out
     assert "label" in out and "labe " not in out
+
+
+@pytest.mark.parametrize("flag", ["--mpp", "--objective"])
+def test_tile_refuses_a_non_positive_pixel_size_even_for_slides_that_have_one(tmp_path: Path, flag: str,
+                                                                                capsys) -> None:
+    from synthetic_slides import write_standard_slide  # its metadata holds a pixel size: the reader never asks
+
+    slide = write_standard_slide(tmp_path / "standard.tiff")
+    assert run(["tile", str(slide), "--store", str(tmp_path / "s"), flag, "-1"]) == 2
+    assert f"{flag} must be positive" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "s").exists()
