@@ -190,7 +190,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise CytoError(f"`image` is too large to decode safely: {e}") from None
     except UnidentifiedImageError:
-        raise CytoError("`image` is not an image in a format this server decodes (PNG, JPEG, TIFF, BMP, ...)") from None
+        raise CytoError("`image` is not an image in a format cytoretrieve decodes (PNG, JPEG, TIFF, BMP, ...)") from None
     except (OSError, ValueError, SyntaxError) as e:  # a truncated or corrupt file of a known format
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CytoError(f"`image` cannot be decoded: {reason}") from None
