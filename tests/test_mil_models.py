@@ -140,3 +140,39 @@ def test_models_trained_in_lockstep_match_separate_fits(data) -> None:
     assert np.abs(first - second).max() > 1e-3  # different data and seeds: different models
     with pytest.raises(ValueError, match="only in `seed`"):
         fit_many(sets, [cfg, replace(cfg, lr=1e-3)])
+
+
+def _bce(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+def test_early_stopping_returns_the_weights_of_the_best_validation_epoch(data) -> None:
+    """With `validation`, the held-out bags are stratified, never trained on, and the returned model is the one of
+    the epoch with the lowest validation loss: here an earlier one than the last (a high learning rate makes the
+    loss wander), so returning the last weights would fail."""
+    from dataclasses import replace
+
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.queries.mil.train import fit_many
+
+    train, _, _ = data
+    cfg = MILTrainConfig(epochs=25, lr=1e-2, validation=0.25, device="cpu")
+    scorer = fit(train, cfg)
+    val = train.subset(scorer.validation)
+    assert len(scorer.history) == 25 and scorer.best_epoch < 24
+    assert scorer.history[scorer.best_epoch] == min(scorer.history) < scorer.history[-1]
+    assert sorted(np.bincount(val.y.astype(int)).tolist()) == sorted(
+        np.round(0.25 * np.bincount(train.y.astype(int))).astype(int).tolist())
+    assert _bce(scorer.predict(val.vectors)[0], val.y) == pytest.approx(min(scorer.history), abs=1e-5)
+    sets = [train.subset(range(30)), train.subset(range(30, 60))]  # in lockstep: each model its own best
+    for bags, s in zip(sets, fit_many(sets, [replace(cfg, epochs=6, seed=k) for k in (1, 2)])):
+        v = bags.subset(s.validation)
+        assert _bce(s.predict(v.vectors)[0], v.y) == pytest.approx(min(s.history), abs=1e-5)
+    with pytest.raises(CytoError, match="fraction"):
+        fit(train, replace(cfg, validation=1.0))
+
+
+def test_train_config_round_trips_through_its_dict() -> None:
+    cfg = MILTrainConfig(encoder=(256, 128, 64), method="gated", validation=0.2, epochs=100, weight_decay=5e-3)
+    assert MILTrainConfig(**cfg.to_dict()) == cfg

@@ -15,6 +15,11 @@ Cytology-aware options:
   abnormal cells is a realistic positive; it gives the model positives whose evidence is known, where the real
   positive slides hide a handful of abnormal tiles among thousands.
 
+Early stopping (`validation` = f > 0): a stratified fraction f of the training bags is held out (drawn with the
+run's seed, at least one bag of each class), the model trains on the rest for `epochs`, and the weights of the epoch
+with the lowest validation BCE (unweighted, dropout off) are the ones returned; `MILScorer.history` holds the
+per-epoch validation losses and `best_epoch` the chosen one. Off by default (BENCHMARKS.md, "Issue 14").
+
 Features are standardised with the mean / std of the training instances (`standardise=True`, the default); the
 fitted `MILScorer` applies the same transform at inference.
 """
@@ -26,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.mil.bags import Bags
 from cytoretrieve.runtime import resolve_device
 
@@ -46,6 +52,7 @@ class MILTrainConfig:
     augment_max: int = 4  # annotated positives inserted into an augmented bag: 1 to this many
     max_instances: int = 8192  # training bags larger than this are subsampled (each epoch anew)
     standardise: bool = True
+    validation: float = 0.0  # fraction of training bags held out (stratified) to pick the best epoch; 0 = off
     seed: int = 0
     device: str = "auto"
 
@@ -58,6 +65,9 @@ class MILScorer:
 
     def __init__(self, model, mean: np.ndarray, std: np.ndarray, device: str) -> None:  # noqa: ANN001
         self.model, self.mean, self.std, self.device = model, mean, std, device
+        self.history: list[float] = []  # validation loss per epoch (early stopping only)
+        self.best_epoch: int | None = None  # the epoch whose weights these are (early stopping only)
+        self.validation: np.ndarray | None = None  # indices of the training bags held out for it
 
     def predict(self, vectors: list[np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
         import torch
@@ -116,18 +126,19 @@ def fit_many(sets: Sequence[Bags], configs: Sequence[MILTrainConfig],
     in `seed`."""
     from dataclasses import replace
 
-    from cytoretrieve.errors import CytoError
-
     cfg = configs[0]
     if any(replace(c, seed=cfg.seed) != cfg for c in configs):
         raise ValueError("fit_many: the configs may differ only in `seed`")
     positives = list(positives) if positives is not None else [None] * len(sets)
     if cfg.augment_positives > 0 and any(p is None or not len(p) for p in positives):
         raise CytoError("positive-bag augmentation needs annotated positive vectors (`positives` TABLE)")
+    if not 0 <= cfg.validation < 1:
+        raise CytoError(f"`validation` is a fraction of the training bags in [0, 1), not {cfg.validation}")
     device = resolve_device(cfg.device)
     runs = [_Run.start(b, c, p if cfg.augment_positives > 0 else None) for b, c, p in zip(sets, configs, positives)]
     step = _Lockstep([r.model(c, device) for r, c in zip(runs, configs)], cfg, device)
-    for _ in range(cfg.epochs):
+    stopping = _EarlyStopping(len(runs)) if cfg.validation > 0 else None
+    for epoch in range(cfg.epochs):
         epochs = [r.epoch(cfg) for r in runs]
         steps = max(len(items) for items, _ in epochs)
         orders = [r.fill(items, steps) for r, (items, _) in zip(runs, epochs)]
@@ -136,7 +147,40 @@ def fit_many(sets: Sequence[Bags], configs: Sequence[MILTrainConfig],
             chunks = [[r.instances(item, cfg) for item in order[a:a + cfg.batch_size]] for r, order in zip(runs, orders)]
             targets = [[item[1] for item in order[a:a + cfg.batch_size]] for order in orders]
             step(runs, chunks, targets, pos_weight)
-    return [MILScorer(m, r.mean, r.std, device) for m, r in zip(step.trained(), runs)]
+        if stopping is not None:
+            stopping.update(epoch, step.validation_losses(runs), step)
+    scorers = [MILScorer(m, r.mean, r.std, device) for m, r in zip(step.trained(stopping), runs)]
+    if stopping is not None:
+        for i, (s, r) in enumerate(zip(scorers, runs)):
+            s.history, s.best_epoch, s.validation = stopping.history[i], stopping.best_epoch[i], r.held_out
+    return scorers
+
+
+def _validation_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) bag indices: `fraction` of each class held out (at least one bag of a class with two or
+    more), drawn by `rng`; sorted."""
+    val = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = min(max(1, int(round(fraction * len(idx)))), len(idx) - 1)
+        val.extend(idx[:k].tolist())
+    val = np.sort(np.asarray(val, dtype=np.int64))
+    return np.setdiff1d(np.arange(len(y)), val), val
+
+
+class _EarlyStopping:
+    """Per model: the validation loss of every epoch, the best epoch so far and a copy of its weights."""
+
+    def __init__(self, models: int) -> None:
+        self.history: list[list[float]] = [[] for _ in range(models)]
+        self.best_epoch: list[int | None] = [None] * models
+        self.best: list[dict | None] = [None] * models
+
+    def update(self, epoch: int, losses: list[float], step: _Lockstep) -> None:
+        for i, loss in enumerate(losses):
+            self.history[i].append(loss)
+            if self.best_epoch[i] is None or loss < min(self.history[i][:-1]):  # ties keep the earlier epoch
+                self.best_epoch[i], self.best[i] = epoch, step.state(i)
 
 
 @dataclass
@@ -149,13 +193,22 @@ class _Run:
     rng: np.random.Generator
     seed: int
     positives: np.ndarray | None  # set only when augmenting
+    val: Bags | None = None  # held out for early stopping
+    held_out: np.ndarray | None = None  # their indices in the bags given to fit
 
     @classmethod
     def start(cls, bags: Bags, cfg: MILTrainConfig, positives: np.ndarray | None) -> _Run:
+        rng = np.random.default_rng(cfg.seed)
+        val = held_out = None
+        if cfg.validation > 0:
+            keep, held_out = _validation_split(np.asarray(bags.y), cfg.validation, rng)
+            if not len(held_out):
+                raise CytoError(f"{len(bags)} training bags are too few to hold out a validation split")
+            bags, val = bags.subset(keep), bags.subset(held_out)
         mean, std = (_standardisation(bags) if cfg.standardise
                      else (np.zeros(bags.dim, np.float32), np.ones(bags.dim, np.float32)))
         pos = np.asarray(positives, dtype=np.float32) if positives is not None else None
-        return cls(bags, mean, std, np.random.default_rng(cfg.seed), cfg.seed, pos)
+        return cls(bags, mean, std, rng, cfg.seed, pos, val, held_out)
 
     def model(self, cfg: MILTrainConfig, device: str):  # noqa: ANN201 - a MILModel
         import torch
@@ -245,10 +298,34 @@ class _Lockstep:
         loss.sum().backward()  # the models share no parameter: each gets its own loss's gradient
         self.opt.step()
 
-    def trained(self) -> list:
-        if len(self.models) > 1:
-            for i, m in enumerate(self.models):
+    def state(self, i: int) -> dict:
+        """A copy of model i's current parameters."""
+        return {k: (v[i] if len(self.models) > 1 else v).detach().clone() for k, v in self.params.items()}
+
+    def validation_losses(self, runs: list[_Run]) -> list[float]:
+        """Each model's mean BCE (unweighted, eval mode) on its run's held-out bags."""
+        import torch
+        from torch.func import functional_call
+
+        from cytoretrieve.queries.mil.models import pad
+
+        losses = []
+        with torch.no_grad():
+            for i, (m, r) in enumerate(zip(self.models, runs)):
+                x, mask = pad(list(r.val.vectors), self.device, r.mean, r.std)
+                y = torch.as_tensor(np.asarray(r.val.y, dtype=np.float32), device=self.device)
+                m.eval()
+                bag = functional_call(m, self.state(i), (x, mask))[0] if len(self.models) > 1 else m(x, mask)[0]
+                m.train()
+                losses.append(float(torch.nn.functional.binary_cross_entropy_with_logits(bag, y)))
+        return losses
+
+    def trained(self, stopping: _EarlyStopping | None = None) -> list:
+        """The trained models, in eval mode: with early stopping, each with its best epoch's weights."""
+        for i, m in enumerate(self.models):
+            if stopping is not None:
+                m.load_state_dict(stopping.best[i])
+            elif len(self.models) > 1:
                 m.load_state_dict({k: v[i].detach() for k, v in self.params.items()})
-        for m in self.models:
             m.eval()
         return self.models
