@@ -173,6 +173,27 @@ def test_early_stopping_returns_the_weights_of_the_best_validation_epoch(data) -
         fit(train, replace(cfg, validation=1.0))
 
 
-def test_train_config_round_trips_through_its_dict() -> None:
-    cfg = MILTrainConfig(encoder=(256, 128, 64), method="gated", validation=0.2, epochs=100, weight_decay=5e-3)
+def test_train_config_round_trips_through_its_dict_and_a_schedule_must_be_known(data) -> None:
+    from cytoretrieve.errors import CytoError
+
+    cfg = MILTrainConfig(encoder=(256, 128, 64), method="gated", validation=0.2, epochs=100, weight_decay=5e-3,
+                         schedule="cosine")
     assert MILTrainConfig(**cfg.to_dict()) == cfg
+    with pytest.raises(CytoError, match="unknown learning-rate schedule 'step'"):
+        fit(data[0], MILTrainConfig(schedule="step", device="cpu"))
+
+
+def test_cosine_schedule_ends_the_training_at_a_learning_rate_near_zero() -> None:
+    import torch
+
+    from cytoretrieve.queries.mil.train import SCHEDULES
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    sched = SCHEDULES["cosine"](opt, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(5e-4) and lrs[5] == pytest.approx(2.5e-4) and lrs[-1] < 2e-5
+    assert SCHEDULES["constant"](opt, 10) is None

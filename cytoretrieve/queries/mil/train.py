@@ -20,6 +20,9 @@ run's seed, at least one bag of each class), the model trains on the rest for `e
 with the lowest validation BCE (unweighted, dropout off) are the ones returned; `MILScorer.history` holds the
 per-epoch validation losses and `best_epoch` the chosen one. Off by default (BENCHMARKS.md, "Issue 14").
 
+`schedule`: the learning rate over the epochs, a name of SCHEDULES ("constant", the default; "cosine": from `lr`
+down to 0 along a half cosine, stepped once per epoch).
+
 Features are standardised with the mean / std of the training instances (`standardise=True`, the default); the
 fitted `MILScorer` applies the same transform at inference.
 """
@@ -34,6 +37,19 @@ import numpy as np
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.mil.bags import Bags
 from cytoretrieve.runtime import resolve_device
+
+
+def _constant(opt, epochs: int):  # noqa: ANN001, ANN202 - no scheduler: lr stays `lr`
+    return None
+
+
+def _cosine(opt, epochs: int):  # noqa: ANN001, ANN202 - lr from `lr` down to 0 along a half cosine, per epoch
+    import torch
+
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+
+
+SCHEDULES = {"constant": _constant, "cosine": _cosine}
 
 
 @dataclass
@@ -52,6 +68,7 @@ class MILTrainConfig:
     augment_max: int = 4  # annotated positives inserted into an augmented bag: 1 to this many
     max_instances: int = 8192  # training bags larger than this are subsampled (each epoch anew)
     standardise: bool = True
+    schedule: str = "constant"  # learning rate over the epochs: a name of SCHEDULES
     validation: float = 0.0  # fraction of training bags held out (stratified) to pick the best epoch; 0 = off
     seed: int = 0
     device: str = "auto"
@@ -132,6 +149,8 @@ def fit_many(sets: Sequence[Bags], configs: Sequence[MILTrainConfig],
     positives = list(positives) if positives is not None else [None] * len(sets)
     if cfg.augment_positives > 0 and any(p is None or not len(p) for p in positives):
         raise CytoError("positive-bag augmentation needs annotated positive vectors (`positives` TABLE)")
+    if cfg.schedule not in SCHEDULES:
+        raise CytoError(f"unknown learning-rate schedule '{cfg.schedule}' (one of {', '.join(SCHEDULES)})")
     if not 0 <= cfg.validation < 1:
         raise CytoError(f"`validation` is a fraction of the training bags in [0, 1), not {cfg.validation}")
     device = resolve_device(cfg.device)
@@ -147,6 +166,7 @@ def fit_many(sets: Sequence[Bags], configs: Sequence[MILTrainConfig],
             chunks = [[r.instances(item, cfg) for item in order[a:a + cfg.batch_size]] for r, order in zip(runs, orders)]
             targets = [[item[1] for item in order[a:a + cfg.batch_size]] for order in orders]
             step(runs, chunks, targets, pos_weight)
+        step.end_epoch()
         if stopping is not None:
             stopping.update(epoch, step.validation_losses(runs), step)
     scorers = [MILScorer(m, r.mean, r.std, device) for m, r in zip(step.trained(stopping), runs)]
@@ -272,6 +292,11 @@ class _Lockstep:
         # fused: one kernel for all parameters; with one small bag per step the per-tensor loop dominated
         self.opt = torch.optim.Adam(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     fused=torch.device(device).type in ("cpu", "cuda"))
+        self.schedule = SCHEDULES[cfg.schedule](self.opt, cfg.epochs)
+
+    def end_epoch(self) -> None:
+        if self.schedule is not None:
+            self.schedule.step()
 
     def __call__(self, runs: list[_Run], chunks: list[list[np.ndarray]], targets: list[list[float]],
                  pos_weight: list[float]) -> None:
