@@ -170,6 +170,23 @@ def test_hed_jitter_is_the_identity_at_zero_and_moves_colours_otherwise() -> Non
     assert np.abs(moved - np.asarray(image, dtype=int)).mean() > 3
 
 
+def test_colour_strength_and_grayscale_p_control_the_colour_of_views() -> None:
+    """A flat red image: brightness, contrast, blur and solarisation keep green == blue, so only the hue / saturation
+    jitter (colour_strength) or a grey view (grayscale_p) can change that."""
+    red = Image.new("RGB", (40, 40), (200, 30, 30))
+
+    def views(**kw) -> list[np.ndarray]:
+        d = DinoViews(ViewSpec(image_size=16, **kw))
+        return [np.asarray(v, dtype=int) for seed in range(20) for v in d.images(red, np.random.default_rng(seed))]
+
+    plain = views(colour_strength=0.0, grayscale_p=0.0)
+    assert all(np.array_equal(v[..., 1], v[..., 2]) and (v[..., 0] > v[..., 1]).all() for v in plain)
+    jittered = views(colour_strength=1.0, grayscale_p=0.0)
+    assert sum(not np.array_equal(v[..., 1], v[..., 2]) for v in jittered) > 10
+    grey = views(colour_strength=0.0, grayscale_p=1.0)
+    assert all(np.array_equal(v[..., 0], v[..., 1]) for v in grey)
+
+
 def test_cell_alpha_from_a_mask_and_from_a_threshold() -> None:
     cell = _cell(size=80, radius=25)
     disc = np.asarray(_cell(size=80, radius=25, colour=(255, 255, 255), bg=(0, 0, 0)))[..., 0] > 0

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-RECIPE_HELP = ("resnet50, vit_small or tiny (a short CPU run: resnet18 at 64 px, 6 epochs); default: vit_small for ViT "
+RECIPE_HELP = ("resnet50, vit_small or tiny (a short CPU run: resnet18 at 64 px, 10 epochs, weak colour jitter); default: vit_small for ViT "
                "arches, else resnet50. Fills every default below.")
 Scale = tuple[float, float]
 
@@ -37,6 +37,8 @@ def train(
     rot90: Annotated[bool | None, _opt("--rot90/--no-rot90", help="Random 90-degree rotations (default on: cells have no orientation).")] = None,
     vflip: Annotated[bool | None, _opt("--vflip/--no-vflip", help="Random vertical flips (default on).")] = None,
     hed_jitter: Annotated[float | None, _opt("--hed-jitter", help="HED stain jitter strength sigma (0 off; 0.05 light, 0.2 strong).")] = None,
+    colour_strength: Annotated[float | None, _opt("--colour-strength", help="Scale of DINO's saturation (0.2) and hue (0.1) jitter: 1 DINO's, 0 none (tiny 0.25: Pap classes live in stain colour).")] = None,
+    grayscale_p: Annotated[float | None, _opt("--grayscale-p", help="Probability of a grey view (DINO 0.2, tiny 0).")] = None,
     paste_cells: Annotated[list[str] | None, _opt("--paste-cells", help="Cell copy-paste source: a Herlev/SIPaKMeD/class-folder dataset, a CSV manifest, a folder of cell images, or a cell table of --store (`annotations import` -> <table>_cells). Repeatable.")] = None,
     paste_p: Annotated[float | None, _opt("--paste-p", help="Probability of pasting cells onto an image (0.5).")] = None,
     paste_max: Annotated[int | None, _opt("--paste-max", help="At most this many cells per image (3).")] = None,
@@ -93,7 +95,8 @@ def train(
     given: dict[str, Any] = dict(
         epochs=epochs, batch_size=batch_size, split=str(split) if split else None, fold=fold, image_size=image_size,
         global_scale=global_scale, local_crops=local_crops, local_size=local_size, local_scale=local_scale,
-        rot90=rot90, vflip=vflip, hed_jitter=hed_jitter, paste_cells=paste_cells or None, paste_p=paste_p,
+        rot90=rot90, vflip=vflip, hed_jitter=hed_jitter, colour_strength=colour_strength,
+        grayscale_p=grayscale_p, paste_cells=paste_cells or None, paste_p=paste_p,
         paste_max=paste_max, paste_scale=paste_scale, out_dim=out_dim, hidden_dim=hidden_dim,
         bottleneck_dim=bottleneck_dim, head_layers=head_layers, use_bn_in_head=use_bn_in_head,
         norm_last_layer=norm_last_layer, momentum_teacher=momentum_teacher, warmup_teacher_temp=warmup_teacher_temp,

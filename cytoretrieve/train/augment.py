@@ -61,8 +61,8 @@ class DinoViews:
         if s.hed_jitter > 0:
             view = hed_jitter(view, rng, s.hed_jitter)
         if rng.random() < 0.8:
-            view = colour_jitter(view, rng)
-        if rng.random() < 0.2:
+            view = colour_jitter(view, rng, saturation=0.2 * s.colour_strength, hue=0.1 * s.colour_strength)
+        if rng.random() < s.grayscale_p:
             view = view.convert("L").convert("RGB")
         if rng.random() <= blur_p:
             view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
