@@ -217,6 +217,10 @@ def test_copy_paste_puts_cells_on_the_tile(tmp_path: Path) -> None:
     assert np.asarray(tile).min() == 240  # the source tile is left alone
     again = paste_cells(tile, bank, np.random.default_rng(0), PasteSpec(p=1.0, max_cells=3, scale=(0.3, 0.5)))
     assert np.array_equal(np.asarray(out), np.asarray(again))
+    assert bank._alphas  # the alphas were kept, and a kept alpha gives the same cut-out as a fresh one
+    fresh = open_cell_bank([cells])
+    for i in range(3):
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(bank.cutout(i), fresh.cutout(i)))
 
 
 def test_preview_grid(tiles: Path, tmp_path: Path) -> None:
