@@ -173,7 +173,7 @@ def test_auto_picks_the_compressed_kind_by_rows_times_dimension(monkeypatch) -> 
     monkeypatch.setattr(index_module, "AUTO_COMPRESSED_VALUES", 2000 * DIM)
     assert build(clustered(1500), np.arange(1500), "auto")[1] == "ivf"
     assert build(clustered(3000), np.arange(3000), "auto")[1] == "ivfpq"
-    assert index_module.table_nlist(1_500_000, 2048) == 512 and index_module.table_nlist(1_500_000, 384) == 2048
+    assert index_module.table_nlist(1_500_000, 2048) == 512 and index_module.table_nlist(1_500_000, 384) == 1024
 
 
 def test_compressed_table_index_is_streamed_mapped_filtered_and_updated(tmp_path) -> None:
@@ -200,3 +200,99 @@ def test_compressed_table_index_is_streamed_mapped_filtered_and_updated(tmp_path
     assert updated.kind == "ivfpq" and updated.rows == 3001
     assert updated.search(l2_normalise(x[1:2]), 2)[1][0].tolist() in ([row_key("r1"), row_key("twin")],
                                                                      [row_key("twin"), row_key("r1")])
+
+
+def _side_meta(tmp_path) -> dict | None:
+    path = tmp_path / "s" / "t.side.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_small_appends_go_to_a_side_index_that_answers_like_a_fresh_build(tmp_path, kind: str,
+                                                                         monkeypatch) -> None:
+    """Appended rows (under SIDE_FRACTION of the main index) go to a side index: the main file is not rewritten,
+    a fresh process finds the side index, searches merge both as the main index with the rows folded in (same
+    training) and as a fresh build answer, a deleted side row leaves it, and once the side outgrows its fraction
+    it is folded into the main index."""
+    from cytoretrieve.store import index as index_module
+
+    t, x = _table(tmp_path, n=4000)
+    table_index(t, kind)
+    main_file = tmp_path / "s" / "t.faiss"
+    stamp = main_file.stat().st_mtime_ns
+    more = clustered(120, seed=1)
+    t.add(t.make_rows([{"id": f"n{i}", "label": "C"} for i in range(120)], more))
+    index_module.forget_loaded()
+    updated = table_index(t, kind)
+    assert main_file.stat().st_mtime_ns == stamp and _side_meta(tmp_path)["rows"] == 120
+    assert updated.rows == 4120 and updated.side is not None
+    index_module.forget_loaded()  # another process: the side index is read back from its files
+    again = table_index(t, kind)
+    assert again.side is not None and again.side.ntotal == 120 and again.version == t.version
+    assert again.row_metadata([row_key("n7"), row_key("r3")]) == {
+        row_key("n7"): {**dict.fromkeys(index_module.ROW_COLUMNS), "id": "n7", "label": "C"},
+        row_key("r3"): {**dict.fromkeys(index_module.ROW_COLUMNS), "id": "r3", "label": "B"}}
+    tol = 1e-6 if kind != "ivfpq" else 1e-3
+    np.testing.assert_allclose(again.stored_vector(row_key("n7")), l2_normalise(more[7:8])[0], atol=tol)
+    q = l2_normalise(np.concatenate([x[:20], more[:20]]))
+    _, got = again.search(q, 10)
+    allowed = np.array([row_key(f"n{i}") for i in range(0, 120, 2)] + [row_key(f"r{i}") for i in range(0, 4000, 2)])
+    _, got_allowed = again.search(q, 10, allowed)
+    assert set(got_allowed.ravel().tolist()) <= set(allowed.tolist())
+    t.tbl.delete("id = 'n5'")  # a side row deleted: the side index is made again without it
+    index_module.forget_loaded()
+    after_delete = table_index(t, kind)
+    assert after_delete.side.ntotal == 119 and main_file.stat().st_mtime_ns == stamp
+    scores, got = after_delete.search(q, 10)
+    assert row_key("n5") not in set(got.ravel().tolist())
+    monkeypatch.setattr(index_module, "SIDE_FRACTION", 0.0)  # the same rows folded into the main index
+    t.finish()  # compaction: a new table version with the same rows
+    folded = table_index(t, kind)
+    assert folded.side is None and _side_meta(tmp_path) is None and folded.rows == 4119
+    folded_scores, folded_keys = folded.search(q, 10)
+    if kind == "ivfpq":  # each part re-ranks its own short list: a superset of the folded index's candidates
+        assert (scores >= folded_scores - 1e-6).all()
+    else:
+        assert (folded_keys == got).all()
+    monkeypatch.undo()
+    fresh_keys = table_index(t, kind, rebuild=True).search(q, 10)[1]  # retrained
+    held = [i for i in range(120) if i != 5]
+    keys = np.array([row_key(f"r{i}") for i in range(4000)] + [row_key(f"n{i}") for i in held])
+    truth = keys[np.argsort(-(q @ l2_normalise(np.concatenate([x, more[held]])).T), axis=1)[:, :10]]
+    recall = [np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]) for found in (got, fresh_keys)]
+    floor = {"flat": 1.0, "ivf": 0.9, "ivfpq": 0.7}[kind]  # 4-bit PQ codes blur these tight clusters' near ties
+    assert recall[0] >= recall[1] - 0.02 and recall[0] >= floor  # as good as a fresh build
+    t.add(t.make_rows([{"id": f"m{i}"} for i in range(300)], clustered(300, seed=4)))  # > 5% of the main rows
+    grown = table_index(t, kind)
+    assert grown.side is None and json.loads((tmp_path / "s" / "t.faiss.json").read_text())["rows"] == 4419
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other-rows"])
+def test_a_damaged_side_index_is_rebuilt_never_served(tmp_path, damage: str, caplog) -> None:
+    """A side file that does not match its .json, or a side index and rows file of different rows (as a kill
+    between their renames could leave), is refused with one warning and made again from the table."""
+    from cytoretrieve.store import index as index_module
+
+    t, x = _table(tmp_path, n=2000)
+    table_index(t, "ivf")
+    t.add(t.make_rows([{"id": f"n{i}"} for i in range(50)], clustered(50, seed=5)))
+    table_index(t, "ivf")
+    side, side_rows = tmp_path / "s" / "t.side.faiss", tmp_path / "s" / "t.side.rows.arrow"
+    if damage == "truncated":
+        side.write_bytes(side.read_bytes()[:200])
+    else:  # the rows file of another side index with the same number of rows
+        saved = side_rows.read_bytes()
+        t.tbl.delete("id = 'n1'")
+        t.add(t.make_rows([{"id": "n1x"}], clustered(1, seed=6)))
+        index_module.forget_loaded()
+        table_index(t, "ivf")
+        side_rows.write_bytes(saved)
+    index_module.forget_loaded()
+    caplog.set_level(logging.WARNING, logger="cytoretrieve")
+    again = table_index(t, "ivf")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "side index of table t is damaged" in warnings[0]
+    want = {row_key(f"n{i}") for i in range(50)} - ({row_key("n1")} if damage != "truncated" else set())
+    want |= {row_key("n1x")} if damage != "truncated" else set()
+    assert set(index_module._index_keys(again.side).tolist()) == want
+    assert again.search(l2_normalise(x[:1]), 1)[1][0, 0] == row_key("r0")

@@ -18,20 +18,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import parse_tile_id
 from cytoretrieve.queries.knn import majority_label
-from cytoretrieve.store.index import TableIndex, l2_normalise, table_index
+from cytoretrieve.store.index import ROW_COLUMNS, TableIndex, l2_normalise, table_index
 from cytoretrieve.store.tables import VectorTable, row_key
 
 if TYPE_CHECKING:
     from cytoretrieve.backbones import Backbone
 
-HIT_COLUMNS = ["id", "label", "binary", "path", "group", "slide", "x", "y", "dataset", "tile_size"]
-HIT_CACHE_MAX_ROWS = 2_000_000  # tables up to this size keep their hits' metadata in memory (~90 B a row)
+HIT_COLUMNS = ROW_COLUMNS  # a hit's metadata: the columns a table's index keeps beside it
 MAX_PIXELS = 50_000_000  # a query image larger than this (w x h) is refused: PIL's decompression-bomb guard
 BACKBONE_CACHE = 4  # backbones kept built per process (one per table fingerprint)
 
@@ -124,38 +122,16 @@ def _sql_value(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-@dataclass
-class _HitMetadata:
-    """HIT_COLUMNS of every row of one table version, with its keys sorted for lookups."""
-
-    sorted_keys: np.ndarray
-    rows: np.ndarray  # row number in `columns` of each sorted key
-    columns: pa.Table
-
-    def lookup(self, keys: Sequence[int]) -> dict[int, dict[str, Any]]:
-        wanted = np.asarray(keys, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.sorted_keys, wanted), len(self.sorted_keys) - 1)
-        found = self.sorted_keys[pos] == wanted
-        rows = self.columns.take(pa.array(self.rows[pos[found]])).to_pylist()
-        return dict(zip(wanted[found].tolist(), rows))
-
-
 def _hit_rows(table: VectorTable, index: TableIndex, keys: Sequence[int]) -> dict[int, dict[str, Any]]:
     """Metadata of the hit rows, as `table.rows_by_keys(keys, HIT_COLUMNS)` gives it.
 
-    Read once per loaded index (~40 ms and ~17 MB for 200k rows, instead of a LanceDB query per search, ~8-10 ms)
-    and kept on it, so it is exactly as fresh as the index and leaves memory with it; tables above
-    HIT_CACHE_MAX_ROWS are queried each time.
+    A table's index keeps its rows' metadata in a memory-mapped file sorted by key (`TableIndex.row_metadata`):
+    a lookup is a binary search and a take, and a fresh process reads only the pages its hits touch, where a
+    LanceDB query per search costs ~8-10 ms and reading every row's metadata first cost 1-2 s at 1.5M rows. An
+    index without one (built outside a table cache) asks the table.
     """
-    if index.rows > HIT_CACHE_MAX_ROWS:
-        return table.rows_by_keys(keys, HIT_COLUMNS)
-    held = index.derived.get("hits")
-    if held is None:
-        data = table.read(["key", *HIT_COLUMNS]).combine_chunks()
-        all_keys = data.column("key").to_numpy()
-        order = np.argsort(all_keys, kind="stable")
-        held = index.derived["hits"] = _HitMetadata(all_keys[order], order, data.drop_columns(["key"]))
-    return held.lookup(keys)
+    rows = index.row_metadata(keys)
+    return table.rows_by_keys(keys, HIT_COLUMNS) if rows is None else rows
 
 
 def _stored_query(table: VectorTable, row_id: str, index: TableIndex | None) -> tuple[np.ndarray, int]:
@@ -163,9 +139,9 @@ def _stored_query(table: VectorTable, row_id: str, index: TableIndex | None) -> 
 
     The vector comes from the table's index when it holds the row: the index stores exactly
     `l2_normalise(vector)`, and a lookup in memory spares a LanceDB query (~5-7 ms of a ~15 ms search at 200k rows).
-    Otherwise (a GPU index, a very large table, an empty one: `index` None) it is read from the table.
+    Otherwise (a GPU index, an empty table: `index` None) it is read from the table.
     """
-    if index is not None and index.rows <= HIT_CACHE_MAX_ROWS:
+    if index is not None:
         key = row_key(row_id)
         vector = index.stored_vector(key)
         if vector is not None and _hit_rows(table, index, [key]).get(key, {}).get("id") == row_id:
