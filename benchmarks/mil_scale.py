@@ -85,24 +85,26 @@ def is_positive(i: int, slides: int, seed: int) -> bool:
     return bool(i in set(order[: slides // 2].tolist()))
 
 
-def abnormal_mask(i: int, positive: bool, tiles: int, seed: int):  # noqa: ANN201
-    """Which tiles of slide i come from abnormal clusters (1-3% of a positive slide's tiles, none otherwise)."""
+def abnormal_mask(i: int, positive: bool, tiles: int, seed: int, frac: tuple[float, float] = (0.01, 0.03)):  # noqa: ANN201
+    """Which tiles of slide i come from abnormal clusters (a `frac` share of a positive slide's tiles, drawn
+    uniformly; none otherwise)."""
     import numpy as np
 
     mask = np.zeros(tiles, dtype=bool)
     if positive:
         rng = np.random.default_rng([seed, 2, i])
-        n = max(1, int(round(rng.uniform(0.01, 0.03) * tiles)))
+        n = max(1, int(round(rng.uniform(*frac) * tiles)))
         mask[rng.choice(tiles, n, replace=False)] = True
     return mask
 
 
-def slide_vectors(i: int, positive: bool, tiles: int, c, bases, seed: int):  # noqa: ANN001, ANN201
+def slide_vectors(i: int, positive: bool, tiles: int, c, bases, seed: int,  # noqa: ANN001, ANN201
+                  frac: tuple[float, float] = (0.01, 0.03)):
     """(tiles, dim) float32 vectors of slide i and its abnormal-tile mask; deterministic per (seed, i)."""
     import numpy as np
 
     dim = c.shape[1]
-    mask = abnormal_mask(i, positive, tiles, seed)
+    mask = abnormal_mask(i, positive, tiles, seed, frac)
     rng = np.random.default_rng([seed, 3, i])
     cl = rng.choice(N_NORMAL, tiles, p=rng.dirichlet(np.full(N_NORMAL, 0.5)))
     cl[mask] = N_NORMAL + rng.integers(0, N_ABNORMAL, int(mask.sum()))
@@ -238,6 +240,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         import faiss
 
+        if method == "hard":
+            return hard_cohort(args)
         if args.threads:
             faiss.omp_set_num_threads(args.threads)
         out["faiss_threads"] = faiss.omp_get_max_threads()
@@ -270,9 +274,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         out["inference_s"] = time.perf_counter() - t0
         out["peak_rss"] = peak_rss()
     else:
-        from cytoretrieve.queries.mil.retrieval import RetrievalConfig, fit_retrieval
+        from cytoretrieve.queries.mil.retrieval import fit_retrieval
 
-        cfg = RetrievalConfig(index=args.retrieval_index, nprobe=args.nprobe, refine=args.refine)
+        cfg = retrieval_config(args, method)
         t0 = time.perf_counter()
         scorer = fit_retrieval(train, config=cfg)
         out.update(train_s=time.perf_counter() - t0, rss_after_train=peak_rss(), config=cfg.to_dict(),
@@ -284,11 +288,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[retrieval] scored {bags.instances:,} tiles in {out['inference_s']:.1f} s", file=sys.stderr, flush=True)
         out["peak_rss"] = peak_rss()  # the method's peak: the checks below hold more (exact search, old code)
         sample = None
-        if args.recall_sample:
+        if args.recall_sample and cfg.references == "tiles":
             x, abnormal = accuracy_sample(bags, args.recall_sample, args.seed)
             out["accuracy_vs_exact"], exact = retrieval_accuracy(scorer, train, x, abnormal)
             sample = (x, abnormal, exact)
-        if args.baseline_slides:
+        if args.baseline_slides and cfg.references == "tiles":
             del scorer
             out["baseline"] = retrieval_baseline(train, bags, args.baseline_slides, cfg, args.seed, sample)
     y = bags.y
@@ -301,8 +305,115 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if ts and all(len(t) == len(m) for t, m in zip(ts, masks)):
         out["tile_auc_positive_test_slides"] = auc(np.concatenate(masks), np.concatenate(ts))
     out["peak_rss_with_checks"] = peak_rss()
+    if args.scores_dir and method != "abmil":
+        np.savez(Path(args.scores_dir) / f"{method}.npz", tiles=np.concatenate([np.asarray(t) for t in tile_scores]),
+                 sizes=[len(t) for t in tile_scores], names=np.array(bags.names), test=test_i, y=y)
     print(f"[{method}] inference over {len(bags)} slides: {out['inference_s']:.2f} s; AUC (test fold) "
           f"{out['auc_test_fold']:.3f}; peak RSS {out['peak_rss'] / GiB:.2f} GiB", file=sys.stderr, flush=True)
+    return out
+
+
+def retrieval_config(args: argparse.Namespace, method: str):  # noqa: ANN201
+    """`retrieval`: the default tile references (`score --method retrieval`), with --retrieval-index / --nprobe /
+    --refine; `retrieval-centroids`: references = centroids, with --centroids / --rank."""
+    from cytoretrieve.queries.mil.retrieval import RetrievalConfig
+
+    if method == "retrieval":
+        return RetrievalConfig(references="tiles", index=args.retrieval_index, nprobe=args.nprobe, refine=args.refine)
+    if method != "retrieval-centroids":
+        raise SystemExit(f"unknown method {method} (abmil, retrieval, retrieval-centroids, hard)")
+    return RetrievalConfig(references="centroids", centroids=args.centroids, rank=args.rank)
+
+
+def ranks(x):  # noqa: ANN001, ANN201
+    import numpy as np
+
+    r = np.empty(len(x), np.float64)
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    return r
+
+
+def agreement(a, b, abnormal=None) -> dict[str, float]:  # noqa: ANN001
+    """Pearson and Spearman correlation of two methods' tile scores (all tiles; and the abnormal / normal tiles
+    when their mask is given)."""
+    import numpy as np
+
+    def both(x, y) -> tuple[float, float]:  # noqa: ANN001
+        return float(np.corrcoef(x, y)[0, 1]), float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+    out = dict(zip(("pearson", "spearman"), both(a, b)))
+    if abnormal is not None and abnormal.any() and (~abnormal).any():
+        out.update(zip(("pearson_abnormal", "spearman_abnormal"), both(a[abnormal], b[abnormal])))
+        out.update(zip(("pearson_normal", "spearman_normal"), both(a[~abnormal], b[~abnormal])))
+    return out
+
+
+def cohort_agreement(scores_dir: str, tiles: int, seed: int) -> dict[str, Any]:
+    """Tile-score agreement of `retrieval-centroids` with `retrieval` over every tile of the cohort run (their saved
+    scores), and over the positive test slides' tiles with the abnormal ones apart."""
+    import numpy as np
+
+    new, old = (np.load(Path(scores_dir) / f"{m}.npz") for m in ("retrieval-centroids", "retrieval"))
+    if not np.array_equal(new["sizes"], old["sizes"]):
+        return {}
+    bounds = np.r_[0, np.cumsum(new["sizes"])]
+    pos_test = [int(i) for i in new["test"] if new["y"][i] == 1]
+    rows = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in pos_test])
+    mask = np.concatenate([abnormal_mask(int(str(new["names"][i]).split("-")[1]), True, tiles, seed) for i in pos_test])
+    return {"all_tiles": agreement(new["tiles"], old["tiles"]),
+            "positive_test_slides": agreement(new["tiles"][rows], old["tiles"][rows], mask)}
+
+
+def hard_cohort(args: argparse.Namespace) -> dict[str, Any]:
+    """A harder in-memory cohort (the cohort's AUC is 1.000 for every method): a positive slide holds only
+    --hard-frac of abnormal tiles, and (--hard-shift > 0) each abnormal cluster centre is a normal one moved by
+    --hard-shift along a random unit direction. Each retrieval method is cross-validated over 4 folds (test f, validation f + 1 unused, train
+    the rest): slide AUC per fold, out-of-fold AUC, tile AUC of the abnormal tiles of the positive test slides,
+    agreement of the centroid tile scores with the tile references' ones."""
+    import numpy as np
+
+    from cytoretrieve.queries.mil.bags import Bags
+    from cytoretrieve.queries.mil.evaluate import auc, fold_roles
+    from cytoretrieve.queries.mil.retrieval import fit_retrieval
+
+    n, tiles, frac = args.hard_slides, args.hard_tiles, (args.hard_frac[0], args.hard_frac[1])
+    c, bases = centres(args.dim, args.seed + 1)
+    rng = np.random.default_rng([args.seed, 9])
+    for a in range(N_NORMAL, N_NORMAL + N_ABNORMAL if args.hard_shift > 0 else 0):
+        u = rng.standard_normal(args.dim).astype(np.float32)
+        c[a] = c[a - N_NORMAL] + args.hard_shift * u / np.linalg.norm(u)
+    y = np.array([is_positive(i, n, args.seed) for i in range(n)], dtype=np.int8)
+    made = [slide_vectors(i, bool(y[i]), tiles, c, bases, args.seed, frac) for i in range(n)]
+    bags = Bags(names=[slide_name(i) for i in range(n)], y=y, vectors=[v for v, _ in made])
+    fold_of = np.random.default_rng([args.seed, 10]).permutation(n) % 4
+    out: dict[str, Any] = {"method": "hard", "slides": n, "tiles": tiles, "shift": args.hard_shift, "frac": frac,
+                           "abnormal_tiles_per_positive_slide": float(np.mean([m.sum() for _, m in made if m.any()]))}
+    tile_all: dict[str, np.ndarray] = {}
+    for method in ("retrieval", "retrieval-centroids"):
+        cfg = retrieval_config(args, method)
+        oof, per_fold, tile_auc, tile_s = np.zeros(n), [], [], [np.zeros(0)] * n
+        for f in range(4):
+            train_i, _, test_i = fold_roles(fold_of, f, 4)
+            t0 = time.perf_counter()
+            s, ts = fit_retrieval(bags.subset(train_i), config=cfg).predict([bags.vectors[i] for i in test_i])
+            oof[test_i] = s
+            per_fold.append(auc(y[test_i], s))
+            pos = [j for j, i in enumerate(test_i) if y[i]]
+            tile_auc.append(auc(np.concatenate([made[test_i[j]][1] for j in pos]), np.concatenate([ts[j] for j in pos])))
+            for j, i in enumerate(test_i):
+                tile_s[i] = ts[j]
+            print(f"[hard] {method} fold {f}: AUC {per_fold[-1]:.3f}, tile AUC {tile_auc[-1]:.3f} "
+                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        tile_all[method] = np.concatenate(tile_s)
+        out[method] = {"auc_per_fold": per_fold, "auc_mean": float(np.mean(per_fold)), "auc_std": float(np.std(per_fold)),
+                       "auc_out_of_fold": auc(y, oof), "tile_auc_per_fold": tile_auc,
+                       "tile_auc_mean": float(np.mean(tile_auc)), "config": cfg.to_dict()}
+    mask = np.concatenate([m for _, m in made])
+    keep = np.repeat(y == 1, tiles)
+    out["agreement"] = {"all_tiles": agreement(tile_all["retrieval-centroids"], tile_all["retrieval"]),
+                        "positive_slides": agreement(tile_all["retrieval-centroids"][keep], tile_all["retrieval"][keep],
+                                                     mask[keep])}
+    out["peak_rss"] = peak_rss()
     return out
 
 
@@ -468,7 +579,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", type=int, default=4, help="folds of the split file (test = --fold, validation = next)")
     ap.add_argument("--fold", type=int, default=0)
-    ap.add_argument("--methods", default="abmil,retrieval")
+    ap.add_argument("--methods", default="abmil,retrieval,retrieval-centroids",
+                    help="abmil, retrieval (tile references, the default), retrieval-centroids (references = centroids)")
     ap.add_argument("--epochs", type=int, default=10, help="ABMIL training epochs")
     ap.add_argument("--threads", type=int, default=0, help="torch / FAISS threads (0: every core)")
     ap.add_argument("--stream", action="store_true",
@@ -476,6 +588,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--retrieval-index", default="auto", help="RetrievalConfig.index: auto, flat, ivf, ivfpq")
     ap.add_argument("--nprobe", type=int, default=12)
     ap.add_argument("--refine", type=int, default=12, help="ivfpq: candidates re-ranked per neighbour")
+    ap.add_argument("--centroids", type=int, default=256, help="retrieval: k-means clusters per reference set")
+    ap.add_argument("--rank", type=int, default=64, help="retrieval: dimensions the centroids are searched in (0: all)")
+    ap.add_argument("--hard", action="store_true", help="also cross-validate both retrieval methods on a harder cohort")
+    ap.add_argument("--hard-slides", type=int, default=120)
+    ap.add_argument("--hard-tiles", type=int, default=2000)
+    ap.add_argument("--hard-shift", type=float, default=0.5, help="distance of each abnormal centre from a normal one (0: the cohort's own abnormal centres)")
+    ap.add_argument("--hard-frac", type=float, nargs=2, default=[0.002, 0.006], help="abnormal share of a positive slide")
+    ap.add_argument("--scores-dir", help=argparse.SUPPRESS)
     ap.add_argument("--recall-sample", type=int, default=2000, help="tiles checked against exact search (0: skip)")
     ap.add_argument("--baseline-slides", type=int, default=0,
                     help="also time the previous retrieval code on this many query slides, extrapolated (0: skip)")
@@ -496,6 +616,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", str(args.threads), "--retrieval-index", args.retrieval_index, "--nprobe", str(args.nprobe),
         "--refine", str(args.refine), "--recall-sample", str(args.recall_sample),
         "--baseline-slides", str(args.baseline_slides), "--store", args.store, *(["--stream"] if args.stream else []),
+        "--centroids", str(args.centroids), "--rank", str(args.rank), "--hard-slides", str(args.hard_slides),
+        "--hard-tiles", str(args.hard_tiles), "--hard-shift", str(args.hard_shift),
+        "--hard-frac", *(str(f) for f in args.hard_frac),
     ]
     return args
 
@@ -514,18 +637,28 @@ def main(argv: list[str] | None = None) -> None:
     print_machine(info)
     store = build_store(args)
     results: dict[str, Any] = {}
+    scores_dir = tempfile.TemporaryDirectory(prefix="mil-scale-")
+    args.passthrough += ["--scores-dir", scores_dir.name]
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         print(f"--- {method} (fresh process), load average {loadavg()}", flush=True)
         results[method] = run_worker(args, method)
+    if {"retrieval", "retrieval-centroids"} <= set(results):
+        results["agreement"] = cohort_agreement(scores_dir.name, args.tiles, args.seed)
+    if args.hard:
+        print(f"--- hard cohort (fresh process), load average {loadavg()}", flush=True)
+        results["hard"] = run_worker(args, "hard")
     info["loadavg_end"] = loadavg()
+    runs = {m: r for m, r in results.items() if "load_s" in r}
     print(f"\n{args.slides} slides x {args.tiles} tiles x {args.dim}-d ({args.slides * args.tiles:,} vectors); "
-          f"fold {args.fold}: train {next(iter(results.values()))['train_slides'] if results else '?'} slides")
+          f"fold {args.fold}: train {next(iter(runs.values()))['train_slides'] if runs else '?'} slides")
     print("| method | load s | train s | inference s (all slides) | peak RSS | AUC (test fold) |")
     print("|---|---|---|---|---|---|")
-    for m, r in results.items():
+    for m, r in runs.items():
         print(f"| {m} | {r['load_s']:.1f} | {r['train_s']:.1f} | {r['inference_s']:.2f} | {fmt_gib(r['peak_rss'])} | "
               f"{r['auc_test_fold']:.3f} |")
-    for m, r in results.items():
+    for m, r in runs.items():
+        print(f"{m}: index {r.get('index', '-')}; tile AUC (abnormal tiles, positive test slides) "
+              f"{r.get('tile_auc_positive_test_slides', float('nan')):.4f}")
         met = r["inference_s"] < 10 and r["peak_rss"] < 4 * GiB
         print(f"{m}: inference < 10 s {'yes' if r['inference_s'] < 10 else 'NO'}, "
               f"peak RSS < 4 GiB {'yes' if r['peak_rss'] < 4 * GiB else 'NO'}{'' if met else ' (target missed)'}")
@@ -537,6 +670,17 @@ def main(argv: list[str] | None = None) -> None:
                   f"all slides ~{b['extrapolated_inference_s']:.0f} s (extrapolated from {b['query_slides']} slides)")
             if "accuracy_vs_exact" in b:
                 print(f"{m}: previous code vs exact search: {b['accuracy_vs_exact']}")
+    if "agreement" in results:
+        print(f"tile scores, retrieval-centroids vs retrieval: {results['agreement']}")
+    if "hard" in results:
+        h = results["hard"]
+        print(f"hard cohort: {h['slides']} slides x {h['tiles']} tiles, abnormal shift {h['shift']}, "
+              f"{h['abnormal_tiles_per_positive_slide']:.1f} abnormal tiles per positive slide")
+        for m in ("retrieval", "retrieval-centroids"):
+            r = h[m]
+            print(f"  {m}: slide AUC per fold {[round(a, 3) for a in r['auc_per_fold']]} (mean {r['auc_mean']:.3f} "
+                  f"+- {r['auc_std']:.3f}, out-of-fold {r['auc_out_of_fold']:.3f}); tile AUC {r['tile_auc_mean']:.4f}")
+        print(f"  tile scores, retrieval-centroids vs retrieval: {h['agreement']}")
     print(f"load average at end: {info['loadavg_end']}")
     write_json(args.json, {"machine": info, "store": store, "args": {k: v for k, v in vars(args).items()
                                                                     if k != "passthrough"}, "results": results})

@@ -39,7 +39,7 @@ def test_annotated_positives_are_used_instead_of_positive_slide_tiles() -> None:
     annotated = np.concatenate([v[m] for v, m in zip(train.vectors, masks)])
     test, _ = synthetic_bags(30, seed=1)
     scorer = fit_retrieval(train, annotated, RetrievalConfig(k=3, top_m=1))
-    assert scorer.pos.ntotal == len(annotated)
+    assert scorer.pos.index.ntotal == len(annotated) and scorer.pos.counts is None
     s, _ = scorer.predict(test.vectors)
     assert auc(test.y, s) == 1.0
 
@@ -93,6 +93,62 @@ def test_unknown_index_is_a_user_error() -> None:
 
     with pytest.raises(CytoError, match="unknown retrieval index 'hnsw'"):
         RetrievalScorer(_clustered(100), _clustered(100), RetrievalConfig(index="hnsw"))
+
+
+def _cohort(n_bags: int, seed: int, tiles: int = 150, dim: int = 32) -> tuple[list[np.ndarray], np.ndarray]:
+    """Bags of clustered tiles (20 normal clusters); odd bags are positive and hold 8 tiles of an abnormal cluster."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(7).normal(size=(21, dim)).astype(np.float32)
+    bags, y = [], np.arange(n_bags) % 2
+    for label in y:
+        cl = rng.integers(0, 20, tiles)
+        cl[:8] = 20 if label else cl[:8]
+        bags.append(centres[cl] + 0.4 * rng.normal(size=(tiles, dim)).astype(np.float32))
+    return bags, y
+
+
+def test_centroid_references_rank_positive_slides_first_and_agree_with_tiles() -> None:
+    from cytoretrieve.queries.mil.bags import Bags
+
+    train, y = _cohort(40, seed=0)
+    test, y_test = _cohort(20, seed=1)
+    bags = Bags(names=[f"s{i}" for i in range(len(train))], y=y.astype(np.int8), vectors=train)
+    cfg = RetrievalConfig(k=5, top_m=3, references="centroids", centroids=48, rank=16, exact_max=1000)
+    compressed = fit_retrieval(bags, config=cfg)
+    info = compressed.describe()["positives"]
+    assert info["kind"] == "centroids" and info["centroids"] == 48 and info["rank"] == 16 and info["rows"] == 3000
+    tiles = fit_retrieval(bags, config=RetrievalConfig(k=5, top_m=3, references="tiles", index="flat"))
+    (s, ts), (s_ref, ts_ref) = compressed.predict(test), tiles.predict(test)
+    assert auc(y_test, s) == 1.0 and auc(y_test, s_ref) == 1.0
+    a, b = np.concatenate(ts), np.concatenate(ts_ref)
+    assert np.corrcoef(a, b)[0, 1] > 0.9
+    abnormal = np.concatenate([np.arange(len(t)) < 8 if label else np.zeros(len(t), bool) for t, label in zip(test, y_test)])
+    assert a[abnormal].min() > np.percentile(a[~abnormal], 99)
+
+
+def test_cluster_weights_make_the_mean_of_the_k_nearest_members() -> None:
+    """A side of cluster means scores as the k nearest of its references each replaced by its cluster's mean."""
+    from cytoretrieve.queries.mil.retrieval import _rows_needed, _weighted_mean
+
+    counts = np.array([3, 1, 7, 2])
+    means = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    q = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)
+    k = 6
+    rows = _rows_needed(counts, k)
+    assert rows == 3  # the three smallest clusters hold 1 + 2 + 3 = 6 members
+    sims = q @ means.T
+    ids = np.argsort(-sims, 1)[:, :rows]
+    got = _weighted_mean(np.take_along_axis(sims, ids, 1), ids, counts, k)
+    copies = np.repeat(sims, counts, axis=1)  # every reference as its own row
+    np.testing.assert_allclose(got, np.sort(copies, 1)[:, ::-1][:, :k].mean(1), rtol=1e-5)
+
+
+def test_unknown_references_are_a_user_error() -> None:
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.queries.mil.retrieval import RetrievalScorer
+
+    with pytest.raises(CytoError, match="unknown retrieval references 'pq'"):
+        RetrievalScorer(_clustered(100), _clustered(100), RetrievalConfig(references="pq"))
 
 
 def test_pad_standardises_like_numpy() -> None:

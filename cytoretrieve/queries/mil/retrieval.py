@@ -1,6 +1,6 @@
 """The training-free retrieval score: no model is trained, only FAISS searches over stored vectors.
 
-For a fold, two reference sets are indexed (cosine similarity: L2-normalised vectors, inner product):
+For a fold, two reference sets are searched (cosine similarity: L2-normalised vectors, inner product):
 - positives: annotated positive cell / tile vectors (`positives`), or, when none are given, every instance of
   the positive training bags (noisy: most tiles of a positive slide are normal);
 - negatives: every instance of the negative training bags (a negative slide's tiles are all negative).
@@ -8,23 +8,33 @@ For a fold, two reference sets are indexed (cosine similarity: L2-normalised vec
 Tile score = mean similarity to its `k` nearest positives - mean similarity to its `k` nearest negatives.
 Slide score = mean of its `top_m` highest tile scores (all of them when it has fewer).
 
-Search (`RetrievalConfig.index`): a reference set of at most `exact_max` vectors is searched exactly
-(IndexFlatIP). A larger one (the tiles of a cohort's training slides: 10^5-10^6 vectors) gets an IVF index with
-4-bit PQ fast-scan codes (one sub-quantizer per 2 dimensions) whose `refine` x k best candidates per query are
-re-ranked by their inner product with float16 copies of the references (FAISS
-`IVF{nlist},PQ{d/2}x4fs,Refine(SQfp16)`): the k neighbours returned carry their (float16-exact) similarities, and
-the index holds ~0.9 KB per 384-d reference instead of 1.5 KB. On 370k synthetic clustered references its recall@10
-and tile-score error match those of the IVFFlat index this module used before (nlist 4 sqrt(n), nprobe 16), at
-~3x its search speed and a fifth of its build time. Exact search costs one pass over every reference per tile, out
-of reach for a cohort (1.5M tiles x 2 x 370k references: hours on two cores); `benchmarks/mil_scale.py` measures
-the recall and the tile-score error of the IVF index against exact search. `ivf` (IVFFlat, float32 references,
-this config's nlist / nprobe) is there for comparison.
+What "the k nearest" are depends on `RetrievalConfig.references` (`REFERENCES`); a set of at most `exact_max`
+vectors is always searched as it is, exactly (IndexFlatIP):
+- `tiles` (default): every reference tile. A large set gets an IVF index with 4-bit PQ fast-scan codes (one
+  sub-quantizer per 2 dimensions) whose `refine` x k best candidates per query are re-ranked by their inner product
+  with float16 copies of the references (FAISS `IVF{nlist},PQ{d/2}x4fs,Refine(SQfp16)`, `index` "ivfpq"; "ivf" is
+  IVFFlat with this config's nlist / nprobe, for comparison). Queries are grouped by the nearest of 64 centres of
+  the IVF lists, so that consecutive queries re-rank neighbouring references while those are in the CPU cache
+  (1.35x faster in one measurement; each query's result does not depend on its batch). On the cohort benchmark
+  (1.49M tiles against 2 x 369k references) this takes ~2 minutes on two cores; exact search, hours.
+- `centroids`: a larger set is summarised by FAISS k-means (`centroids` clusters, trained on a sample of
+  `SAMPLE_PER_CENTROID` per cluster), then every reference is assigned to its cluster, kept as the mean of its
+  (normalised) members and their count. q . mean = the mean similarity of q to the cluster's members, so a side's
+  term is the k nearest of the references each replaced by its cluster's mean: the mean similarity to the members
+  of q's best clusters (best first, counted by their sizes until k members; with clusters of >= k members, the mean
+  similarity to the members of the best one). When both sides are summarised, their means are searched in a
+  shared basis of `rank` dimensions (the top right singular vectors of both sides' means stacked: exact for means
+  in that span; `describe()` gives the relative residual): one projection per tile, then 2 x centroids x rank
+  multiply-adds, ~10x less work than `tiles` at the cohort's size. The price: a cluster is an average, so a rare
+  pattern among the positives (a few abnormal tiles near normal ones) is merged into a normal cluster and its
+  signal lost; on the benchmark's harder cohort this falls to chance where `tiles` stays at AUC 1.0. Use it where
+  the abnormal tiles are common or distinct enough to get clusters of their own.
 
-Queries: the tiles of several slides are searched together (`query_batch` rows), grouped by the nearest of 64
-centres of the IVF lists, so that consecutive queries re-rank neighbouring references while those are in the CPU
-cache (1.35x faster on two cores in one measurement; each query's result does not depend on its batch); scores
-come back in the tiles' order. Bags may be arrays or any sequence that reads a bag on `[i]`
-(`bags.StoredVectors`): each bag is read once per pass.
+`benchmarks/mil_scale.py` compares both on a synthetic cohort (time, memory, slide AUC, agreement of the tile
+scores, and a harder cohort): BENCHMARKS.md, "MIL scoring at cohort scale". With faiss-gpu and a GPU, the k-means
+and the centroid searches run on GPU 0. Queries: the tiles of several slides are scored together (`query_batch`
+rows); scores come back in the tiles' order. Bags may be arrays or any sequence that reads a bag on `[i]`
+(`bags.StoredVectors`): each bag is read once per pass (fitting: a sample, then one pass per reference set).
 """
 
 from __future__ import annotations
@@ -38,23 +48,30 @@ import numpy as np
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.mil.bags import Bags, StoredVectors
 
+REFERENCES = ("centroids", "tiles")
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
 SEARCH_SLICE = 16_384  # queries per FAISS call (IVF-PQ + refine holds refine x k candidates per query meanwhile)
 SORT_GROUPS = 64  # query order: by the nearest of this many centres (k-means of the IVF centroids)
+SAMPLE_PER_CENTROID = 64  # k-means training rows per cluster (FAISS warns below 39)
+ASSIGN_SLICE = 65_536  # references assigned to their cluster per FAISS call
 
 
 @dataclass
 class RetrievalConfig:
     k: int = 10
     top_m: int = 10
+    references: str = "tiles"  # what a large reference set is searched as: tiles or centroids (REFERENCES)
+    centroids: int = 256  # centroids: k-means clusters per reference set larger than exact_max
+    rank: int = 64  # centroids: dimensions of the shared basis the means are searched in (0: the full dimension)
+    kmeans_iters: int = 20
     query_batch: int = 65_536  # tiles searched together (several slides' worth)
-    index: str = "auto"  # auto: flat up to exact_max references, else ivfpq; or flat, ivf, ivfpq
+    index: str = "auto"  # tiles: auto (flat up to exact_max references, else ivfpq), flat, ivf, ivfpq
     exact_max: int = 50_000
     nlist: int = 0  # IVF lists; 0: the power of two nearest 2 sqrt(n), 16-4096
     nprobe: int = 12  # IVF lists visited per query
     refine: int = 12  # ivfpq: candidates re-ranked (exact, float16 copies) per neighbour wanted
-    sort_queries: bool = True  # search grouped by IVF region (same results, faster)
-    seed: int = 0  # of the IVF training sample and k-means
+    sort_queries: bool = True  # tiles: search grouped by IVF region (same results, faster)
+    seed: int = 0  # of the training samples and k-means
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,12 +83,16 @@ def slide_score(tile_scores: np.ndarray, top_m: int) -> float:
     return float(s[: max(1, top_m)].mean()) if len(s) else float("nan")
 
 
+def _sizes(chunks: Sequence[np.ndarray]) -> list[int]:
+    return chunks.sizes() if isinstance(chunks, StoredVectors) else [len(c) for c in chunks]
+
+
 def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[Any, dict[str, Any]]:
     """A FAISS inner-product index of the L2-normalised rows of `chunks` (ids: rows in chunk order), and a
     description of it (kind, rows, nlist, nprobe, refine). The chunks are added in batches: no concatenated copy."""
     from cytoretrieve.store.index import IndexParams, build_index
 
-    n = int(sum(chunks.sizes() if isinstance(chunks, StoredVectors) else [len(c) for c in chunks]))
+    n = int(sum(_sizes(chunks)))
     if n == 0:
         raise CytoError("the retrieval method has an empty reference set")
     kind = config.index
@@ -83,8 +104,48 @@ def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalCo
     return build_index(chunks, kind, params)
 
 
-def _as_chunks(x: np.ndarray | Sequence[np.ndarray]) -> Sequence[np.ndarray]:
-    return [x] if isinstance(x, np.ndarray) else x
+def _sample(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
+    """`n` normalised rows drawn uniformly without replacement, reading only the chunks that hold one."""
+    from cytoretrieve.store.index import l2_normalise
+
+    pick = np.sort(np.random.default_rng(seed).choice(sum(sizes), min(n, sum(sizes)), replace=False))
+    bounds = np.r_[0, np.cumsum(sizes)]
+    at = np.searchsorted(pick, bounds)
+    return l2_normalise(np.concatenate([np.asarray(chunks[i])[pick[at[i]:at[i + 1]] - bounds[i]]
+                                        for i in range(len(sizes)) if at[i + 1] > at[i]]))
+
+
+def cluster_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(means, counts) of a k-means partition of the normalised rows of `chunks`: FAISS k-means trained on a sample,
+    then one pass over every row assigning it to its nearest centroid; each cluster is kept as the mean of its
+    members (not the sample's) and its size. Empty clusters are dropped."""
+    import faiss
+
+    from cytoretrieve.store.index import gpu_available, l2_normalise
+
+    sizes = _sizes(chunks)
+    n_clusters = max(1, min(config.centroids, int(sum(sizes))))
+    km = faiss.Kmeans(dim, n_clusters, niter=config.kmeans_iters, seed=config.seed, gpu=gpu_available(),
+                      max_points_per_centroid=SAMPLE_PER_CENTROID, min_points_per_centroid=1)
+    km.train(_sample(chunks, sizes, n_clusters * SAMPLE_PER_CENTROID, config.seed))
+    sums = np.zeros((n_clusters, dim), np.float64)
+    counts = np.zeros(n_clusters, np.int64)
+    for i in range(len(sizes)):
+        c = np.asarray(chunks[i])
+        for a in range(0, len(c), ASSIGN_SLICE):
+            x = l2_normalise(c[a:a + ASSIGN_SLICE])
+            label = km.index.search(x, 1)[1][:, 0]
+            order = np.argsort(label, kind="stable")
+            hit, start = np.unique(label[order], return_index=True)
+            sums[hit] += np.add.reduceat(x[order], start, axis=0)
+            counts[hit] += np.diff(np.r_[start, len(x)])
+    kept = counts > 0
+    return (sums[kept] / counts[kept, None]).astype(np.float32), counts[kept]
+
+
+def _rows_needed(counts: np.ndarray, k: int) -> int:
+    """The fewest rows whose counts always add up to k, whichever rows are nearest: those with the smallest counts."""
+    return int(min(len(counts), np.searchsorted(np.cumsum(np.sort(counts)), k) + 1))
 
 
 def _mean_hits(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -95,77 +156,146 @@ def _mean_hits(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(found, scores, 0).sum(1) / np.maximum(found.sum(1), 1)
 
 
+def _weighted_mean(scores: np.ndarray, ids: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
+    """Mean similarity to the first k members of the clusters found, best cluster first (a cluster = `counts` copies
+    of its mean)."""
+    if scores.shape[1] == 1:  # _rows_needed: this one cluster holds >= k members
+        return scores[:, 0]
+    w = np.where(ids >= 0, counts[np.maximum(ids, 0)], 0).astype(np.float32)
+    take = np.clip(k - (np.cumsum(w, 1) - w), 0, w)
+    return (take * scores).sum(1) / np.maximum(take.sum(1), 1)
+
+
+class _Side:
+    """One reference set as searched: a FAISS inner-product index whose rows are tiles (`counts` None) or cluster
+    means standing for `counts` tiles each; `mean_sims(q)` = the side's term of the tile score."""
+
+    def __init__(self, index: Any, counts: np.ndarray | None, k: int, info: dict[str, Any]) -> None:  # noqa: ANN401
+        self.index, self.counts, self.info = index, counts, info
+        self.k = min(k, int(counts.sum()) if counts is not None else index.ntotal)
+        self.rows = self.k if counts is None else _rows_needed(counts, self.k)
+
+    def mean_sims(self, q: np.ndarray) -> np.ndarray:
+        d, i = self.index.search(q, self.rows)
+        return _mean_hits(d, i) if self.counts is None else _weighted_mean(d, i, self.counts, self.k)
+
+
+def _flat_side(rows: np.ndarray, counts: np.ndarray, k: int, info: dict[str, Any]) -> _Side:
+    import faiss
+
+    from cytoretrieve.store.index import to_gpu
+
+    index = faiss.IndexFlatIP(rows.shape[1])
+    index.add(np.ascontiguousarray(rows, dtype=np.float32))
+    return _Side(to_gpu(index), counts, k, info)
+
+
+def _sides(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
+           config: RetrievalConfig) -> tuple[_Side, _Side, np.ndarray | None]:
+    """Both sides as `config.references` says, and the basis (dim x rank) queries are projected on (None: none)."""
+    if config.references not in REFERENCES:
+        raise CytoError(f"unknown retrieval references '{config.references}' (one of {', '.join(REFERENCES)})")
+    if config.references == "tiles" or config.centroids < 1:
+        return _tiles(pos, dim, config), _tiles(neg, dim, config), None
+    large = [int(sum(_sizes(c))) > config.exact_max for c in (pos, neg)]
+    if not all(large):  # a small set as it is, exactly; the other summarised, searched in full dimension
+        sides = [_flat_side(*cluster_references(c, dim, config), config.k, {"kind": "centroids", "rows": int(sum(_sizes(c)))})
+                 if big else _tiles(c, dim, config) for c, big in zip((pos, neg), large)]
+        return sides[0], sides[1], None
+    clustered = [cluster_references(c, dim, config) for c in (pos, neg)]
+    basis = None
+    if 0 < config.rank < dim:
+        stacked = np.concatenate([m for m, _ in clustered]).astype(np.float64)
+        basis = np.ascontiguousarray(np.linalg.svd(stacked, full_matrices=False)[2][: config.rank].T, dtype=np.float32)
+    sides = []
+    for c, (means, counts) in zip((pos, neg), clustered):
+        rows = means if basis is None else means @ basis
+        residual = 0.0 if basis is None else float(np.linalg.norm(means - rows @ basis.T) / np.linalg.norm(means))
+        info = {"kind": "centroids", "rows": int(counts.sum()), "centroids": len(means), "smallest": int(counts.min()),
+                "rank": int(rows.shape[1]), "residual": residual}
+        sides.append(_flat_side(rows, counts, config.k, info))
+    return sides[0], sides[1], basis
+
+
+def _tiles(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> _Side:
+    index, info = build_references(chunks, dim, config)
+    return _Side(index, None, config.k, info)
+
+
+def _as_chunks(x: np.ndarray | Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    return [x] if isinstance(x, np.ndarray) else x
+
+
 class RetrievalScorer:
-    """Indexes of the positive and negative references; `predict(bags)` -> (slide scores, tile scores per slide)."""
+    """The two sides (positive, negative references); `predict(bags)` -> (slide scores, tile scores per slide)."""
 
     def __init__(self, positives: np.ndarray | Sequence[np.ndarray], negatives: np.ndarray | Sequence[np.ndarray],
                  config: RetrievalConfig) -> None:
-        import faiss
-
         self.config = config
         pos, neg = _as_chunks(positives), _as_chunks(negatives)
         dim = next(int(np.asarray(c).shape[1]) for c in (pos[0], neg[0]))
-        self.pos, self.pos_info = build_references(pos, dim, config)
-        self.neg, self.neg_info = build_references(neg, dim, config)
-        self.k_pos = min(config.k, self.pos.ntotal)
-        self.k_neg = min(config.k, self.neg.ntotal)
-        # queries are ordered by their nearest of SORT_GROUPS centres: a k-means of an IVF index's list centroids
-        self._sorter = None
-        if config.sort_queries:
-            for index in (self.pos, self.neg):
-                ivf = faiss.try_extract_index_ivf(index)
-                if ivf is not None and ivf.nlist > SORT_GROUPS:
-                    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-                    km = faiss.Kmeans(dim, SORT_GROUPS, niter=20, spherical=True, seed=config.seed,
-                                      min_points_per_centroid=1)
-                    km.train(centroids)
-                    self._sorter = km.index
-                    break
+        self.pos, self.neg, self.basis = _sides(pos, neg, dim, config)
+        self._sorter = self._query_sorter(dim) if config.sort_queries else None
+
+    def _query_sorter(self, dim: int) -> Any:  # noqa: ANN401
+        """An index of SORT_GROUPS centres (a k-means of an IVF side's list centroids) that orders the queries, or
+        None when no side is an IVF index."""
+        import faiss
+
+        for side in (self.pos, self.neg):
+            ivf = faiss.try_extract_index_ivf(side.index) if side.counts is None else None
+            if ivf is not None and ivf.nlist > SORT_GROUPS:
+                centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+                km = faiss.Kmeans(dim, SORT_GROUPS, niter=20, spherical=True, seed=self.config.seed,
+                                  min_points_per_centroid=1)
+                km.train(centroids)
+                return km.index
+        return None
 
     def describe(self) -> dict[str, Any]:
-        return {"positives": self.pos_info, "negatives": self.neg_info, "k": self.config.k,
-                "sorted_queries": self._sorter is not None}
+        return {"positives": self.pos.info, "negatives": self.neg.info, "k": self.config.k,
+                "references": self.config.references, "sorted_queries": self._sorter is not None}
 
     def neighbours(self, vectors: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """((similarities, ids) of the k nearest positives, (similarities, ids) of the k nearest negatives) of these
-        vectors, in their order; ids are reference rows in the order they were given."""
+        vectors, in their order; ids are reference rows in the order they were given (sides of tiles only)."""
         from cytoretrieve.store.index import l2_normalise
 
+        if self.pos.counts is not None or self.neg.counts is not None:
+            raise CytoError("neighbours are reference tiles only with references = 'tiles'")
         q = l2_normalise(vectors)
-        return self.pos.search(q, self.k_pos), self.neg.search(q, self.k_neg)
+        return self.pos.index.search(q, self.pos.k), self.neg.index.search(q, self.neg.k)
 
-    def _batch_scores(self, parts: Sequence[np.ndarray]) -> np.ndarray:
-        """Tile scores of the rows of `parts` (one batch, concatenated), searched in sorter order, SEARCH_SLICE
-        queries per FAISS call. The batch is gathered once, already in that order, and normalised in place."""
+    def _gather(self, parts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows of `parts` in one float32 array, in sorter order when there is a sorter, and that order."""
         sizes = [len(p) for p in parts]
         n = int(sum(sizes))
-        dim = int(np.asarray(parts[0]).shape[1])
-        q = np.empty((n, dim), dtype=np.float32)
-        order = None
-        if self._sorter is not None and n > 1:
-            # the nearest centre by inner product is the same for a vector and its unit vector: raw rows will do
-            group = np.concatenate([self._sorter.search(np.ascontiguousarray(p, dtype=np.float32), 1)[1][:, 0]
-                                    for p in parts if len(p)])
-            order = np.argsort(group, kind="stable")
-            bounds = np.r_[0, np.cumsum(sizes)]
-            part_of = np.searchsorted(bounds, order, side="right") - 1
-            for j, p in enumerate(parts):
-                at = np.flatnonzero(part_of == j)
-                if len(at):
-                    q[at] = np.asarray(p)[order[at] - bounds[j]]
-        else:
-            a = 0
-            for p in parts:
-                q[a:a + len(p)] = p
-                a += len(p)
+        q = np.empty((n, int(np.asarray(parts[0]).shape[1])), dtype=np.float32)
+        if self._sorter is None or n < 2:
+            np.concatenate([np.asarray(p, dtype=np.float32) for p in parts], out=q)
+            return q, None
+        # the nearest centre by inner product is the same for a vector and its unit vector: raw rows will do
+        group = np.concatenate([self._sorter.search(np.ascontiguousarray(p, dtype=np.float32), 1)[1][:, 0]
+                                for p in parts if len(p)])
+        order = np.argsort(group, kind="stable")
+        bounds = np.r_[0, np.cumsum(sizes)]
+        part_of = np.searchsorted(bounds, order, side="right") - 1
+        for j, p in enumerate(parts):
+            at = np.flatnonzero(part_of == j)
+            if len(at):
+                q[at] = np.asarray(p)[order[at] - bounds[j]]
+        return q, order
+
+    def _batch_scores(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """Tile scores of the rows of `parts` (one batch, concatenated), SEARCH_SLICE queries per FAISS call. The
+        batch is gathered once (in sorter order, if any), normalised in place, projected on the basis if any."""
+        q, order = self._gather(parts)
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         q /= np.where(norms > 0, norms, 1)
-        s = np.empty(n, dtype=np.float32)
-        for a in range(0, n, SEARCH_SLICE):
-            qa = q[a:a + SEARCH_SLICE]
-            sp, ip = self.pos.search(qa, self.k_pos)
-            sn, i_n = self.neg.search(qa, self.k_neg)
-            s[a:a + len(qa)] = _mean_hits(sp, ip) - _mean_hits(sn, i_n)
+        s = np.empty(len(q), dtype=np.float32)
+        for a in range(0, len(q), SEARCH_SLICE):
+            qa = q[a:a + SEARCH_SLICE] if self.basis is None else q[a:a + SEARCH_SLICE] @ self.basis
+            s[a:a + len(qa)] = self.pos.mean_sims(qa) - self.neg.mean_sims(qa)
         if order is None:
             return s
         out = np.empty_like(s)
