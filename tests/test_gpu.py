@@ -93,3 +93,26 @@ def test_mil_model_trains_on_the_gpu() -> None:
     scorer = fit(train_bags, TrainConfig(method="gated", epochs=30, lr=2e-3, device="cuda"))
     p, _ = scorer.predict(test_bags.vectors)
     assert scorer.device == "cuda" and auc(test_bags.y, p) >= 0.9
+
+
+def test_retrieval_centroids_search_on_the_gpu() -> None:
+    """With faiss-gpu, references = centroids puts its k-means and both sides' flat indexes on GPU 0."""
+    from cytoretrieve.store.index import gpu_available
+
+    if not gpu_available():
+        pytest.skip("needs faiss-gpu")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_mil_retrieval import _cohort
+
+    from cytoretrieve.queries.mil.bags import Bags
+    from cytoretrieve.queries.mil.evaluate import auc
+    from cytoretrieve.queries.mil.retrieval import RetrievalConfig, fit_retrieval
+
+    train, y = _cohort(40, seed=0)
+    test, y_test = _cohort(20, seed=1)
+    bags = Bags(names=[f"s{i}" for i in range(len(train))], y=y.astype(np.int8), vectors=train)
+    scorer = fit_retrieval(bags, config=RetrievalConfig(k=5, top_m=3, references="centroids", centroids=48, rank=16,
+                                                        exact_max=1000))
+    assert "Gpu" in type(scorer.pos.index).__name__ and "Gpu" in type(scorer.neg.index).__name__
+    s, _ = scorer.predict(test)
+    assert auc(y_test, s) == 1.0

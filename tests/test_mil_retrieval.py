@@ -162,3 +162,11 @@ def test_pad_standardises_like_numpy() -> None:
     for i, b in enumerate(bags):
         np.testing.assert_array_equal(x[i, : len(b)].numpy(), (b.astype(np.float32) - mean) / std)
         assert not x[i, len(b):].any()
+
+
+def test_score_cli_rejects_unknown_references(tmp_path, capsys) -> None:
+    from cytoretrieve.cli import run
+
+    code = run(["score", "--tiles", "t", "--labels", str(tmp_path / "l.csv"), "--split", str(tmp_path / "s.json"),
+                "--store", str(tmp_path), "--method", "retrieval", "--references", "pq"])
+    assert code == 2 and "unknown --references 'pq' (one of centroids, tiles)" in capsys.readouterr().err

@@ -32,6 +32,7 @@ def score(
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Read each slide's vectors from the store when needed instead of holding all bags in memory (default: stream only when they would take over half the available memory).", show_default=False)] = None,
     neighbours: Annotated[int, typer.Option("--neighbours", help="Neighbours per reference set (retrieval).")] = 10,
     top_m: Annotated[int, typer.Option("--top-m", help="Slide score = mean of its top-m tile scores (retrieval).")] = 10,
+    references: Annotated[str, typer.Option("--references", help="Retrieval references: tiles (every training tile) or centroids (k-means cluster means: ~10x faster at cohort scale, but blind to rare abnormal patterns close to normal ones; BENCHMARKS.md).")] = "tiles",
     device: options.Device = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training runs.")] = 0,
     json_out: options.JsonOut = None,
@@ -61,13 +62,15 @@ def score(
     from cytoretrieve.errors import CytoError
     from cytoretrieve.queries.mil.evaluate import ALL_METHODS, METRICS, score_table, top_tiles
     from cytoretrieve.views.plots import plot_roc
-    from cytoretrieve.queries.mil.retrieval import RetrievalConfig
+    from cytoretrieve.queries.mil.retrieval import REFERENCES, RetrievalConfig
     from cytoretrieve.queries.mil.train import MILTrainConfig, resolve_device
 
     if method not in ALL_METHODS:
         raise CytoError(f"unknown --method '{method}' (one of {', '.join(ALL_METHODS)})")
     if epochs < 1 or top_k < 1 or neighbours < 1 or top_m < 1 or n_top < 1 or lr <= 0 or instance_negatives < 0:
         raise CytoError("--epochs, --top-k, --neighbours, --top-m, --n-top must be >= 1, --lr > 0, --instance-negatives >= 0")
+    if references not in REFERENCES:
+        raise CytoError(f"unknown --references '{references}' (one of {', '.join(REFERENCES)})")
     if out is not None and out.exists() and not out.is_dir():
         raise CytoError(f"--out {out} exists and is not a folder")
     if objects not in ("tile", "detection"):
@@ -75,7 +78,7 @@ def score(
     train_cfg = MILTrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k,
                             instance_negatives=instance_negatives, augment_positives=augment_positives,
                             augment_max=augment_max, seed=seed, device=resolve_device(device))
-    ret_cfg = RetrievalConfig(k=neighbours, top_m=top_m)
+    ret_cfg = RetrievalConfig(k=neighbours, top_m=top_m, references=references)
     result, bags = score_table(store, tiles, labels, split, method, group_column=group_column, train_config=train_cfg,
                                retrieval_config=ret_cfg, positives_table=positives, stream=stream)
 
