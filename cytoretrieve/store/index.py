@@ -24,7 +24,8 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ KMEANS_ITERATIONS = 10
 TABLE_TRAIN_PER_LIST = 40  # a table index's k-means: fewer rows (FAISS warns below 39) and iterations ...
 TABLE_KMEANS_ITERATIONS = 5  # ... recall@10 0.999 at 300k x 384, training ~4x faster than 64 x 10
 RETRAIN_GROWTH = 2.0  # an IVF table index is rebuilt (quantiser retrained) once the table has this x its rows
+FEW_QUERIES = 8  # IVF searches of up to this many queries run on one thread (see `_one_thread`)
 UPDATE_SLICE = 4096  # keys per LanceDB query when an index picks up appended rows
 SIDE_FRACTION = 0.05  # appended rows wait in a side index (the main file untouched) up to this x the main's rows
 CACHE_FORMAT = 2  # of a table's cache files; a cache of another format is rebuilt
@@ -181,16 +183,25 @@ def _new_index(kind: str, dim: int, n: int, params: IndexParams) -> tuple[faiss.
     return index, info, max(params.train_per_list * ivf.nlist, 10_000)
 
 
-def _train(index: faiss.Index, sample: np.ndarray) -> None:
-    """Train on one OpenMP thread: PQ training runs hundreds of tiny k-means (16 centroids of 2 dimensions)
-    whose parallel regions cost more than they compute; on this busy 2-core machine 2 threads trained 192
-    sub-quantizers in 30.6 s, 1 thread in 2.6 s. The coarse k-means loses at most ~2x on an idle machine."""
+@contextmanager
+def _one_thread(when: bool = True) -> Iterator[None]:
+    """FAISS on one OpenMP thread (of the calling thread only: OpenMP keeps the count per thread) where its
+    parallel regions are too short to pay: on a busy machine a waiting OpenMP thread spins for a core it does not
+    get. Measured on this 2-core machine at load ~10: one IVF-PQ search 16 ms on 2 threads, 0.2 ms on 1; PQ
+    training (192 tiny k-means) 30.6 s on 2, 2.6 s on 1."""
     threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+    if when:
+        faiss.omp_set_num_threads(1)
     try:
-        index.train(sample)
+        yield
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+def _train(index: faiss.Index, sample: np.ndarray) -> None:
+    """Train on one thread (`_one_thread`; the coarse k-means loses at most ~2x on an idle machine)."""
+    with _one_thread():
+        index.train(sample)
 
 
 def _with_ids(index: faiss.Index) -> faiss.Index:
@@ -320,10 +331,11 @@ class TableIndex:
         """Top-k (scores, keys) for L2-normalised queries; `allowed` restricts hits to these keys. With a side
         index, both are searched and the hits merged by score (both score on the same codes)."""
         k = min(k, self.rows)
-        found = _search(self.index, self.kind, queries, min(k, max(int(self.index.ntotal), 1)), allowed)
-        if self.side is None or not self.side.ntotal:
-            return found
-        return _merge(found, _search(self.side, self.kind, queries, min(k, int(self.side.ntotal)), allowed), k)
+        with _one_thread(len(queries) <= FEW_QUERIES and self.kind in ("ivf", "ivfpq")):
+            found = _search(self.index, self.kind, queries, min(k, max(int(self.index.ntotal), 1)), allowed)
+            if self.side is None or not self.side.ntotal:
+                return found
+            return _merge(found, _search(self.side, self.kind, queries, min(k, int(self.side.ntotal)), allowed), k)
 
     def stored_vector(self, key: int) -> np.ndarray | None:
         """The L2-normalised vector stored under `key`, or None when the key is not in the index or this index
@@ -492,7 +504,8 @@ def build_table(table: VectorTable, kind: str = "auto") -> _Built:
         vec = batch.column("vector")
         _add(index, vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim),
              batch.column("key").to_numpy())
-        meta.append(batch.select(["key", *ROW_COLUMNS]))
+        # a copy, holding none of the batch's buffers (slices of them kept every vector: +2.2 GB at 1.5M x 384)
+        meta.append(batch.select(["key", *ROW_COLUMNS]).take(np.arange(batch.num_rows)))
     return _Built(_with_key_map(index), kind, trained, _row_table(pa.Table.from_batches(meta), index))
 
 
