@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--method", default="abmil")
     ap.add_argument("--folds", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--first-repeat", type=int, default=0, help="run repeats R.. (to split a run over processes)")
     ap.add_argument("--epochs", type=int, help="override the default epochs (experiments only)")
     ap.add_argument("--set", default="{}", help='other MILTrainConfig overrides as JSON, e.g. \'{"encoder": [128]}\'')
     ap.add_argument("--threads", type=int, default=1)
@@ -69,11 +70,14 @@ def main() -> None:
     cfg = MILTrainConfig(method=args.method, device=args.device)
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.set).items()}
     cfg = replace(cfg, **overrides, **({"epochs": args.epochs} if args.epochs else {}))
-    out = {"config": cfg.to_dict(), "folds": args.folds, "repeats": args.repeats, "results": {}}
+    out = {"config": cfg.to_dict(), "folds": args.folds, "repeats": args.repeats, "first_repeat": args.first_repeat,
+           "results": {}}
     for name in args.datasets.split(","):
         bags = read_npz(DATA / f"{name}.npz")
         t0 = time.perf_counter()
-        acc = repeated_cv(bags, cfg, folds=args.folds, repeats=args.repeats, method=args.method)
+        acc = np.concatenate([  # repeat r exactly as repeated_cv(repeats=5) runs it: KFold seed r, fold seeds 1000 r + f
+            repeated_cv(bags, replace(cfg, seed=cfg.seed + 1000 * r), folds=args.folds, repeats=1, seed=r,
+                        method=args.method) for r in range(args.first_repeat, args.first_repeat + args.repeats)])
         dt = time.perf_counter() - t0
         out["results"][name] = r = summary(acc, args.repeats)
         r.update(bags=len(bags), instances=bags.instances, seconds=dt)
