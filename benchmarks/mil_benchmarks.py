@@ -90,10 +90,21 @@ def main() -> None:
 
 
 def table_from_json(paths: list[str]) -> str:
-    """The markdown table of one or more saved runs of the same method (a run split over processes)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    results = {k: v for r in runs for k, v in r["results"].items()}
-    return markdown({k: results[k] for k in DATASETS if k in results}, runs[0]["config"]["method"])
+    """The markdown table of saved runs of one configuration, split over processes by dataset or by repeats
+    (`--first-repeat`): a dataset's repeats are joined in repeat order, its time is the sum of their times."""
+    runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r.get("first_repeat", 0))
+    parts: dict[str, list[dict]] = {}
+    for run in runs:
+        for name, r in run["results"].items():
+            parts.setdefault(name, []).append(r)
+    results = {}
+    for name in (k for k in DATASETS if k in parts):
+        acc = np.concatenate([np.asarray(r["accuracies"]) for r in parts[name]])
+        first = parts[name][0]
+        results[name] = {**summary(acc, sum(len(r["repeat_means"]) for r in parts[name])),
+                         "bags": first["bags"], "instances": first["instances"],
+                         "seconds": sum(r["seconds"] for r in parts[name])}
+    return markdown(results, runs[0]["config"]["method"])
 
 
 def summary(acc: np.ndarray, repeats: int) -> dict:
