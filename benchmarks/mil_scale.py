@@ -281,11 +281,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         scorer = fit_retrieval(train, config=cfg)
         out.update(train_s=time.perf_counter() - t0, rss_after_train=peak_rss(), config=cfg.to_dict(),
                    index=scorer.describe())
-        print(f"[retrieval] references indexed in {out['train_s']:.1f} s: {out['index']}", file=sys.stderr, flush=True)
+        print(f"[{method}] references indexed in {out['train_s']:.1f} s: {out['index']}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         scores, tile_scores = scorer.predict(bags.vectors)
         out["inference_s"] = time.perf_counter() - t0
-        print(f"[retrieval] scored {bags.instances:,} tiles in {out['inference_s']:.1f} s", file=sys.stderr, flush=True)
+        print(f"[{method}] scored {bags.instances:,} tiles in {out['inference_s']:.1f} s", file=sys.stderr, flush=True)
         out["peak_rss"] = peak_rss()  # the method's peak: the checks below hold more (exact search, old code)
         sample = None
         if args.recall_sample and cfg.references == "tiles":

@@ -170,3 +170,15 @@ def test_score_cli_rejects_unknown_references(tmp_path, capsys) -> None:
     code = run(["score", "--tiles", "t", "--labels", str(tmp_path / "l.csv"), "--split", str(tmp_path / "s.json"),
                 "--store", str(tmp_path), "--method", "retrieval", "--references", "pq"])
     assert code == 2 and "unknown --references 'pq' (one of centroids, tiles)" in capsys.readouterr().err
+
+
+def test_flat_sides_score_raw_rows_as_their_unit_vectors() -> None:
+    """Flat sides search the raw rows and divide by their norms: the same as the k nearest of the unit vectors."""
+    from cytoretrieve.queries.mil.retrieval import RetrievalScorer
+
+    scorer = RetrievalScorer(_clustered(3000, seed=1), _clustered(3000, seed=2), RetrievalConfig(k=5, index="flat"))
+    q = _clustered(400, seed=3) * np.random.default_rng(4).uniform(0.1, 10, (400, 1)).astype(np.float32)
+    q[7] = 0
+    (dp, _), (dn, _) = scorer.neighbours(q)
+    np.testing.assert_allclose(scorer.tile_scores(q), dp.mean(1) - dn.mean(1), atol=1e-5)
+    assert scorer.tile_scores(q)[7] == 0

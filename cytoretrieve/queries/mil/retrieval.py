@@ -236,6 +236,7 @@ class RetrievalScorer:
         dim = next(int(np.asarray(c).shape[1]) for c in (pos[0], neg[0]))
         self.pos, self.neg, self.basis = _sides(pos, neg, dim, config)
         self._sorter = self._query_sorter(dim) if config.sort_queries else None
+        self._flat = all(side.info["kind"] in ("flat", "centroids") for side in (self.pos, self.neg))
 
     def _query_sorter(self, dim: int) -> Any:  # noqa: ANN401
         """An index of SORT_GROUPS centres (a k-means of an IVF side's list centroids) that orders the queries, or
@@ -286,9 +287,27 @@ class RetrievalScorer:
                 q[at] = np.asarray(p)[order[at] - bounds[j]]
         return q, order
 
+    def _flat_batch_scores(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """`_batch_scores` when every side is a flat index: an exact inner-product search ranks a vector and its unit
+        vector alike and the sides' terms are linear in the query, so the raw rows are searched (projected on the
+        basis, if any, bag by bag) and the scores divided by the rows' norms: no normalised copy of the batch."""
+        rows, norms = [], []
+        for p in parts:
+            p = np.ascontiguousarray(p, dtype=np.float32)
+            rows.append(p if self.basis is None else p @ self.basis)
+            norms.append(np.sqrt(np.einsum("ij,ij->i", p, p)))
+        q, n = np.concatenate(rows), np.concatenate(norms)
+        s = np.empty(len(q), dtype=np.float32)
+        for a in range(0, len(q), SEARCH_SLICE):
+            qa = q[a:a + SEARCH_SLICE]
+            s[a:a + len(qa)] = self.pos.mean_sims(qa) - self.neg.mean_sims(qa)
+        return s / np.where(n > 0, n, 1)
+
     def _batch_scores(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         """Tile scores of the rows of `parts` (one batch, concatenated), SEARCH_SLICE queries per FAISS call. The
         batch is gathered once (in sorter order, if any), normalised in place, projected on the basis if any."""
+        if self._flat:
+            return self._flat_batch_scores(parts)
         q, order = self._gather(parts)
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         q /= np.where(norms > 0, norms, 1)
