@@ -154,7 +154,14 @@ def fresh_process_searches(store: Any, table: str, ids: list[str]) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append: int) -> dict[str, Any]:
+def cold_first_searches(store: Any, table: str, ids: list[str]) -> list[float]:
+    """Seconds from opening the table to the first answer (index load included) in one new process per id: a
+    single cold figure on a busy machine swings with the scheduler, so several are taken."""
+    return [fresh_process_searches(store, table, [row_id])["first_search_s"] for row_id in ids]
+
+
+def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append: int,
+                   fresh_runs: int = 0) -> dict[str, Any]:
     """Cohort scale: chunked table, index build (peak memory of this process), fresh-process searches, append."""
     from cytoretrieve.queries.search import search
     from cytoretrieve.store.index import forget_loaded, table_index
@@ -185,6 +192,11 @@ def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append
     out = {"dim": dim, "rows": n, "index_kind": kind, "ingest_seconds": ingest_s, "index_build_seconds": build_s,
            "build_peak_rss_gib": build_peak, "p50_ms": p50, "p95_ms": p95, "recall_at_10": recall,
            "queries": queries, "fresh": {k: v for k, v in fresh.items() if k not in ("latencies", "hits")}}
+    if fresh_runs:
+        cold = cold_first_searches(store, name, [f"c{i:07d}" for i in picks[1:fresh_runs + 1]])
+        print(f"[{dim}-d] first search in {fresh_runs} more fresh processes: "
+              + ", ".join(f"{c * 1e3:.0f}" for c in cold) + f" ms (median {np.median(cold) * 1e3:.0f} ms)")
+        out["cold_first_search_s"] = cold
     if append:
         table, append_s = make_table_streamed(store, name, ClusteredSource(n + append, dim, seed), n, append)
         forget_loaded()  # as a fresh process would: the cache file is the index's only copy
@@ -335,6 +347,8 @@ def main() -> None:
     parser.add_argument("--append", type=int, default=0, help="rows to append after the timed searches (streamed)")
     parser.add_argument("--streamed", action="store_true",
                         help="chunked data, fresh-process searches (the default above 200k rows)")
+    parser.add_argument("--fresh-runs", type=int, default=0,
+                        help="cohort scale: this many more fresh processes timing their first search")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     dims = [int(d) for d in args.dims.split(",")]
@@ -349,7 +363,8 @@ def main() -> None:
         store = Store(Path(tmp) / "store")
         for dim in dims:
             if args.streamed or args.append or args.rows > 200_000:
-                figures.append(bench_streamed(store, args.rows, dim, args.queries, args.seed, args.append))
+                figures.append(bench_streamed(store, args.rows, dim, args.queries, args.seed, args.append,
+                                              args.fresh_runs))
             else:
                 figures.append(bench_dim(store, args.rows, dim, args.queries, args.seed))
     info["loadavg_end"] = _common.print_load("at the end")
