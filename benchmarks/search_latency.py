@@ -16,6 +16,12 @@ shown beside the full build of the same table.
     .venv/bin/python benchmarks/search_latency.py                  # 200k rows, 384-d and 2048-d
     .venv/bin/python benchmarks/search_latency.py --quick          # 200k rows, 384-d only, 100 queries
     nice .venv/bin/python benchmarks/search_latency.py --rows 1500000 --dims 384 --append 10000
+
+Before / after side by side: the same script run from outside the checkout (so that a fresh process's `-c` does
+not import the checkout) with an exported older tree of the package first on the path, then without it:
+
+    cd /tmp && PYTHONPATH=/tmp/old /work/main/.venv/bin/python /work/main/benchmarks/search_latency.py \
+        --rows 600000 --dims 384 --kind ivfpq --append 10000
 """
 
 from __future__ import annotations
@@ -161,7 +167,7 @@ def cold_first_searches(store: Any, table: str, ids: list[str]) -> list[float]:
 
 
 def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append: int,
-                   fresh_runs: int = 0) -> dict[str, Any]:
+                   fresh_runs: int = 0, kind: str = "auto") -> dict[str, Any]:
     """Cohort scale: chunked table, index build (peak memory of this process), fresh-process searches, append."""
     from cytoretrieve.queries.search import search
     from cytoretrieve.store.index import forget_loaded, table_index
@@ -172,7 +178,7 @@ def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append
     ingest_peak = peak_rss_gib()
     print(f"[{dim}-d] {n} rows written through the store API in {ingest_s:.1f} s (peak RSS {ingest_peak:.2f} GiB)")
     start = time.perf_counter()
-    index = table_index(table)
+    index = table_index(table, kind)
     build_s = time.perf_counter() - start
     build_peak, kind = peak_rss_gib(), index.kind
     print(f"[{dim}-d] index kind {kind}: built from streamed batches and cached in {build_s:.1f} s; "
@@ -203,7 +209,7 @@ def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append
         start = time.perf_counter()
         hit = search(table, row_id=f"c{n + append - 1:07d}", k=10, device="cpu")
         first_s = time.perf_counter() - start
-        side = table_index(table).side
+        side = getattr(table_index(table), "side", None)  # None also with the code before side indexes
         side_rows = 0 if side is None else int(side.ntotal)
         print(f"[{dim}-d] appended {append} rows in {append_s:.1f} s; first search after it (cached index read, "
               f"{side_rows} rows in its side index) {first_s:.2f} s vs the full build {build_s:.1f} s: "
@@ -347,6 +353,7 @@ def main() -> None:
     parser.add_argument("--append", type=int, default=0, help="rows to append after the timed searches (streamed)")
     parser.add_argument("--streamed", action="store_true",
                         help="chunked data, fresh-process searches (the default above 200k rows)")
+    parser.add_argument("--kind", default="auto", help="cohort scale: the table index kind (auto, ivf, ivfpq, ...)")
     parser.add_argument("--fresh-runs", type=int, default=0,
                         help="cohort scale: this many more fresh processes timing their first search")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -364,7 +371,7 @@ def main() -> None:
         for dim in dims:
             if args.streamed or args.append or args.rows > 200_000:
                 figures.append(bench_streamed(store, args.rows, dim, args.queries, args.seed, args.append,
-                                              args.fresh_runs))
+                                              args.fresh_runs, args.kind))
             else:
                 figures.append(bench_dim(store, args.rows, dim, args.queries, args.seed))
     info["loadavg_end"] = _common.print_load("at the end")
