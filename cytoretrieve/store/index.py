@@ -13,7 +13,9 @@ of `refine` x k candidates re-ranked on float16 copies, or 8-bit ones from `HIGH
 float32 vectors are 12 GB, their compressed index ~4.6 GB on disk, of which a search process touches a small part.
 A table's index is built from streamed batches of the table (never all its vectors at once) and a cached one is
 loaded memory-mapped (flat codes, IVF lists and re-ranking codes are paged in as searches touch them), so a fresh
-process answers its first query without reading the whole file.
+process answers its first query without reading the whole file. Beside it, a mapped rows file (`RowMap`) holds the
+rows' metadata for hits, and rows appended since it was written sit in a small side index of the same training
+(searched beside it, folded in past `SIDE_FRACTION`), so an append never rewrites the big file.
 """
 
 from __future__ import annotations
