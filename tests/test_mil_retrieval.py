@@ -182,3 +182,19 @@ def test_flat_sides_score_raw_rows_as_their_unit_vectors() -> None:
     (dp, _), (dn, _) = scorer.neighbours(q)
     np.testing.assert_allclose(scorer.tile_scores(q), dp.mean(1) - dn.mean(1), atol=1e-5)
     assert scorer.tile_scores(q)[7] == 0
+
+
+def test_centroids_leave_a_small_reference_set_as_it_is() -> None:
+    """Annotated positives under `exact_max` stay exact tiles; only the large negative set is summarised."""
+    from cytoretrieve.queries.mil.bags import Bags
+
+    train, y = _cohort(40, seed=0)
+    test, y_test = _cohort(20, seed=1)
+    bags = Bags(names=[f"s{i}" for i in range(len(train))], y=y.astype(np.int8), vectors=train)
+    annotated = np.concatenate([b[:8] for b, label in zip(train, y) if label])
+    cfg = RetrievalConfig(k=5, top_m=3, references="centroids", centroids=48, exact_max=1000)
+    scorer = fit_retrieval(bags, annotated, cfg)
+    info = scorer.describe()
+    assert info["positives"]["kind"] == "flat" and info["negatives"]["kind"] == "centroids" and scorer.basis is None
+    s, _ = scorer.predict(test)
+    assert auc(y_test, s) == 1.0

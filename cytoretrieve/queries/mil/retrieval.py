@@ -25,10 +25,10 @@ vectors is always searched as it is, exactly (IndexFlatIP):
   similarity to the members of the best one). When both sides are summarised, their means are searched in a
   shared basis of `rank` dimensions (the top right singular vectors of both sides' means stacked: exact for means
   in that span; `describe()` gives the relative residual): one projection per tile, then 2 x centroids x rank
-  multiply-adds, ~10x less work than `tiles` at the cohort's size. The price: a cluster is an average, so a rare
-  pattern among the positives (a few abnormal tiles near normal ones) is merged into a normal cluster and its
-  signal lost; on the benchmark's harder cohort this falls to chance where `tiles` stays at AUC 1.0. Use it where
-  the abnormal tiles are common or distinct enough to get clusters of their own.
+  multiply-adds: 16-26x faster than `tiles` on the cohort benchmark (~9-10 s on two cores). The price: a cluster
+  is an average, so a rare pattern among the positives (a few abnormal tiles near normal ones) is merged into a
+  normal cluster and its signal lost; on the benchmark's harder cohort slide AUC falls to 0.61 where `tiles` stays
+  at 1.000. Use it where the abnormal tiles are common or distinct enough to get clusters of their own.
 
 `benchmarks/mil_scale.py` compares both on a synthetic cohort (time, memory, slide AUC, agreement of the tile
 scores, and a harder cohort): BENCHMARKS.md, "MIL scoring at cohort scale". With faiss-gpu and a GPU, the k-means
@@ -199,7 +199,8 @@ def _sides(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
         return _tiles(pos, dim, config), _tiles(neg, dim, config), None
     large = [int(sum(_sizes(c))) > config.exact_max for c in (pos, neg)]
     if not all(large):  # a small set as it is, exactly; the other summarised, searched in full dimension
-        sides = [_flat_side(*cluster_references(c, dim, config), config.k, {"kind": "centroids", "rows": int(sum(_sizes(c)))})
+        sides = [_flat_side(*cluster_references(c, dim, config), config.k,
+                            {"kind": "centroids", "rows": int(sum(_sizes(c)))})
                  if big else _tiles(c, dim, config) for c, big in zip((pos, neg), large)]
         return sides[0], sides[1], None
     clustered = [cluster_references(c, dim, config) for c in (pos, neg)]
