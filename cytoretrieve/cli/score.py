@@ -32,7 +32,7 @@ def score(
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Read each slide's vectors from the store when needed instead of holding all bags in memory (default: stream only when they would take over half the available memory).", show_default=False)] = None,
     neighbours: Annotated[int, typer.Option("--neighbours", help="Neighbours per reference set (retrieval).")] = 10,
     top_m: Annotated[int, typer.Option("--top-m", help="Slide score = mean of its top-m tile scores (retrieval).")] = 10,
-    references: Annotated[str, typer.Option("--references", help="Retrieval references: tiles (every training tile) or centroids (k-means cluster means: ~10x faster at cohort scale, but blind to rare abnormal patterns close to normal ones; BENCHMARKS.md).")] = "tiles",
+    references: Annotated[str, typer.Option("--references", help="Retrieval references: tiles (every training tile) or centroids (k-means cluster means: 16-26x faster on the cohort benchmark, but blind to rare abnormal patterns close to normal ones; BENCHMARKS.md).")] = "tiles",
     device: options.Device = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training runs.")] = 0,
     json_out: options.JsonOut = None,
