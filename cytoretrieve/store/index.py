@@ -149,13 +149,15 @@ KINDS: dict[str, Callable[[int, int, IndexParams], faiss.Index]] = {
 }
 
 
-def _rows(chunks: Sequence[np.ndarray]) -> list[int]:
+def chunk_sizes(chunks: Sequence[np.ndarray]) -> list[int]:
+    """Rows of each chunk."""
     sizes = getattr(chunks, "sizes", None)  # a lazy sequence of bags tells its sizes without reading them
     return sizes() if callable(sizes) else [len(c) for c in chunks]
 
 
-def _sample(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
-    """`n` rows drawn uniformly (without replacement) from the chunks, reading only chunks that hold one."""
+def sample_rows(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
+    """`n` L2-normalised rows drawn uniformly (without replacement) from the chunks, reading only chunks that hold
+    one: a training sample (IVF quantisers here, k-means of retrieval references)."""
     total = sum(sizes)
     pick = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
     bounds = np.r_[0, np.cumsum(sizes)]
@@ -231,12 +233,12 @@ def build_index(chunks: np.ndarray | Sequence[np.ndarray], kind: str, params: In
     concatenated copy) and a description of it. Ids are `ids` (int64) or row positions in chunk order. IVF kinds
     train on a sample sized to their list count, not on every row."""
     chunks = [chunks] if isinstance(chunks, np.ndarray) else chunks
-    sizes = _rows(chunks)
+    sizes = chunk_sizes(chunks)
     n = int(sum(sizes))
     dim = int(np.asarray(chunks[next(i for i, s in enumerate(sizes) if s)]).shape[1]) if n else 0
     index, info, train_rows = _new_index(kind, dim, n, params)
     if train_rows:
-        _train(index, _sample(chunks, sizes, train_rows, params.seed))
+        _train(index, sample_rows(chunks, sizes, train_rows, params.seed))
     if ids is not None:
         index = _with_ids(index)
     a = 0

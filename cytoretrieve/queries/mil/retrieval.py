@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.queries.mil.bags import Bags, StoredVectors
+from cytoretrieve.queries.mil.bags import Bags
 
 REFERENCES = ("centroids", "tiles")
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
@@ -83,16 +83,12 @@ def slide_score(tile_scores: np.ndarray, top_m: int) -> float:
     return float(s[: max(1, top_m)].mean()) if len(s) else float("nan")
 
 
-def _sizes(chunks: Sequence[np.ndarray]) -> list[int]:
-    return chunks.sizes() if isinstance(chunks, StoredVectors) else [len(c) for c in chunks]
-
-
 def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[Any, dict[str, Any]]:
     """A FAISS inner-product index of the L2-normalised rows of `chunks` (ids: rows in chunk order), and a
     description of it (kind, rows, nlist, nprobe, refine). The chunks are added in batches: no concatenated copy."""
-    from cytoretrieve.store.index import IndexParams, build_index
+    from cytoretrieve.store.index import IndexParams, build_index, chunk_sizes
 
-    n = int(sum(_sizes(chunks)))
+    n = int(sum(chunk_sizes(chunks)))
     if n == 0:
         raise CytoError("the retrieval method has an empty reference set")
     kind = config.index
@@ -104,30 +100,19 @@ def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalCo
     return build_index(chunks, kind, params)
 
 
-def _sample(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
-    """`n` normalised rows drawn uniformly without replacement, reading only the chunks that hold one."""
-    from cytoretrieve.store.index import l2_normalise
-
-    pick = np.sort(np.random.default_rng(seed).choice(sum(sizes), min(n, sum(sizes)), replace=False))
-    bounds = np.r_[0, np.cumsum(sizes)]
-    at = np.searchsorted(pick, bounds)
-    return l2_normalise(np.concatenate([np.asarray(chunks[i])[pick[at[i]:at[i + 1]] - bounds[i]]
-                                        for i in range(len(sizes)) if at[i + 1] > at[i]]))
-
-
 def cluster_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray]:
     """(means, counts) of a k-means partition of the normalised rows of `chunks`: FAISS k-means trained on a sample,
     then one pass over every row assigning it to its nearest centroid; each cluster is kept as the mean of its
     members (not the sample's) and its size. Empty clusters are dropped."""
     import faiss
 
-    from cytoretrieve.store.index import gpu_available, l2_normalise
+    from cytoretrieve.store.index import chunk_sizes, gpu_available, l2_normalise, sample_rows
 
-    sizes = _sizes(chunks)
+    sizes = chunk_sizes(chunks)
     n_clusters = max(1, min(config.centroids, int(sum(sizes))))
     km = faiss.Kmeans(dim, n_clusters, niter=config.kmeans_iters, seed=config.seed, gpu=gpu_available(),
                       max_points_per_centroid=SAMPLE_PER_CENTROID, min_points_per_centroid=1)
-    km.train(_sample(chunks, sizes, n_clusters * SAMPLE_PER_CENTROID, config.seed))
+    km.train(sample_rows(chunks, sizes, n_clusters * SAMPLE_PER_CENTROID, config.seed))
     sums = np.zeros((n_clusters, dim), np.float64)
     counts = np.zeros(n_clusters, np.int64)
     for i in range(len(sizes)):
@@ -193,14 +178,16 @@ def _flat_side(rows: np.ndarray, counts: np.ndarray, k: int, info: dict[str, Any
 def _sides(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
            config: RetrievalConfig) -> tuple[_Side, _Side, np.ndarray | None]:
     """Both sides as `config.references` says, and the basis (dim x rank) queries are projected on (None: none)."""
+    from cytoretrieve.store.index import chunk_sizes
+
     if config.references not in REFERENCES:
         raise CytoError(f"unknown retrieval references '{config.references}' (one of {', '.join(REFERENCES)})")
     if config.references == "tiles" or config.centroids < 1:
         return _tiles(pos, dim, config), _tiles(neg, dim, config), None
-    large = [int(sum(_sizes(c))) > config.exact_max for c in (pos, neg)]
+    large = [int(sum(chunk_sizes(c))) > config.exact_max for c in (pos, neg)]
     if not all(large):  # a small set as it is, exactly; the other summarised, searched in full dimension
         sides = [_flat_side(*cluster_references(c, dim, config), config.k,
-                            {"kind": "centroids", "rows": int(sum(_sizes(c)))})
+                            {"kind": "centroids", "rows": int(sum(chunk_sizes(c)))})
                  if big else _tiles(c, dim, config) for c, big in zip((pos, neg), large)]
         return sides[0], sides[1], None
     clustered = [cluster_references(c, dim, config) for c in (pos, neg)]
