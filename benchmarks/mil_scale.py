@@ -316,8 +316,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def retrieval_config(args: argparse.Namespace, method: str):  # noqa: ANN201
-    """`retrieval`: the default tile references (`score --method retrieval`), with --retrieval-index / --nprobe /
-    --refine; `retrieval-centroids`: references = centroids, with --centroids / --rank."""
+    """`retrieval`: tile references, with --retrieval-index / --nprobe / --refine; `retrieval-centroids`: references =
+    centroids (`score --method retrieval`'s default), with --centroids / --rank."""
     from cytoretrieve.queries.mil.retrieval import RetrievalConfig
 
     if method == "retrieval":
@@ -582,7 +582,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--folds", type=int, default=4, help="folds of the split file (test = --fold, validation = next)")
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--methods", default="abmil,retrieval,retrieval-centroids",
-                    help="abmil, retrieval (tile references, the default), retrieval-centroids (references = centroids)")
+                    help="abmil, retrieval (references = tiles), retrieval-centroids (references = centroids, the default of score)")
     ap.add_argument("--epochs", type=int, default=10, help="ABMIL training epochs")
     ap.add_argument("--threads", type=int, default=0, help="torch / FAISS threads (0: every core)")
     ap.add_argument("--stream", action="store_true",
@@ -590,8 +590,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--retrieval-index", default="auto", help="RetrievalConfig.index: auto, flat, ivf, ivfpq")
     ap.add_argument("--nprobe", type=int, default=12)
     ap.add_argument("--refine", type=int, default=12, help="ivfpq: candidates re-ranked per neighbour")
-    ap.add_argument("--centroids", type=int, default=256, help="retrieval: k-means clusters per reference set")
-    ap.add_argument("--rank", type=int, default=64, help="retrieval: dimensions the centroids are searched in (0: all)")
+    ap.add_argument("--centroids", type=int, default=256, help="retrieval-centroids: cells of the k-means of both reference sets")
+    ap.add_argument("--rank", type=int, default=64, help="retrieval-centroids: rank of the means' basis (salient directions come on top; 0: full dimension)")
     ap.add_argument("--hard", action="store_true", help="also cross-validate both retrieval methods on a harder cohort")
     ap.add_argument("--hard-slides", type=int, default=120)
     ap.add_argument("--hard-tiles", type=int, default=2000)

@@ -61,7 +61,7 @@ def test_compressed_index_tile_scores_match_exact_search() -> None:
     from cytoretrieve.queries.mil.retrieval import RetrievalScorer
 
     pos, neg, queries = _clustered(6000, seed=1), _clustered(8000, seed=2), _clustered(1500, seed=3)
-    approx = RetrievalScorer(pos, neg, RetrievalConfig(k=5, exact_max=1000, nlist=128))
+    approx = RetrievalScorer(pos, neg, RetrievalConfig(k=5, references="tiles", exact_max=1000, nlist=128))
     exact = RetrievalScorer(pos, neg, RetrievalConfig(k=5, index="flat"))
     assert approx.describe()["negatives"]["kind"] == "ivfpq" and exact.describe()["negatives"]["kind"] == "flat"
     a, e = approx.tile_scores(queries), exact.tile_scores(queries)
@@ -75,7 +75,7 @@ def test_query_order_does_not_change_the_scores() -> None:
     bags = [_clustered(int(n), seed=10 + i) for i, n in enumerate([300, 50, 700, 5])]
     scores = []
     for sort in (True, False):
-        scorer = RetrievalScorer(pos, neg, RetrievalConfig(k=5, exact_max=1000, nlist=128, sort_queries=sort,
+        scorer = RetrievalScorer(pos, neg, RetrievalConfig(k=5, references="tiles", exact_max=1000, nlist=128, sort_queries=sort,
                                                            query_batch=800))
         assert (scorer.describe()["sorted_queries"]) == sort
         slide, tiles = scorer.predict(bags)
@@ -115,8 +115,12 @@ def test_centroid_references_rank_positive_slides_first_and_agree_with_tiles() -
     bags = Bags(names=[f"s{i}" for i in range(len(train))], y=y.astype(np.int8), vectors=train)
     cfg = RetrievalConfig(k=5, top_m=3, references="centroids", centroids=48, rank=16, exact_max=1000)
     compressed = fit_retrieval(bags, config=cfg)
-    info = compressed.describe()["positives"]
-    assert info["kind"] == "centroids" and info["centroids"] == 48 and info["rank"] == 16 and info["rows"] == 3000
+    pos, neg = compressed.describe()["positives"], compressed.describe()["negatives"]
+    assert pos["kind"] == neg["kind"] == "centroids" and pos["rows"] == neg["rows"] == 3000
+    # one k-means of both sides (<= 48 cells each) plus clusters of the salient positives: the abnormal tiles
+    assert neg["centroids"] <= 48 and pos["centroids"] - pos["salient_centroids"] <= 48 and pos["salient_centroids"] >= 1
+    assert 160 * 0.9 <= pos["salient"] <= 160 * 1.5  # 20 positive bags x 8 abnormal tiles
+    assert 16 < pos["rank"] <= 32 and compressed.basis.shape == (32, pos["rank"])
     tiles = fit_retrieval(bags, config=RetrievalConfig(k=5, top_m=3, references="tiles", index="flat"))
     (s, ts), (s_ref, ts_ref) = compressed.predict(test), tiles.predict(test)
     assert auc(y_test, s) == 1.0 and auc(y_test, s_ref) == 1.0
@@ -198,3 +202,67 @@ def test_centroids_leave_a_small_reference_set_as_it_is() -> None:
     assert info["positives"]["kind"] == "flat" and info["negatives"]["kind"] == "centroids" and scorer.basis is None
     s, _ = scorer.predict(test)
     assert auc(y_test, s) == 1.0
+
+
+def _rare_cohort(n_bags: int, seed: int, tiles: int = 300, dim: int = 64) -> tuple[list[np.ndarray], np.ndarray, list]:
+    """Bags of 20 normal clusters; a positive bag (odd) holds 3 tiles of an abnormal pattern lying close to normal
+    cluster 3 (its centre moved by 0.3 of that centre's norm), the case k-means alone folds into a normal cell."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(7).normal(size=(20, dim)).astype(np.float32)
+    u = np.random.default_rng(8).normal(size=dim).astype(np.float32)
+    abnormal = centres[3] + 0.3 * np.linalg.norm(centres[3]) * u / np.linalg.norm(u)
+    bags, y, masks = [], np.arange(n_bags) % 2, []
+    for label in y:
+        x = centres[rng.integers(0, 20, tiles)] + 0.4 * rng.normal(size=(tiles, dim)).astype(np.float32)
+        mask = np.zeros(tiles, bool)
+        if label:
+            mask[:3] = True
+            x[:3] = abnormal + 0.4 * rng.normal(size=(3, dim))
+        bags.append(x.astype(np.float32))
+        masks.append(mask)
+    return bags, y, masks
+
+
+def test_centroids_keep_a_rare_pattern_close_to_a_normal_one(monkeypatch) -> None:
+    """The salient positives (those the tile score itself flags) keep clusters of their own: the centroids rank the
+    slides like the tile references; without them the rare pattern is averaged into a normal cell and lost."""
+    from cytoretrieve.queries.mil import retrieval
+    from cytoretrieve.queries.mil.bags import Bags
+
+    train, y, train_masks = _rare_cohort(40, seed=0)
+    test, y_test, masks = _rare_cohort(30, seed=1)
+    bags = Bags(names=[f"s{i}" for i in range(len(train))], y=y.astype(np.int8), vectors=train)
+    cfg = RetrievalConfig(k=5, top_m=3, references="centroids", centroids=48, rank=16, exact_max=1000)
+    tiles = fit_retrieval(bags, config=RetrievalConfig(k=5, top_m=3, references="tiles", index="flat"))
+    assert auc(y_test, tiles.predict(test)[0]) == 1.0
+
+    pos = [b for b, label in zip(train, y) if label]
+    salient, found = retrieval._salient_positives(pos, [b for b, label in zip(train, y) if not label], 64, cfg)
+    abnormal = np.concatenate([m for m, label in zip(train_masks, y) if label])
+    assert salient[abnormal].mean() >= 0.5 and found["salient"] <= 2 * abnormal.sum()  # most, and few others
+
+    s, ts = fit_retrieval(bags, config=cfg).predict(test)
+    assert auc(y_test, s) == 1.0 and auc(np.concatenate(masks), np.concatenate(ts)) > 0.99
+
+    monkeypatch.setattr(retrieval, "_salient_positives", lambda p, n, d, c: (np.zeros(sum(map(len, p)), bool), {}))
+    s_plain, _ = fit_retrieval(bags, config=cfg).predict(test)
+    assert auc(y_test, s_plain) < 0.8
+
+
+def test_leave_out_mean_skips_the_query_itself() -> None:
+    import faiss
+
+    from cytoretrieve.queries.mil.retrieval import _leave_out_mean
+    from cytoretrieve.store.index import l2_normalise
+
+    refs = l2_normalise(_clustered(500, seed=5))
+    index = faiss.IndexFlatIP(refs.shape[1])
+    index.add(refs)
+    own = np.array([3, 10, 499])
+    got = _leave_out_mean(index, refs[own], own, 4)
+    sims = refs[own] @ refs.T
+    sims[np.arange(3), own] = -np.inf
+    np.testing.assert_allclose(got, np.sort(sims, 1)[:, ::-1][:, :4].mean(1), rtol=1e-5)
+    outside = l2_normalise(_clustered(2, seed=6))  # rows not in the index: the k nearest, the (k+1)-th dropped
+    np.testing.assert_allclose(_leave_out_mean(index, outside, np.array([-5, -5]), 4),
+                               np.sort(outside @ refs.T, 1)[:, ::-1][:, :4].mean(1), rtol=1e-5)

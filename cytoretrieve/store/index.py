@@ -158,6 +158,11 @@ def chunk_sizes(chunks: Sequence[np.ndarray]) -> list[int]:
 def sample_rows(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
     """`n` L2-normalised rows drawn uniformly (without replacement) from the chunks, reading only chunks that hold
     one: a training sample (IVF quantisers here, k-means of retrieval references)."""
+    return sample_positions(chunks, sizes, n, seed)[0]
+
+
+def sample_positions(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`sample_rows` and the rows' positions in chunk order (ascending)."""
     total = sum(sizes)
     pick = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
     bounds = np.r_[0, np.cumsum(sizes)]
@@ -166,7 +171,7 @@ def sample_rows(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: in
         a, b = np.searchsorted(pick, [bounds[i], bounds[i + 1]])
         if b > a:
             parts.append(np.asarray(chunks[i])[pick[a:b] - bounds[i]])
-    return l2_normalise(np.concatenate(parts))
+    return l2_normalise(np.concatenate(parts)), pick
 
 
 def _new_index(kind: str, dim: int, n: int, params: IndexParams) -> tuple[faiss.Index, dict[str, Any], int]:

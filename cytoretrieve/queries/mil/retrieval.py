@@ -10,31 +10,37 @@ Slide score = mean of its `top_m` highest tile scores (all of them when it has f
 
 What "the k nearest" are depends on `RetrievalConfig.references` (`REFERENCES`); a set of at most `exact_max`
 vectors is always searched as it is, exactly (IndexFlatIP):
-- `tiles` (default): every reference tile. A large set gets an IVF index with 4-bit PQ fast-scan codes (one
-  sub-quantizer per 2 dimensions) whose `refine` x k best candidates per query are re-ranked by their inner product
-  with float16 copies of the references (FAISS `IVF{nlist},PQ{d/2}x4fs,Refine(SQfp16)`, `index` "ivfpq"; "ivf" is
-  IVFFlat with this config's nlist / nprobe, for comparison). Queries are grouped by the nearest of 64 centres of
-  the IVF lists, so that consecutive queries re-rank neighbouring references while those are in the CPU cache
-  (1.35x faster in one measurement; each query's result does not depend on its batch). On the cohort benchmark
-  (1.49M tiles against 2 x 369k references) this takes ~2 minutes on two cores; exact search, hours.
-- `centroids`: a larger set is summarised by FAISS k-means (`centroids` clusters, trained on a sample of
-  `SAMPLE_PER_CENTROID` per cluster), then every reference is assigned to its cluster, kept as the mean of its
-  (normalised) members and their count. q . mean = the mean similarity of q to the cluster's members, so a side's
-  term is the k nearest of the references each replaced by its cluster's mean: the mean similarity to the members
-  of q's best clusters (best first, counted by their sizes until k members; with clusters of >= k members, the mean
-  similarity to the members of the best one). When both sides are summarised, their means are searched in a
-  shared basis of `rank` dimensions (the top right singular vectors of both sides' means stacked: exact for means
-  in that span; `describe()` gives the relative residual): one projection per tile, then 2 x centroids x rank
-  multiply-adds: 16-26x faster than `tiles` on the cohort benchmark (~9-10 s on two cores). The price: a cluster
-  is an average, so a rare pattern among the positives (a few abnormal tiles near normal ones) is merged into a
-  normal cluster and its signal lost; on the benchmark's harder cohort slide AUC falls to 0.61 where `tiles` stays
-  at 1.000. Use it where the abnormal tiles are common or distinct enough to get clusters of their own.
+- `centroids` (default): large sets are summarised as cluster means with their counts. q . mean = the mean
+  similarity of q to the cluster's members, so a side's term is the k nearest of the references each replaced by
+  its cluster's mean: the mean similarity to the members of q's best clusters (best first, counted by their sizes
+  until k members). When both sets are large (`_summarised`):
+  1. the salient positives are found: each positive reference's own tile score (against both sets' tile indexes,
+     itself left out) above the `salient_quantile` of a null (the same score of sampled negatives, sides swapped);
+     in a positive slide these are its abnormal tiles, most of the rest is normal;
+  2. every other reference goes to the cells of one k-means of both sides (`centroids` cells), so a normal tile
+     meets the same cell on both sides and scores ~0; the salient positives get clusters of ~`SALIENT_MEMBERS` of
+     their own, so that a rare pattern, even one close to a normal cell, keeps its means;
+  3. all means are searched in a shared basis: the top `rank` right singular vectors of the means plus the top
+     `SALIENT_RANK` of the salient means outside that span (`describe()` gives the relative residual).
+  Per tile that is one projection and ~(2 x cells + salient clusters) x rank multiply-adds: ~5 s for the cohort
+  benchmark's 1.49M tiles on two cores, where the tile references take ~2 minutes; fitting costs one tile-score
+  pass over the positives (~1 minute there). Slide AUC matched the tile references on every synthetic cohort of
+  the benchmark, including rare abnormal patterns next to normal ones (BENCHMARKS.md). When one set is small
+  (annotated positives), the other is summarised by its own k-means and searched in full dimension.
+- `tiles`: every reference tile. A large set gets an IVF index with 4-bit PQ fast-scan codes (one sub-quantizer per
+  2 dimensions) whose `refine` x k best candidates per query are re-ranked by their inner product with float16
+  copies of the references (FAISS `IVF{nlist},PQ{d/2}x4fs,Refine(SQfp16)`, `index` "ivfpq"; "ivf" is IVFFlat with
+  this config's nlist / nprobe, for comparison). Queries are grouped by the nearest of 64 centres of the IVF
+  lists, so that consecutive queries re-rank neighbouring references while those are in the CPU cache (each
+  query's result does not depend on its batch). On the cohort benchmark (1.49M tiles against 2 x 369k
+  references) this takes ~2 minutes on two cores; exact search, hours.
 
 `benchmarks/mil_scale.py` compares both on a synthetic cohort (time, memory, slide AUC, agreement of the tile
 scores, and a harder cohort): BENCHMARKS.md, "MIL scoring at cohort scale". With faiss-gpu and a GPU, the k-means
 and the centroid searches run on GPU 0. Queries: the tiles of several slides are scored together (`query_batch`
 rows); scores come back in the tiles' order. Bags may be arrays or any sequence that reads a bag on `[i]`
-(`bags.StoredVectors`): each bag is read once per pass (fitting: a sample, then one pass per reference set).
+(`bags.StoredVectors`): each bag is read once per pass (fitting `centroids`: samples, the tile indexes, the positives' own scores, the
+cells; `tiles`: a sample, then one pass per reference set).
 """
 
 from __future__ import annotations
@@ -54,15 +60,19 @@ SEARCH_SLICE = 16_384  # queries per FAISS call (IVF-PQ + refine holds refine x 
 SORT_GROUPS = 64  # query order: by the nearest of this many centres (k-means of the IVF centroids)
 SAMPLE_PER_CENTROID = 64  # k-means training rows per cluster (FAISS warns below 39)
 ASSIGN_SLICE = 65_536  # references assigned to their cluster per FAISS call
+SALIENT_NULL = 20_000  # sampled negatives whose swapped tile scores are the null of a positive's own score
+SALIENT_MEMBERS = 5  # salient positives per cluster: finer than k, so that a rare pattern keeps means of its own
+SALIENT_RANK = 16  # basis dimensions added for the salient means' directions outside the cells' span
 
 
 @dataclass
 class RetrievalConfig:
     k: int = 10
     top_m: int = 10
-    references: str = "tiles"  # what a large reference set is searched as: tiles or centroids (REFERENCES)
+    references: str = "centroids"  # what a large reference set is searched as: centroids or tiles (REFERENCES)
     centroids: int = 256  # centroids: k-means clusters per reference set larger than exact_max
     rank: int = 64  # centroids: dimensions of the shared basis the means are searched in (0: the full dimension)
+    salient_quantile: float = 0.9999  # centroids: positives whose own tile score exceeds this quantile of the null stay apart
     kmeans_iters: int = 20
     query_batch: int = 65_536  # tiles searched together (several slides' worth)
     index: str = "auto"  # tiles: auto (flat up to exact_max references, else ivfpq), flat, ivf, ivfpq
@@ -100,32 +110,142 @@ def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalCo
     return build_index(chunks, kind, params)
 
 
-def cluster_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(means, counts) of a k-means partition of the normalised rows of `chunks`: FAISS k-means trained on a sample,
-    then one pass over every row assigning it to its nearest centroid; each cluster is kept as the mean of its
-    members (not the sample's) and its size. Empty clusters are dropped."""
+def _kmeans(sample: np.ndarray, n_clusters: int, dim: int, config: RetrievalConfig) -> Any:  # noqa: ANN401
+    """A FAISS k-means of these (normalised) rows; its `index` finds a row's nearest centroid."""
     import faiss
 
-    from cytoretrieve.store.index import chunk_sizes, gpu_available, l2_normalise, sample_rows
+    from cytoretrieve.store.index import gpu_available
 
-    sizes = chunk_sizes(chunks)
-    n_clusters = max(1, min(config.centroids, int(sum(sizes))))
     km = faiss.Kmeans(dim, n_clusters, niter=config.kmeans_iters, seed=config.seed, gpu=gpu_available(),
                       max_points_per_centroid=SAMPLE_PER_CENTROID, min_points_per_centroid=1)
-    km.train(sample_rows(chunks, sizes, n_clusters * SAMPLE_PER_CENTROID, config.seed))
-    sums = np.zeros((n_clusters, dim), np.float64)
-    counts = np.zeros(n_clusters, np.int64)
+    km.train(sample)
+    return km.index
+
+
+def _assign_means(chunks: Sequence[np.ndarray], quantizer: Any, dim: int,  # noqa: ANN401
+                  left_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(means, counts) of the cells of `quantizer` over the normalised rows of `chunks`, each row in the cell of its
+    nearest centroid, each cell kept as the mean of its members (not the training sample's) and their count; empty
+    cells are dropped. Rows flagged in `left_out` (chunk order) are not assigned: they come back, normalised, third."""
+    from cytoretrieve.store.index import chunk_sizes, l2_normalise
+
+    sizes = chunk_sizes(chunks)
+    sums = np.zeros((quantizer.ntotal, dim), np.float64)
+    counts = np.zeros(quantizer.ntotal, np.int64)
+    apart, start = [], 0
     for i in range(len(sizes)):
         c = np.asarray(chunks[i])
         for a in range(0, len(c), ASSIGN_SLICE):
             x = l2_normalise(c[a:a + ASSIGN_SLICE])
-            label = km.index.search(x, 1)[1][:, 0]
+            if left_out is not None:
+                out = left_out[start + a:start + a + len(x)]
+                apart.append(x[out])
+                x = x[~out]
+            if not len(x):
+                continue
+            label = quantizer.search(x, 1)[1][:, 0]
             order = np.argsort(label, kind="stable")
-            hit, start = np.unique(label[order], return_index=True)
-            sums[hit] += np.add.reduceat(x[order], start, axis=0)
-            counts[hit] += np.diff(np.r_[start, len(x)])
+            hit, first = np.unique(label[order], return_index=True)
+            sums[hit] += np.add.reduceat(x[order], first, axis=0)
+            counts[hit] += np.diff(np.r_[first, len(x)])
+        start += sizes[i]
     kept = counts > 0
-    return (sums[kept] / counts[kept, None]).astype(np.float32), counts[kept]
+    rest = np.concatenate(apart) if apart else np.zeros((0, dim), np.float32)
+    return (sums[kept] / counts[kept, None]).astype(np.float32), counts[kept], rest
+
+
+def cluster_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(means, counts) of a k-means partition of the normalised rows of `chunks`: FAISS k-means trained on a sample,
+    then one pass over every row assigning it to its nearest centroid (`_assign_means`)."""
+    from cytoretrieve.store.index import chunk_sizes, sample_rows
+
+    sizes = chunk_sizes(chunks)
+    n_clusters = max(1, min(config.centroids, int(sum(sizes))))
+    quantizer = _kmeans(sample_rows(chunks, sizes, n_clusters * SAMPLE_PER_CENTROID, config.seed), n_clusters, dim, config)
+    return _assign_means(chunks, quantizer, dim)[:2]
+
+
+def _leave_out_mean(index: Any, x: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:  # noqa: ANN401
+    """Mean similarity of each row of `x` to its k nearest references in `index` other than reference `own` (the
+    row itself); where the search does not return it, the (k+1)-th is dropped instead."""
+    d, i = index.search(x, k + 1)
+    keep = (i != own[:, None]) & (i >= 0)
+    keep[keep.sum(1) > k, -1] = False
+    return np.where(keep, d, 0).sum(1) / np.maximum(keep.sum(1), 1)
+
+
+def _salient_positives(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
+                       config: RetrievalConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Which positive references the tile method itself scores above chance (a mask in chunk order), and how many.
+
+    Each positive reference gets its tile score against both sides' tile indexes (`build_references`), itself left
+    out of the positives. The null is the same score for `SALIENT_NULL` sampled negatives with the sides swapped
+    (nearest negatives, itself left out, minus nearest positives): a negative's nearest negatives include tiles of
+    its own slide just as a positive's nearest positives do, so normal tiles of positive slides score like the null.
+    Salient = above its `salient_quantile`."""
+    from cytoretrieve.store.index import chunk_sizes, l2_normalise, sample_positions
+
+    p_index, _ = build_references(pos, dim, config)
+    n_index, _ = build_references(neg, dim, config)
+    k = max(1, min(config.k, p_index.ntotal - 1, n_index.ntotal - 1))
+    scores, start = [], 0
+    for i in range(len(chunk_sizes(pos))):
+        c = np.asarray(pos[i])
+        for a in range(0, len(c), SEARCH_SLICE):
+            x = l2_normalise(c[a:a + SEARCH_SLICE])
+            own = np.arange(start + a, start + a + len(x))
+            scores.append(_leave_out_mean(p_index, x, own, k) - _mean_hits(*n_index.search(x, k)))
+        start += len(c)
+    x, own = sample_positions(neg, chunk_sizes(neg), SALIENT_NULL, config.seed + 1)
+    null = np.concatenate([_leave_out_mean(n_index, x[a:a + SEARCH_SLICE], own[a:a + SEARCH_SLICE], k)
+                           - _mean_hits(*p_index.search(x[a:a + SEARCH_SLICE], k)) for a in range(0, len(x), SEARCH_SLICE)])
+    threshold = float(np.quantile(null, config.salient_quantile))
+    salient = np.concatenate(scores) > threshold
+    return salient, {"salient": int(salient.sum()), "threshold": threshold, "null_rows": len(null)}
+
+
+def _summarised(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
+                config: RetrievalConfig) -> tuple[_Side, _Side, np.ndarray | None]:
+    """Both large sets as cluster means: the salient positives (`_salient_positives`) in clusters of about
+    `SALIENT_MEMBERS` of their own, every other reference in the cells of one k-means of both sides (so that a
+    normal tile meets the same cell on both sides, and its score is not the difference of two unrelated partitions);
+    searched in a shared basis: the top `rank` right singular vectors of all the means, plus the top
+    `SALIENT_RANK` of the salient means' remainder outside that span (a rare pattern's direction, which the cells'
+    basis would drop)."""
+    from cytoretrieve.store.index import chunk_sizes, sample_rows
+
+    salient, found = _salient_positives(pos, neg, dim, config)
+    sizes = [int(sum(chunk_sizes(c))) for c in (pos, neg)]
+    n_cells = max(1, min(config.centroids, sum(sizes)))
+    sample = np.concatenate([sample_rows(c, chunk_sizes(c), -(-n_cells * SAMPLE_PER_CENTROID * n // sum(sizes)), config.seed)
+                             for c, n in zip((pos, neg), sizes)])
+    cells = _kmeans(sample, n_cells, dim, config)
+    p_means, p_counts, apart = _assign_means(pos, cells, dim, salient)
+    n_means, n_counts, _ = _assign_means(neg, cells, dim)
+    s_means = np.zeros((0, dim), np.float32)
+    if len(apart):
+        groups = max(1, min(config.centroids, len(apart) // SALIENT_MEMBERS))
+        s_means, s_counts, _ = _assign_means([apart], _kmeans(apart, groups, dim, config), dim)
+        p_means, p_counts = np.concatenate([p_means, s_means]), np.concatenate([p_counts, s_counts])
+    basis = None
+    if 0 < config.rank < dim:
+        stacked = np.concatenate([p_means, n_means]).astype(np.float64)
+        basis = np.linalg.svd(stacked, full_matrices=False)[2][: config.rank].T
+        if len(s_means) and SALIENT_RANK:
+            rest = s_means - (s_means @ basis) @ basis.T
+            basis = np.concatenate([basis, np.linalg.svd(rest, full_matrices=False)[2][:SALIENT_RANK].T], axis=1)
+            basis = np.linalg.qr(basis)[0]
+        basis = np.ascontiguousarray(basis, dtype=np.float32)
+    sides = []
+    for means, counts, side in ((p_means, p_counts, "positives"), (n_means, n_counts, "negatives")):
+        rows = means if basis is None else means @ basis
+        residual = 0.0 if basis is None else float(np.linalg.norm(means - rows @ basis.T) / np.linalg.norm(means))
+        info = {"kind": "centroids", "rows": int(counts.sum()), "centroids": len(means), "smallest": int(counts.min()),
+                "rank": int(rows.shape[1]), "residual": residual}
+        if side == "positives":
+            info.update(found, salient_centroids=len(s_means))
+        sides.append(_flat_side(rows, counts, config.k, info))
+    return sides[0], sides[1], basis
 
 
 def _rows_needed(counts: np.ndarray, k: int) -> int:
@@ -190,19 +310,7 @@ def _sides(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
                             {"kind": "centroids", "rows": int(sum(chunk_sizes(c)))})
                  if big else _tiles(c, dim, config) for c, big in zip((pos, neg), large)]
         return sides[0], sides[1], None
-    clustered = [cluster_references(c, dim, config) for c in (pos, neg)]
-    basis = None
-    if 0 < config.rank < dim:
-        stacked = np.concatenate([m for m, _ in clustered]).astype(np.float64)
-        basis = np.ascontiguousarray(np.linalg.svd(stacked, full_matrices=False)[2][: config.rank].T, dtype=np.float32)
-    sides = []
-    for c, (means, counts) in zip((pos, neg), clustered):
-        rows = means if basis is None else means @ basis
-        residual = 0.0 if basis is None else float(np.linalg.norm(means - rows @ basis.T) / np.linalg.norm(means))
-        info = {"kind": "centroids", "rows": int(counts.sum()), "centroids": len(means), "smallest": int(counts.min()),
-                "rank": int(rows.shape[1]), "residual": residual}
-        sides.append(_flat_side(rows, counts, config.k, info))
-    return sides[0], sides[1], basis
+    return _summarised(pos, neg, dim, config)
 
 
 def _tiles(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> _Side:
