@@ -63,6 +63,7 @@ ASSIGN_SLICE = 65_536  # references assigned to their cluster per FAISS call
 SALIENT_NULL = 20_000  # sampled negatives whose swapped tile scores are the null of a positive's own score
 SALIENT_MEMBERS = 5  # salient positives per cluster: finer than k, so that a rare pattern keeps means of its own
 SALIENT_RANK = 16  # basis dimensions added for the salient means' directions outside the cells' span
+SALIENT_NPROBE, SALIENT_REFINE = 6, 6  # the salient screen's IVF-PQ searches: half the work of the tile defaults
 
 
 @dataclass
@@ -178,15 +179,19 @@ def _salient_positives(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim
                        config: RetrievalConfig) -> tuple[np.ndarray, dict[str, Any]]:
     """Which positive references the tile method itself scores above chance (a mask in chunk order), and how many.
 
-    Each positive reference gets its tile score against both sides' tile indexes (`build_references`), itself left
-    out of the positives. The null is the same score for `SALIENT_NULL` sampled negatives with the sides swapped
+    Each positive reference gets its tile score against both sides' tile indexes (`build_references`, searched with
+    `SALIENT_NPROBE` / `SALIENT_REFINE`: a screen, ~2x faster than the tile defaults), itself left out of the
+    positives. The null is the same score for `SALIENT_NULL` sampled negatives with the sides swapped
     (nearest negatives, itself left out, minus nearest positives): a negative's nearest negatives include tiles of
     its own slide just as a positive's nearest positives do, so normal tiles of positive slides score like the null.
     Salient = above its `salient_quantile`."""
     from cytoretrieve.store.index import chunk_sizes, l2_normalise, sample_positions
 
-    p_index, _ = build_references(pos, dim, config)
-    n_index, _ = build_references(neg, dim, config)
+    from dataclasses import replace
+
+    screen = replace(config, nprobe=min(config.nprobe, SALIENT_NPROBE), refine=min(config.refine, SALIENT_REFINE))
+    p_index, _ = build_references(pos, dim, screen)
+    n_index, _ = build_references(neg, dim, screen)
     k = max(1, min(config.k, p_index.ntotal - 1, n_index.ntotal - 1))
     scores, start = [], 0
     for i in range(len(chunk_sizes(pos))):
