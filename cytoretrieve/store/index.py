@@ -196,8 +196,8 @@ def _new_index(kind: str, dim: int, n: int, params: IndexParams) -> tuple[faiss.
 def _one_thread(when: bool = True) -> Iterator[None]:
     """FAISS on one OpenMP thread (of the calling thread only: OpenMP keeps the count per thread) where its
     parallel regions are too short to pay: on a busy machine a waiting OpenMP thread spins for a core it does not
-    get. Measured on this 2-core machine at load ~10: one IVF-PQ search 16 ms on 2 threads, 0.2 ms on 1; PQ
-    training (192 tiny k-means) 30.6 s on 2, 2.6 s on 1."""
+    get. On a loaded 2-core machine this made short IVF-PQ searches and PQ training (many tiny k-means) many
+    times faster (BENCHMARKS.md, issue 13: the build and first-search rows before/after)."""
     threads = faiss.omp_get_max_threads()
     if when:
         faiss.omp_set_num_threads(1)
