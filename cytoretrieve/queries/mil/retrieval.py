@@ -180,6 +180,40 @@ def _leave_out_mean(index: Any, x: np.ndarray, own: np.ndarray, k: int) -> np.nd
     return np.where(keep, d, 0).sum(1) / np.maximum(keep.sum(1), 1)
 
 
+class _Subset(Sequence):
+    """The rows `keep` (ascending positions in chunk order) of a sequence of chunks, read chunk by chunk: a sample
+    of a reference set that is never one array (chunks may be bags read from the table on `[i]`)."""
+
+    def __init__(self, chunks: Sequence[np.ndarray], sizes: list[int], keep: np.ndarray) -> None:
+        bounds = np.r_[0, np.cumsum(sizes)]
+        starts, ends = np.searchsorted(keep, bounds[:-1]), np.searchsorted(keep, bounds[1:])
+        self.chunks, self.parts = chunks, [keep[a:b] - bounds[i] for i, (a, b) in enumerate(zip(starts, ends))]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return np.asarray(self.chunks[i])[self.parts[i]]
+
+    def sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+
+def _at_most(chunks: Sequence[np.ndarray], n: int, seed: int) -> tuple[Sequence[np.ndarray], np.ndarray]:
+    """`n` rows of `chunks` drawn uniformly (all of them when they are no more), and each row's id among those drawn
+    (-1: not drawn), in chunk order."""
+    from cytoretrieve.store.index import chunk_sizes
+
+    sizes = chunk_sizes(chunks)
+    total = int(sum(sizes))
+    if total <= n:
+        return chunks, np.arange(total)
+    keep = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    ids = np.full(total, -1, np.int64)
+    ids[keep] = np.arange(n)
+    return _Subset(chunks, sizes, keep), ids
+
+
 def _salient_positives(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
                        config: RetrievalConfig) -> tuple[np.ndarray, dict[str, Any]]:
     """Which positive references the tile method itself scores above chance (a mask in chunk order), and how many.
@@ -188,31 +222,36 @@ def _salient_positives(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim
     `SALIENT_NPROBE` / `SALIENT_REFINE`: a screen, ~2x faster than the tile defaults), itself left out of the
     positives. The null is the same score for `SALIENT_NULL` sampled negatives with the sides swapped
     (nearest negatives, itself left out, minus nearest positives): a negative's nearest negatives include tiles of
-    its own slide just as a positive's nearest positives do, so normal tiles of positive slides score like the null
-    when both sets hold about as many tiles (a denser side scores its own tiles higher: with more negatives than
-    positives the null sits above the positives' scores). Salient = above its `salient_quantile`."""
+    its own slide just as a positive's nearest positives do, so normal tiles of positive slides score like the null.
+    That needs sides of equal density (a denser side scores its own tiles higher: with 5x more negatives the null
+    sat above every positive), so the larger set is indexed through a uniform sample of the smaller one's size
+    (`_at_most`). Salient = above the null's `salient_quantile`."""
     from dataclasses import replace
 
     from cytoretrieve.store.index import chunk_sizes, l2_normalise, sample_positions
 
     screen = replace(config, nprobe=min(config.nprobe, SALIENT_NPROBE), refine=min(config.refine, SALIENT_REFINE))
-    p_index, _ = build_references(pos, dim, screen)
-    n_index, _ = build_references(neg, dim, screen)
+    n = min(int(sum(chunk_sizes(pos))), int(sum(chunk_sizes(neg))))
+    p_rows, p_ids = _at_most(pos, n, config.seed + 2)
+    n_rows, _ = _at_most(neg, n, config.seed + 3)
+    p_index, _ = build_references(p_rows, dim, screen)
+    n_index, _ = build_references(n_rows, dim, screen)
     k = max(1, min(config.k, p_index.ntotal - 1, n_index.ntotal - 1))
     scores, start = [], 0
     for i in range(len(chunk_sizes(pos))):
         c = np.asarray(pos[i])
         for a in range(0, len(c), SEARCH_SLICE):
             x = l2_normalise(c[a:a + SEARCH_SLICE])
-            own = np.arange(start + a, start + a + len(x))
+            own = p_ids[start + a:start + a + len(x)]
             scores.append(_leave_out_mean(p_index, x, own, k) - _mean_hits(*n_index.search(x, k)))
         start += len(c)
-    x, own = sample_positions(neg, chunk_sizes(neg), SALIENT_NULL, config.seed + 1)
+    x, own = sample_positions(n_rows, chunk_sizes(n_rows), SALIENT_NULL, config.seed + 1)  # own: ids in n_index
     null = np.concatenate([_leave_out_mean(n_index, x[a:a + SEARCH_SLICE], own[a:a + SEARCH_SLICE], k)
                            - _mean_hits(*p_index.search(x[a:a + SEARCH_SLICE], k)) for a in range(0, len(x), SEARCH_SLICE)])
     threshold = float(np.quantile(null, config.salient_quantile))
     salient = np.concatenate(scores) > threshold
-    return salient, {"salient": int(salient.sum()), "threshold": threshold, "null_rows": len(null)}
+    return salient, {"salient": int(salient.sum()), "threshold": threshold, "null_rows": len(null),
+                     "screen_rows": n}
 
 
 def _summarised(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
