@@ -77,12 +77,12 @@ def centres(dim: int, seed: int):  # noqa: ANN201
     return c, bases
 
 
-def is_positive(i: int, slides: int, seed: int) -> bool:
-    """Half the slides (a seeded permutation's first half) are positive."""
+def is_positive(i: int, slides: int, seed: int, share: float = 0.5) -> bool:
+    """A `share` of the slides (a seeded permutation's first ones; half by default) are positive."""
     import numpy as np
 
     order = np.random.default_rng([seed, 1]).permutation(slides)
-    return bool(i in set(order[: slides // 2].tolist()))
+    return bool(i in set(order[: round(slides * share)].tolist()))
 
 
 def abnormal_mask(i: int, positive: bool, tiles: int, seed: int, frac: tuple[float, float] = (0.01, 0.03)):  # noqa: ANN201
@@ -384,11 +384,12 @@ def hard_cohort(args: argparse.Namespace) -> dict[str, Any]:
     for a in range(N_NORMAL, N_NORMAL + N_ABNORMAL if args.hard_shift > 0 else 0):
         u = rng.standard_normal(args.dim).astype(np.float32)
         c[a] = c[a - N_NORMAL] + args.hard_shift * u / np.linalg.norm(u)
-    y = np.array([is_positive(i, n, args.seed) for i in range(n)], dtype=np.int8)
+    y = np.array([is_positive(i, n, args.seed, args.hard_positives) for i in range(n)], dtype=np.int8)
     made = [slide_vectors(i, bool(y[i]), tiles, c, bases, args.seed, frac) for i in range(n)]
     bags = Bags(names=[slide_name(i) for i in range(n)], y=y, vectors=[v for v, _ in made])
     fold_of = np.random.default_rng([args.seed, 10]).permutation(n) % 4
     out: dict[str, Any] = {"method": "hard", "slides": n, "tiles": tiles, "shift": args.hard_shift, "frac": frac,
+                           "positive_slides": int(y.sum()),
                            "abnormal_tiles_per_positive_slide": float(np.mean([m.sum() for _, m in made if m.any()]))}
     tile_all: dict[str, np.ndarray] = {}
     for method in ("retrieval", "retrieval-centroids"):
@@ -597,6 +598,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hard-tiles", type=int, default=2000)
     ap.add_argument("--hard-shift", type=float, default=0.5, help="distance of each abnormal centre from a normal one (0: the cohort's own abnormal centres)")
     ap.add_argument("--hard-frac", type=float, nargs=2, default=[0.002, 0.006], help="abnormal share of a positive slide")
+    ap.add_argument("--hard-positives", type=float, default=0.5, help="share of positive slides in the hard cohort")
     ap.add_argument("--scores-dir", help=argparse.SUPPRESS)
     ap.add_argument("--recall-sample", type=int, default=2000, help="tiles checked against exact search (0: skip)")
     ap.add_argument("--baseline-slides", type=int, default=0,
@@ -620,7 +622,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline-slides", str(args.baseline_slides), "--store", args.store, *(["--stream"] if args.stream else []),
         "--centroids", str(args.centroids), "--rank", str(args.rank), "--hard-slides", str(args.hard_slides),
         "--hard-tiles", str(args.hard_tiles), "--hard-shift", str(args.hard_shift),
-        "--hard-frac", *(str(f) for f in args.hard_frac),
+        "--hard-frac", *(str(f) for f in args.hard_frac), "--hard-positives", str(args.hard_positives),
     ]
     return args
 
@@ -676,7 +678,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tile scores, retrieval-centroids vs retrieval: {results['agreement']}")
     if "hard" in results:
         h = results["hard"]
-        print(f"hard cohort: {h['slides']} slides x {h['tiles']} tiles, abnormal shift {h['shift']}, "
+        print(f"hard cohort: {h['slides']} slides ({h.get('positive_slides', '?')} positive) x {h['tiles']} tiles, abnormal shift {h['shift']}, "
               f"{h['abnormal_tiles_per_positive_slide']:.1f} abnormal tiles per positive slide")
         for m in ("retrieval", "retrieval-centroids"):
             r = h[m]

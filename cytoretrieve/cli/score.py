@@ -32,7 +32,7 @@ def score(
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Read each slide's vectors from the store when needed instead of holding all bags in memory (default: stream only when they would take over half the available memory).", show_default=False)] = None,
     neighbours: Annotated[int, typer.Option("--neighbours", help="Neighbours per reference set (retrieval).")] = 10,
     top_m: Annotated[int, typer.Option("--top-m", help="Slide score = mean of its top-m tile scores (retrieval).")] = 10,
-    references: Annotated[str, typer.Option("--references", help="Retrieval references of more than 50,000 tiles: centroids (cluster means of one k-means of both sides, plus small clusters of the positive tiles the tile score itself flags, so rare abnormal patterns keep their own; ~5 s instead of ~2 min for a 1.5M-tile cohort, slide AUC within noise of tiles on the benchmark's cohorts, which have as many positive as negative slides; with several times more negative tiles than positive ones, use tiles) or tiles (every training tile, searched one by one; BENCHMARKS.md).")] = "centroids",
+    references: Annotated[str, typer.Option("--references", help="Retrieval references of more than 50,000 tiles: centroids (cluster means of one k-means of both sides, plus small clusters of the positive tiles the tile score itself flags, so rare abnormal patterns keep their own; ~5 s instead of ~2 min for a 1.5M-tile cohort, slide AUC within noise of tiles on the benchmark's cohorts) or tiles (every training tile, searched one by one; BENCHMARKS.md).")] = "centroids",
     device: options.Device = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training runs.")] = 0,
     json_out: options.JsonOut = None,

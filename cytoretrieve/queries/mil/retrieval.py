@@ -15,7 +15,8 @@ vectors is always searched as it is, exactly (IndexFlatIP):
   its cluster's mean: the mean similarity to the members of q's best clusters (best first, counted by their sizes
   until k members). When both sets are large (`_summarised`):
   1. the salient positives are found: each positive reference's own tile score (against both sets' tile indexes,
-     itself left out) above the `salient_quantile` of a null (the same score of sampled negatives, sides swapped);
+     itself left out; the larger set sampled to the smaller one's size) above the `salient_quantile` of a null (the
+     same score of sampled negatives, sides swapped);
      in a positive slide these are its abnormal tiles, most of the rest is normal;
   2. every other reference goes to the cells of one k-means of both sides (`centroids` cells), so a normal tile
      meets the same cell on both sides and scores ~0; the salient positives get clusters of ~`SALIENT_MEMBERS` of
@@ -27,11 +28,9 @@ vectors is always searched as it is, exactly (IndexFlatIP):
   benchmark's 1.49M tiles on two cores, where the tile references take ~2 minutes; fitting costs one tile-score
   pass over the positives (the fit took ~46 s there, the tile indexes' ~23 s). Slide AUC was within noise of the
   tile references on every synthetic cohort of the benchmark, including rare abnormal patterns next to normal ones
-  (BENCHMARKS.md); all of those have about as many positive as negative reference tiles. The null of step 1
-  assumes that: with several times more negative than positive tiles the null sits higher (the denser side's own
-  tiles score higher), few or no positives pass it and a rare pattern is lost again
-  (`test_centroids_keep_a_rare_pattern_with_fewer_positive_slides`, xfail). When one set is small (annotated
-  positives), the other is summarised by its own k-means and searched in full dimension.
+  (BENCHMARKS.md). The null of step 1 needs sides of equal density (a denser side scores its own tiles higher),
+  so the screen indexes the larger set through a uniform sample of the smaller one's size. When one set is small
+  (annotated positives), the other is summarised by its own k-means and searched in full dimension.
 - `tiles`: every reference tile. A large set gets an IVF index with 4-bit PQ fast-scan codes (one sub-quantizer per
   2 dimensions) whose `refine` x k best candidates per query are re-ranked by their inner product with float16
   copies of the references (FAISS `IVF{nlist},PQ{d/2}x4fs,Refine(SQfp16)`, `index` "ivfpq"; "ivf" is IVFFlat with
