@@ -297,3 +297,28 @@ def test_at_most_samples_rows_chunk_by_chunk_with_their_ids() -> None:
     np.testing.assert_array_equal(drawn[ids[ids >= 0]], whole[ids >= 0])
     same, all_ids = _at_most(chunks, 100, seed=0)
     assert same is chunks and all_ids.tolist() == list(range(100))
+
+
+def test_subset_reads_each_chunk_once_and_only_in_range() -> None:
+    """Iterating a sample reads each chunk once and never asks the chunks for an index past their end (bags read
+    from a table need not raise IndexError there)."""
+    from cytoretrieve.queries.mil.retrieval import _at_most
+
+    class Bags:
+        def __init__(self, arrays: list[np.ndarray]) -> None:
+            self.arrays, self.reads = arrays, []
+
+        def __len__(self) -> int:
+            return len(self.arrays)
+
+        def __getitem__(self, i: int) -> np.ndarray:
+            self.reads.append(i)
+            return self.arrays[i % len(self.arrays)]  # no IndexError past the end, as a lazy reader may do
+
+        def sizes(self) -> list[int]:
+            return [len(a) for a in self.arrays]
+
+    bags = Bags([_clustered(n, seed=i) for i, n in enumerate([20, 35, 10])])
+    rows, _ = _at_most(bags, 30, seed=1)
+    parts = list(rows)
+    assert len(parts) == 3 and sum(map(len, parts)) == 30 and bags.reads == [0, 1, 2]

@@ -49,7 +49,7 @@ cells; `tiles`: a sample, then one pass per reference set).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -192,7 +192,11 @@ class _Subset(Sequence):
         return len(self.parts)
 
     def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        return np.asarray(self.chunks[i])[self.parts[i]]
+        part = self.parts[i]  # first: an index past the end is an IndexError whatever the chunks are
+        return np.asarray(self.chunks[i])[part]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self.parts)))
 
     def sizes(self) -> list[int]:
         return [len(p) for p in self.parts]
