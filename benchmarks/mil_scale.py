@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tile scores, retrieval-centroids vs retrieval: {results['agreement']}")
     if "hard" in results:
         h = results["hard"]
-        print(f"hard cohort: {h['slides']} slides ({h.get('positive_slides', '?')} positive) x {h['tiles']} tiles, abnormal shift {h['shift']}, "
+        print(f"hard cohort: {h['slides']} slides ({h['positive_slides']} positive) x {h['tiles']} tiles, abnormal shift {h['shift']}, "
               f"{h['abnormal_tiles_per_positive_slide']:.1f} abnormal tiles per positive slide")
         for m in ("retrieval", "retrieval-centroids"):
             r = h[m]

@@ -163,15 +163,37 @@ def sample_rows(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: in
 
 def sample_positions(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`sample_rows` and the rows' positions in chunk order (ascending)."""
-    total = sum(sizes)
-    pick = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-    bounds = np.r_[0, np.cumsum(sizes)]
-    parts = []
-    for i in range(len(sizes)):
-        a, b = np.searchsorted(pick, [bounds[i], bounds[i + 1]])
-        if b > a:
-            parts.append(np.asarray(chunks[i])[pick[a:b] - bounds[i]])
-    return l2_normalise(np.concatenate(parts)), pick
+    pick = draw_positions(sum(sizes), n, seed)
+    rows = ChunkRows(chunks, sizes, pick)
+    return l2_normalise(np.concatenate([rows[i] for i, m in enumerate(rows.sizes()) if m])), pick
+
+
+def draw_positions(total: int, n: int, seed: int) -> np.ndarray:
+    """`n` of the positions 0..total-1 (all when n >= total), drawn uniformly without replacement, ascending."""
+    return np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+
+
+class ChunkRows(Sequence):
+    """The rows at positions `keep` (ascending, in chunk order) of a sequence of chunks, chunk by chunk: a sample of
+    a reference set that is never one array (chunks may be bags read from the table on `[i]`)."""
+
+    def __init__(self, chunks: Sequence[np.ndarray], sizes: list[int], keep: np.ndarray) -> None:
+        bounds = np.r_[0, np.cumsum(sizes)]
+        starts, ends = np.searchsorted(keep, bounds[:-1]), np.searchsorted(keep, bounds[1:])
+        self.chunks, self.parts = chunks, [keep[a:b] - bounds[i] for i, (a, b) in enumerate(zip(starts, ends))]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        part = self.parts[i]  # first: an index past the end is an IndexError whatever the chunks are
+        return np.asarray(self.chunks[i])[part]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self.parts)))
+
+    def sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
 
 
 def _new_index(kind: str, dim: int, n: int, params: IndexParams) -> tuple[faiss.Index, dict[str, Any], int]:

@@ -49,7 +49,7 @@ cells; `tiles`: a sample, then one pass per reference set).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -179,42 +179,27 @@ def _leave_out_mean(index: Any, x: np.ndarray, own: np.ndarray, k: int) -> np.nd
     return np.where(keep, d, 0).sum(1) / np.maximum(keep.sum(1), 1)
 
 
-class _Subset(Sequence):
-    """The rows `keep` (ascending positions in chunk order) of a sequence of chunks, read chunk by chunk: a sample
-    of a reference set that is never one array (chunks may be bags read from the table on `[i]`)."""
-
-    def __init__(self, chunks: Sequence[np.ndarray], sizes: list[int], keep: np.ndarray) -> None:
-        bounds = np.r_[0, np.cumsum(sizes)]
-        starts, ends = np.searchsorted(keep, bounds[:-1]), np.searchsorted(keep, bounds[1:])
-        self.chunks, self.parts = chunks, [keep[a:b] - bounds[i] for i, (a, b) in enumerate(zip(starts, ends))]
-
-    def __len__(self) -> int:
-        return len(self.parts)
-
-    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        part = self.parts[i]  # first: an index past the end is an IndexError whatever the chunks are
-        return np.asarray(self.chunks[i])[part]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self.parts)))
-
-    def sizes(self) -> list[int]:
-        return [len(p) for p in self.parts]
-
-
 def _at_most(chunks: Sequence[np.ndarray], n: int, seed: int) -> tuple[Sequence[np.ndarray], np.ndarray]:
     """`n` rows of `chunks` drawn uniformly (all of them when they are no more), and each row's id among those drawn
     (-1: not drawn), in chunk order."""
-    from cytoretrieve.store.index import chunk_sizes
+    from cytoretrieve.store.index import ChunkRows, chunk_sizes, draw_positions
 
     sizes = chunk_sizes(chunks)
     total = int(sum(sizes))
     if total <= n:
         return chunks, np.arange(total)
-    keep = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    keep = draw_positions(total, n, seed)
     ids = np.full(total, -1, np.int64)
     ids[keep] = np.arange(n)
-    return _Subset(chunks, sizes, keep), ids
+    return ChunkRows(chunks, sizes, keep), ids
+
+
+def _own_scores(own_side: Any, other_side: Any, x: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:  # noqa: ANN401
+    """Tile scores of normalised rows `x` that belong to `own_side` (their ids in it: `own`, -1 where absent): mean
+    similarity to their k nearest there, themselves left out, minus that to their k nearest of `other_side`."""
+    return np.concatenate([_leave_out_mean(own_side, x[a:a + SEARCH_SLICE], own[a:a + SEARCH_SLICE], k)
+                           - _mean_hits(*other_side.search(x[a:a + SEARCH_SLICE], k))
+                           for a in range(0, len(x), SEARCH_SLICE)])
 
 
 def _salient_positives(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
@@ -243,14 +228,12 @@ def _salient_positives(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim
     scores, start = [], 0
     for i in range(len(chunk_sizes(pos))):
         c = np.asarray(pos[i])
-        for a in range(0, len(c), SEARCH_SLICE):
+        for a in range(0, len(c), SEARCH_SLICE):  # normalised a slice at a time: no normalised copy of a big chunk
             x = l2_normalise(c[a:a + SEARCH_SLICE])
-            own = p_ids[start + a:start + a + len(x)]
-            scores.append(_leave_out_mean(p_index, x, own, k) - _mean_hits(*n_index.search(x, k)))
+            scores.append(_own_scores(p_index, n_index, x, p_ids[start + a:start + a + len(x)], k))
         start += len(c)
     x, own = sample_positions(n_rows, chunk_sizes(n_rows), SALIENT_NULL, config.seed + 1)  # own: ids in n_index
-    null = np.concatenate([_leave_out_mean(n_index, x[a:a + SEARCH_SLICE], own[a:a + SEARCH_SLICE], k)
-                           - _mean_hits(*p_index.search(x[a:a + SEARCH_SLICE], k)) for a in range(0, len(x), SEARCH_SLICE)])
+    null = _own_scores(n_index, p_index, x, own, k)
     threshold = float(np.quantile(null, config.salient_quantile))
     salient = np.concatenate(scores) > threshold
     return salient, {"salient": int(salient.sum()), "threshold": threshold, "null_rows": len(null),
