@@ -225,6 +225,10 @@ def test_k_best_mean_std_and_seeds() -> None:
     np.testing.assert_allclose(res.f1_curve_mean, (np.array(a.f1_curve_mean) + b.f1_curve_mean) / 2)
     np.testing.assert_allclose(res.f1_curve_std, np.abs(np.array(a.f1_curve_mean) - b.f1_curve_mean) / 2)
     assert a.f1_curve_std == [0.0] * 20
+    # the per-split F1 at k* are the two single runs' F1 at that k (what a paired comparison needs)
+    k = res.ks.index(res.k_best)
+    np.testing.assert_allclose(res.weighted_f1_runs, [a.f1_curve_mean[k], b.f1_curve_mean[k]])
+    assert np.mean(res.weighted_f1_runs) == pytest.approx(res.weighted_f1_mean)
     assert np.array(res.confusion).sum() == 2 * res.n_test
     assert classify(x, labels, ks=range(1, 21), runs=2, seed=10).to_dict() == res.to_dict()
     assert classify(x, labels, ks=range(1, 21), runs=2, seed=11).f1_curve_mean != res.f1_curve_mean

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -55,6 +55,7 @@ class ClassifyResult:
     n_train: int
     n_test: int
     n_unlabelled: int = 0
+    weighted_f1_runs: list[float] = field(default_factory=list)  # at k*, one per split: for paired comparisons
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict with the same numbers as the attributes."""
@@ -282,7 +283,8 @@ def classify(vectors: np.ndarray, labels: Sequence[str | None], *, classes: Sequ
         confusions.append(confusions_per_k(codes[test], preds[:, k_cols], n_classes))
     confusions = np.stack(confusions)  # (runs, n_ks, C, C)
 
-    curve_mean, curve_std = mean_std(weighted_f1(confusions))
+    per_run = weighted_f1(confusions)  # (runs, n_ks)
+    curve_mean, curve_std = mean_std(per_run)
     best = int(np.argmax(curve_mean))  # first maximum: the smallest k among ties
     at_best = confusions[:, best]  # (runs, C, C)
     cls_mean, cls_std = mean_std(class_f1(at_best))
@@ -302,6 +304,7 @@ def classify(vectors: np.ndarray, labels: Sequence[str | None], *, classes: Sequ
         weighted_f1_mean=float(curve_mean[best]), weighted_f1_std=float(curve_std[best]),
         confusion=at_best.sum(axis=0).astype(int).tolist(),
         n_train=n_train, n_test=n_test, n_unlabelled=int((~mask).sum()),
+        weighted_f1_runs=[float(v) for v in per_run[:, best]],
     )
 
 
