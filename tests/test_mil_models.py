@@ -173,6 +173,37 @@ def test_early_stopping_returns_the_weights_of_the_best_validation_epoch(data) -
         fit(train, replace(cfg, validation=1.0))
 
 
+def test_weight_averaging_returns_the_mean_of_the_last_epochs_weights(data) -> None:
+    """`average` = 0.5 of 4 epochs returns the mean of the weights at the ends of epochs 3 and 4: those are the
+    weights of runs stopped there (a constant lr and the same seed make the first epochs of a longer run the same),
+    so the mean is checked against them; in lockstep each model gets the mean of its own weights."""
+    from dataclasses import replace
+
+    from cytoretrieve.errors import CytoError
+    from cytoretrieve.queries.mil.train import fit_many
+
+    train = data[0].subset(range(40))
+    cfg = MILTrainConfig(epochs=4, lr=1e-2, device="cpu")
+
+    def weights(scorer) -> dict:  # noqa: ANN001
+        return {k: v.detach().clone() for k, v in scorer.model.state_dict().items()}
+
+    ends = [weights(fit(train, replace(cfg, epochs=e))) for e in (3, 4)]
+    averaged = weights(fit(train, replace(cfg, average=0.5)))
+    for k, v in averaged.items():
+        np.testing.assert_allclose(v.numpy(), ((ends[0][k] + ends[1][k]) / 2).numpy(), atol=1e-6)
+    assert any(not np.allclose(v.numpy(), ends[1][k].numpy()) for k, v in averaged.items())  # not the last weights
+    sets = [train.subset(range(20)), train.subset(range(20, 40))]
+    last, mean = (fit_many(sets, [replace(cfg, seed=k, average=a) for k in (1, 2)]) for a in (0.25, 1.0))
+    for a, b in zip(last, mean):  # averaging over one epoch = the last weights; over all 4 = something else
+        assert all(np.allclose(v.numpy(), weights(b)[k].numpy()) for k, v in weights(a).items()) is False
+    single = fit(sets[1], replace(cfg, seed=2, average=1.0, dropout=0.0))
+    lockstep = fit_many(sets, [replace(cfg, seed=k, average=1.0, dropout=0.0) for k in (1, 2)])[1]
+    np.testing.assert_allclose(single.predict(sets[1].vectors)[0], lockstep.predict(sets[1].vectors)[0], atol=1e-4)
+    with pytest.raises(CytoError, match="use one"):
+        fit(train, replace(cfg, average=0.5, validation=0.2))
+
+
 def test_train_config_round_trips_through_its_dict_and_a_schedule_must_be_known(data) -> None:
     from cytoretrieve.errors import CytoError
 

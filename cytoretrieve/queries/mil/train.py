@@ -20,6 +20,10 @@ run's seed, at least one bag of each class), the model trains on the rest for `e
 with the lowest validation BCE (unweighted, dropout off) are the ones returned; `MILScorer.history` holds the
 per-epoch validation losses and `best_epoch` the chosen one. Off by default (BENCHMARKS.md, "Issue 14").
 
+Weight averaging (`average` = f > 0): the returned weights are the mean of the weights at the ends of the last
+f x `epochs` epochs (stochastic weight averaging, Izmailov et al. 2018), one model as before, so inference costs
+the same. One bag per step leaves the last weights wherever the last few bags pushed them. Off by default.
+
 `schedule`: the learning rate over the epochs, a name of SCHEDULES ("constant", the default; "cosine": from `lr`
 down to 0 along a half cosine, stepped once per epoch).
 
@@ -70,6 +74,7 @@ class MILTrainConfig:
     standardise: bool = True
     schedule: str = "constant"  # learning rate over the epochs: a name of SCHEDULES
     validation: float = 0.0  # fraction of training bags held out (stratified) to pick the best epoch; 0 = off
+    average: float = 0.0  # fraction of the last epochs whose end-of-epoch weights are averaged (SWA); 0 = off
     seed: int = 0
     device: str = "auto"
 
@@ -153,10 +158,15 @@ def fit_many(sets: Sequence[Bags], configs: Sequence[MILTrainConfig],
         raise CytoError(f"unknown learning-rate schedule '{cfg.schedule}' (one of {', '.join(SCHEDULES)})")
     if not 0 <= cfg.validation < 1:
         raise CytoError(f"`validation` is a fraction of the training bags in [0, 1), not {cfg.validation}")
+    if not 0 <= cfg.average <= 1:
+        raise CytoError(f"`average` is a fraction of the epochs in [0, 1], not {cfg.average}")
+    if cfg.average > 0 and cfg.validation > 0:
+        raise CytoError("`average` (weight averaging) and `validation` (early stopping) each pick the weights: use one")
     device = resolve_device(cfg.device)
     runs = [_Run.start(b, c, p if cfg.augment_positives > 0 else None) for b, c, p in zip(sets, configs, positives)]
     step = _Lockstep([r.model(c, device) for r, c in zip(runs, configs)], cfg, device)
     stopping = _EarlyStopping(len(runs)) if cfg.validation > 0 else None
+    averaging = _WeightAverage(cfg.epochs - max(1, round(cfg.average * cfg.epochs))) if cfg.average > 0 else None
     for epoch in range(cfg.epochs):
         epochs = [r.epoch(cfg) for r in runs]
         steps = max(len(items) for items, _ in epochs)
@@ -169,7 +179,10 @@ def fit_many(sets: Sequence[Bags], configs: Sequence[MILTrainConfig],
         step.end_epoch()
         if stopping is not None:
             stopping.update(epoch, step.validation_losses(runs), step)
-    scorers = [MILScorer(m, r.mean, r.std, device) for m, r in zip(step.trained(stopping), runs)]
+        if averaging is not None:
+            averaging.update(epoch, step.params)
+    states = stopping.best if stopping is not None else averaging.states(len(runs)) if averaging is not None else None
+    scorers = [MILScorer(m, r.mean, r.std, device) for m, r in zip(step.trained(states), runs)]
     if stopping is not None:
         for i, (s, r) in enumerate(zip(scorers, runs)):
             s.history, s.best_epoch, s.validation = stopping.history[i], stopping.best_epoch[i], r.held_out
@@ -201,6 +214,30 @@ class _EarlyStopping:
             self.history[i].append(loss)
             if self.best_epoch[i] is None or loss < min(self.history[i][:-1]):  # ties keep the earlier epoch
                 self.best_epoch[i], self.best[i] = epoch, step.state(i)
+
+
+class _WeightAverage:
+    """The running mean of the (stacked) parameters at the end of every epoch from `start` on: stochastic weight
+    averaging (Izmailov et al. 2018) without its batch-norm pass (these models have none). One bag per step leaves
+    the last weights wherever the last few bags pushed them; their mean over epochs is a flatter, steadier point
+    at the same inference cost (one model)."""
+
+    def __init__(self, start: int) -> None:
+        self.start, self.n, self.mean = start, 0, None
+
+    def update(self, epoch: int, params: dict) -> None:
+        if epoch < self.start:
+            return
+        self.n += 1
+        if self.mean is None:
+            self.mean = {k: v.detach().clone() for k, v in params.items()}
+        else:
+            for k, v in params.items():
+                self.mean[k] += (v.detach() - self.mean[k]) / self.n
+
+    def states(self, models: int) -> list[dict]:
+        """One state dict per model (the stacked means split again when several trained in lockstep)."""
+        return [{k: (v[i] if models > 1 else v) for k, v in self.mean.items()} for i in range(models)]
 
 
 @dataclass
@@ -345,11 +382,12 @@ class _Lockstep:
                 losses.append(float(torch.nn.functional.binary_cross_entropy_with_logits(bag, y)))
         return losses
 
-    def trained(self, stopping: _EarlyStopping | None = None) -> list:
-        """The trained models, in eval mode: with early stopping, each with its best epoch's weights."""
+    def trained(self, states: list[dict] | None = None) -> list:
+        """The trained models, in eval mode: with `states` (early stopping's best epochs, averaged weights), each
+        with its own of those weights."""
         for i, m in enumerate(self.models):
-            if stopping is not None:
-                m.load_state_dict(stopping.best[i])
+            if states is not None:
+                m.load_state_dict(states[i])
             elif len(self.models) > 1:
                 m.load_state_dict({k: v[i].detach() for k, v in self.params.items()})
             m.eval()
