@@ -204,6 +204,35 @@ def test_weight_averaging_returns_the_mean_of_the_last_epochs_weights(data) -> N
         fit(train, replace(cfg, average=0.5, validation=0.2))
 
 
+def test_clip_limits_standardised_features_in_training_and_at_inference(data) -> None:
+    """`clip` = c: `pad` writes clip((v - mean) / std, -c, c), and the fitted scorer clips the same way, so a value
+    pushed far beyond the bound scores exactly as the bound itself (a heavy-tailed feature's outlier cannot drive
+    a bag's score)."""
+    from dataclasses import replace
+
+    from cytoretrieve.queries.mil.models import pad
+
+    train, test, _ = data
+    bags = [np.asarray(b, dtype=np.float32) for b in test.vectors[:3]]
+    mean, std = np.zeros(train.dim, np.float32) + 0.1, np.full(train.dim, 0.5, np.float32)
+    x, mask = pad(bags, "cpu", mean, std, clip=1.5)
+    for i, b in enumerate(bags):
+        np.testing.assert_allclose(x[i, : len(b)].numpy(), np.clip((b - mean) / std, -1.5, 1.5), rtol=1e-6)
+    assert not mask[0, len(bags[0]):].any() and float(x.abs().max()) <= 1.5
+
+    cfg = MILTrainConfig(epochs=3, clip=3.0, device="cpu")
+    scorer = fit(train, cfg)
+    assert scorer.clip == 3.0
+    bag = np.asarray(test.vectors[0], dtype=np.float32).copy()
+    at_bound, beyond = bag.copy(), bag.copy()
+    at_bound[0, 0] = scorer.mean[0] + 3.0 * scorer.std[0]
+    beyond[0, 0] = scorer.mean[0] + 300.0 * scorer.std[0]
+    p = [scorer.predict([b])[0][0] for b in (at_bound, beyond)]
+    assert p[0] == pytest.approx(p[1], abs=1e-7)
+    unclipped = fit(train, replace(cfg, clip=0.0))
+    assert unclipped.predict([beyond])[0][0] != pytest.approx(unclipped.predict([at_bound])[0][0], abs=1e-7)
+
+
 def test_train_config_round_trips_through_its_dict_and_a_schedule_must_be_known(data) -> None:
     from cytoretrieve.errors import CytoError
 

@@ -92,12 +92,13 @@ class MILModel(nn.Module):
 
 
 def pad(bags: Sequence, device: str | torch.device = "cpu", mean: np.ndarray | None = None,
-        std: np.ndarray | None = None, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        std: np.ndarray | None = None, length: int = 0, clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad a list of (n_i, D) arrays (any float dtype) into x (B, N, D) float32 and mask (B, N) bool, N the
     largest n_i (at least `length`).
 
     With `mean` and `std`, each bag is standardised, (v - mean) / std in float32 (the same numbers as numpy's), as
-    it is copied in: the batch exists once, not also as a standardised copy of every bag first.
+    it is copied in: the batch exists once, not also as a standardised copy of every bag first. `clip` > 0 then
+    limits each value to +-clip (standard deviations, when standardised).
     """
     n = max(max((len(b) for b in bags), default=0), length)
     d = int(bags[0].shape[1])
@@ -114,6 +115,8 @@ def pad(bags: Sequence, device: str | torch.device = "cpu", mean: np.ndarray | N
             xi -= m
         if s is not None:
             xi /= s
+        if clip > 0:
+            np.clip(xi, -clip, clip, out=xi)
         xn[i, k:] = 0
         mask[i, :k] = True
     return x.to(device), mask.to(device)

@@ -72,6 +72,7 @@ class MILTrainConfig:
     augment_max: int = 4  # annotated positives inserted into an augmented bag: 1 to this many
     max_instances: int = 8192  # training bags larger than this are subsampled (each epoch anew)
     standardise: bool = True
+    clip: float = 0.0  # standardised features limited to +-clip (outlying values of heavy-tailed features); 0 = off
     schedule: str = "constant"  # learning rate over the epochs: a name of SCHEDULES
     validation: float = 0.0  # fraction of training bags held out (stratified) to pick the best epoch; 0 = off
     average: float = 0.0  # fraction of the last epochs whose end-of-epoch weights are averaged (SWA); 0 = off
@@ -85,8 +86,8 @@ class MILTrainConfig:
 class MILScorer:
     """A trained model with its feature standardisation: `predict(bags)` -> (bag probabilities, instance scores)."""
 
-    def __init__(self, model, mean: np.ndarray, std: np.ndarray, device: str) -> None:  # noqa: ANN001
-        self.model, self.mean, self.std, self.device = model, mean, std, device
+    def __init__(self, model, mean: np.ndarray, std: np.ndarray, device: str, clip: float = 0.0) -> None:  # noqa: ANN001
+        self.model, self.mean, self.std, self.device, self.clip = model, mean, std, device, clip
         self.history: list[float] = []  # validation loss per epoch (early stopping only)
         self.best_epoch: int | None = None  # the epoch whose weights these are (early stopping only)
         self.validation: np.ndarray | None = None  # indices of the training bags held out for it
@@ -102,7 +103,7 @@ class MILScorer:
         with torch.inference_mode():
             for a in range(0, len(vectors), batch_size):
                 chunk = vectors[a:a + batch_size]
-                x, mask = pad(chunk, self.device, self.mean, self.std)
+                x, mask = pad(chunk, self.device, self.mean, self.std, clip=self.clip)
                 bag, scores, _ = self.model(x, mask)
                 probs.extend(torch.sigmoid(bag).cpu().numpy().tolist())
                 s = scores.cpu().numpy()
@@ -158,6 +159,8 @@ def fit_many(sets: Sequence[Bags], configs: Sequence[MILTrainConfig],
         raise CytoError(f"unknown learning-rate schedule '{cfg.schedule}' (one of {', '.join(SCHEDULES)})")
     if not 0 <= cfg.validation < 1:
         raise CytoError(f"`validation` is a fraction of the training bags in [0, 1), not {cfg.validation}")
+    if cfg.clip < 0:
+        raise CytoError(f"`clip` is a bound in standard deviations (0 = off), not {cfg.clip}")
     if not 0 <= cfg.average <= 1:
         raise CytoError(f"`average` is a fraction of the epochs in [0, 1], not {cfg.average}")
     if cfg.average > 0 and cfg.validation > 0:
@@ -182,7 +185,7 @@ def fit_many(sets: Sequence[Bags], configs: Sequence[MILTrainConfig],
         if averaging is not None:
             averaging.update(epoch, step.params)
     states = stopping.best if stopping is not None else averaging.states(len(runs)) if averaging is not None else None
-    scorers = [MILScorer(m, r.mean, r.std, device) for m, r in zip(step.trained(states), runs)]
+    scorers = [MILScorer(m, r.mean, r.std, device, cfg.clip) for m, r in zip(step.trained(states), runs)]
     if stopping is not None:
         for i, (s, r) in enumerate(zip(scorers, runs)):
             s.history, s.best_epoch, s.validation = stopping.history[i], stopping.best_epoch[i], r.held_out
@@ -343,7 +346,7 @@ class _Lockstep:
 
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         n = max(len(v) for c in chunks for v in c)
-        batches = [pad(c, self.device, r.mean, r.std, length=n) for r, c in zip(runs, chunks)]  # standardised
+        batches = [pad(c, self.device, r.mean, r.std, length=n, clip=self.cfg.clip) for r, c in zip(runs, chunks)]  # standardised
         if len(batches) == 1:  # a view, not a copy of a (possibly cohort-sized) batch
             x, mask = batches[0][0].unsqueeze(0), batches[0][1].unsqueeze(0)
         else:
@@ -374,7 +377,7 @@ class _Lockstep:
         losses = []
         with torch.no_grad():
             for i, (m, r) in enumerate(zip(self.models, runs)):
-                x, mask = pad(list(r.val.vectors), self.device, r.mean, r.std)
+                x, mask = pad(list(r.val.vectors), self.device, r.mean, r.std, clip=self.cfg.clip)
                 y = torch.as_tensor(np.asarray(r.val.y, dtype=np.float32), device=self.device)
                 m.eval()
                 bag = functional_call(m, self.state(i), (x, mask))[0] if len(self.models) > 1 else m(x, mask)[0]
