@@ -94,42 +94,42 @@ def embed_knn(backbone, scratch: Path, name: str) -> dict:  # noqa: ANN001
 def raw_pixels(size: int = 32, mode: str = "RGB") -> dict:
     """Each Herlev image resized to size x size (bilinear, `mode` RGB or L), flattened: the colour-and-shape
     baseline; `centred` subtracts the mean image first (cosine k-NN of raw pixels mostly compares brightness)."""
-    x, labels = pixels(size, mode)
+    x, labels, _ = pixels(size, mode)
     return {**knn_vectors(x, labels), "centred": knn_vectors(x - x.mean(0), labels)["weighted"]}
 
 
-def pixels(size: int = 32, mode: str = "RGB"):  # noqa: ANN201 - (vectors, labels) in id order
+def pixels(size: int = 32, mode: str = "RGB"):  # noqa: ANN201 - (vectors, labels, ids) in id order
     import numpy as np
     from PIL import Image
 
     from cytoretrieve.sources.cells import open_dataset
 
-    records = open_dataset(HERLEV).records  # sorted by id, as `table_vectors` sorts the table's rows
+    records = sorted(open_dataset(HERLEV).records, key=lambda r: r.id)  # as `table_vectors` sorts the table's rows
     x = np.stack([np.asarray(Image.open(r.path).convert(mode).resize((size, size), Image.Resampling.BILINEAR),
                              dtype=np.float32).ravel() for r in records])
-    return x, [r.label for r in records]
+    return x, [r.label for r in records], [r.id for r in records]
 
 
-def table_vectors(table):  # noqa: ANN001, ANN201 - (vectors, labels) sorted by id
-    import numpy as np
-
+def table_vectors(table):  # noqa: ANN001, ANN201 - (vectors, labels, ids) sorted by id
     vectors, meta = table.vectors(["id", "label"])
-    order = np.argsort(np.asarray(meta.column("id").to_pylist(), dtype=object))
-    return vectors[order], [meta.column("label").to_pylist()[i] for i in order]
+    ids, labels = meta.column("id").to_pylist(), meta.column("label").to_pylist()
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return vectors[order], [labels[i] for i in order], [ids[i] for i in order]
 
 
 def paired(named: dict, reference: str, runs: int) -> dict:
-    """Weighted F1 of each (vectors, labels) of `named` on the same `runs` seeded splits (each at its own k*), and
-    `reference` minus each other one per split: mean, standard error (sample std / sqrt(runs)), splits won."""
+    """Weighted F1 of each (vectors, labels, ids) of `named` on the same `runs` seeded splits (each at its own
+    k*), and `reference` minus each other one per split: mean, standard error (sample std / sqrt(runs)), splits
+    won. Every entry must hold the same cells in the same order (checked by id), so that a split is the same cells."""
     import numpy as np
 
     from cytoretrieve.queries.knn import classify
 
-    labels = named[reference][1]
+    ids = named[reference][2]
     f1 = {}
-    for name, (vectors, lab) in named.items():
-        if lab != labels:
-            raise ValueError(f"{name}: rows not in the reference's order")
+    for name, (vectors, lab, row_ids) in named.items():
+        if row_ids != ids:
+            raise ValueError(f"{name}: not the reference's cells in the reference's order")
         r = classify(vectors, lab, vote="weighted", runs=runs)
         f1[name] = {"f1": r.weighted_f1_mean, "std": r.weighted_f1_std, "k": r.k_best, "runs": r.weighted_f1_runs}
     ref = np.asarray(f1[reference]["runs"])
@@ -148,9 +148,9 @@ def compare(scratch: Path, final: dict, runs: int) -> dict:
 
     dino = table_vectors(Store(scratch / Path(final["checkpoint"]).stem).open("herlev"))
     rnd = table_vectors(Store(scratch / "random").open("herlev"))
-    x, labels = pixels(32)
-    named = {"dino": dino, "dino_centred": (dino[0] - dino[0].mean(0), dino[1]), "random_init": rnd,
-             "pixels": (x, labels), "pixels_centred": (x - x.mean(0), labels)}
+    x, labels, ids = pixels(32)
+    named = {"dino": dino, "dino_centred": (dino[0] - dino[0].mean(0), *dino[1:]), "random_init": rnd,
+             "pixels": (x, labels, ids), "pixels_centred": (x - x.mean(0), labels, ids)}
     out = paired(named, "dino", runs)
     centred = paired({k: named[k] for k in ("dino_centred", "pixels_centred")}, "dino_centred", runs)
     out["difference"]["pixels_centred, both centred"] = centred["difference"]["pixels_centred"]

@@ -93,11 +93,14 @@ def main() -> None:
         print(markdown(out["results"], args.method))
 
 
-def _repeats(paths: list[str]) -> dict[str, dict[int, np.ndarray]]:
-    """dataset -> repeat -> its fold accuracies, from saved runs (split by dataset or by `--first-repeat`)."""
+def _repeats(paths: list[str], folds: int) -> dict[str, dict[int, np.ndarray]]:
+    """dataset -> repeat -> its fold accuracies, from saved runs (split by dataset or by `--first-repeat`), all of
+    `folds` folds (repeat r's splits are KFold(folds, seed r): the same folds, the same splits)."""
     out: dict[str, dict[int, np.ndarray]] = {}
     for p in paths:
         run = json.loads(Path(p).read_text())
+        if run["folds"] != folds:
+            raise SystemExit(f"{p}: {run['folds']}-fold CV, not {folds}: not the same splits, nothing to pair")
         for name, r in run["results"].items():
             acc = np.asarray(r["accuracies"]).reshape(len(r["repeat_means"]), -1)
             for j, row in enumerate(acc):
@@ -109,7 +112,8 @@ def paired_from_json(paths: list[str], against: list[str]) -> str:
     """A configuration against a baseline, fold by fold: repeat r of both has the same splits (KFold seed r) and the
     same fold seeds, so the difference of two fold accuracies leaves out how hard that fold's split is. Per
     dataset, on the repeats both ran: both means and the mean difference +- its standard error over the folds."""
-    new, base = _repeats(paths), _repeats(against)
+    folds = json.loads(Path(paths[0]).read_text())["folds"]
+    new, base = _repeats(paths, folds), _repeats(against, folds)
     lines = ["| dataset | repeats | this | baseline | difference (points) +- SE |", "|---|---|---|---|---|"]
     for name in (k for k in DATASETS if k in new and k in base):
         reps = sorted(set(new[name]) & set(base[name]))

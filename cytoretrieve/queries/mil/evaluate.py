@@ -219,7 +219,7 @@ def cross_validate(bags: Bags, split, method: str = "abmil", *, train_config=Non
 def repeated_cv(bags: Bags, config=None, *, folds: int = 10, repeats: int = 5, seed: int = 0,  # noqa: ANN001
                 method: str = "abmil") -> np.ndarray:
     """Accuracies of the (folds x repeats) protocol: KFold(shuffle) over bags, repeat r seeded `seed + r`, the
-    model standardised and trained on the training bags of each fold (fold f of repeat r seeded
+    model standardised (and clipped, `config.clip`) and trained on the training bags of each fold (fold f of repeat r seeded
     `config.seed + 1000 r + f`; a repeat's folds trained in lockstep by `fit_many`), accuracy at probability 0.5
     on its test bags. Fold order: repeat by repeat."""
     from dataclasses import replace
