@@ -81,24 +81,47 @@ def knn_vectors(vectors, labels) -> dict:  # noqa: ANN001
     return out
 
 
-def embed_knn(backbone, scratch: Path, name: str) -> dict:  # noqa: ANN001
-    """Embed Herlev with `backbone` into a fresh table of the scratch store, then k-NN on it."""
+def embed_table(backbone, scratch: Path, name: str):  # noqa: ANN001, ANN201 - (VectorTable, seconds)
+    """Embed Herlev with `backbone` into a fresh table of the scratch store (`scratch / name`)."""
     from cytoretrieve.embed import embed
     from cytoretrieve.store.tables import Store
 
     store = Store(scratch / name)
     report = embed(HERLEV, backbone, store, table="herlev", device="cpu")
-    return {"embed_s": round(report.seconds, 1), **knn(store.open("herlev"))}
+    return store.open("herlev"), report.seconds
 
 
-def raw_pixels(size: int = 32, mode: str = "RGB") -> dict:
-    """Each Herlev image resized to size x size (bilinear, `mode` RGB or L), flattened: the colour-and-shape
-    baseline; `centred` subtracts the mean image first (cosine k-NN of raw pixels mostly compares brightness)."""
-    x, labels, _ = pixels(size, mode)
+def embed_knn(backbone, scratch: Path, name: str) -> dict:  # noqa: ANN001
+    """Embed Herlev with `backbone` into a fresh table of the scratch store, then k-NN on it."""
+    table, seconds = embed_table(backbone, scratch, name)
+    return {"embed_s": round(seconds, 1), **knn(table)}
+
+
+def teacher(checkpoint: Path, scratch: Path):  # noqa: ANN201 - (Backbone, ExportReport)
+    """The checkpoint's teacher, exported (`cytoretrieve export`) into the scratch folder and loaded."""
+    from cytoretrieve.backbones import load_backbone
+    from cytoretrieve.train.export import export
+
+    rep = export(checkpoint, scratch / f"{checkpoint.stem}.safetensors")
+    return load_backbone(None, str(rep.weights), device="cpu"), rep
+
+
+def random_init():  # noqa: ANN201 - a Backbone
+    """The baseline architecture at seeded random init, 64 px, letterbox (as the tiny recipe trains it)."""
+    from cytoretrieve.backbones import load_backbone
+
+    return load_backbone("resnet18", "random", image_size=64, resize="letterbox", device="cpu")
+
+
+def raw_pixels(pix: tuple) -> dict:
+    """k-NN of `pixels()`' vectors, the colour-and-shape baseline; `centred` subtracts the mean image first (cosine
+    k-NN of raw pixels mostly compares brightness)."""
+    x, labels, _ = pix
     return {**knn_vectors(x, labels), "centred": knn_vectors(x - x.mean(0), labels)["weighted"]}
 
 
 def pixels(size: int = 32, mode: str = "RGB"):  # noqa: ANN201 - (vectors, labels, ids) in id order
+    """Each Herlev image resized to size x size (bilinear, `mode` RGB or L), flattened."""
     import numpy as np
     from PIL import Image
 
@@ -142,13 +165,14 @@ def paired(named: dict, reference: str, runs: int) -> dict:
     return out
 
 
-def compare(scratch: Path, final: dict, runs: int) -> dict:
-    """The paired comparison of the final DINO teacher's table against the baselines (raw and centred)."""
+def compare(scratch: Path, final: dict, pix: tuple, runs: int) -> dict:
+    """The paired comparison of the final DINO teacher's table against the baselines (`pix`: `pixels(32)`; raw and
+    centred)."""
     from cytoretrieve.store.tables import Store
 
     dino = table_vectors(Store(scratch / Path(final["checkpoint"]).stem).open("herlev"))
     rnd = table_vectors(Store(scratch / "random").open("herlev"))
-    x, labels, ids = pixels(32)
+    x, labels, ids = pix
     named = {"dino": dino, "dino_centred": (dino[0] - dino[0].mean(0), *dino[1:]), "random_init": rnd,
              "pixels": (x, labels, ids), "pixels_centred": (x - x.mean(0), labels, ids)}
     out = paired(named, "dino", runs)
@@ -169,16 +193,12 @@ def checkpoints(run: Path) -> list[Path]:
 
 def evaluate_run(run: Path, scratch: Path) -> list[dict]:
     """Herlev k-NN of every kept checkpoint's exported teacher (one row per epoch; the final one once)."""
-    from cytoretrieve.backbones import load_backbone
-    from cytoretrieve.train.export import export
-
     rows, seen = [], set()
     for ckpt in checkpoints(run):
-        rep = export(ckpt, scratch / f"{ckpt.stem}.safetensors")
+        backbone, rep = teacher(ckpt, scratch)
         if (rep.epoch, rep.step) in seen:
             continue
         seen.add((rep.epoch, rep.step))
-        backbone = load_backbone(None, str(rep.weights), device="cpu")
         row = {"checkpoint": ckpt.name, "epoch": rep.epoch, "step": rep.step,
                **embed_knn(backbone, scratch, ckpt.stem)}
         rows.append(row)
@@ -237,17 +257,15 @@ def main() -> None:
         scratch = Path(tmp)
         out["rows"] = evaluate_run(args.run, scratch)
         if not args.no_baselines:
-            from cytoretrieve.backbones import load_backbone
-
-            rnd = load_backbone("resnet18", "random", image_size=64, resize="letterbox", device="cpu")
-            out["random_init"] = embed_knn(rnd, scratch, "random")
+            out["random_init"] = embed_knn(random_init(), scratch, "random")
             print(line("resnet18 random init, 64 px", out["random_init"]), flush=True)
-            out["raw_pixels_32"] = raw_pixels(32)
+            rgb = pixels(32)  # read once: the paired comparison uses the same vectors
+            out["raw_pixels_32"] = raw_pixels(rgb)
             print(line("raw pixels 32 x 32 RGB", out["raw_pixels_32"]), flush=True)
-            out["raw_grey_32"] = raw_pixels(32, "L")
+            out["raw_grey_32"] = raw_pixels(pixels(32, "L"))
             print(line("raw pixels 32 x 32 grey", out["raw_grey_32"]), flush=True)
             if args.paired_runs and out["rows"]:
-                out["paired"] = compare(scratch, out["rows"][-1], args.paired_runs)
+                out["paired"] = compare(scratch, out["rows"][-1], rgb, args.paired_runs)
     out["log"] = log_summary(args.run)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -30,25 +30,17 @@ def tails(x: np.ndarray) -> str:
 
 
 def herlev(checkpoint: Path) -> dict[str, np.ndarray]:
-    """Herlev embeddings of the checkpoint's teacher and of random init (scratch stores, deleted after)."""
+    """Herlev embeddings of the checkpoint's teacher and of random init, as `dino_knn.py` embeds them (scratch
+    stores, deleted after)."""
     import torch
 
-    from cytoretrieve.backbones import load_backbone
-    from cytoretrieve.embed import embed
-    from cytoretrieve.store.tables import Store
-    from cytoretrieve.train.export import export
+    from dino_knn import embed_table, random_init, teacher
 
     torch.set_num_threads(1)
-    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rep = export(checkpoint, Path(tmp) / "teacher.safetensors")
-        for name, bb in (("Herlev, DINO teacher", load_backbone(None, str(rep.weights), device="cpu")),
-                         ("Herlev, random init", load_backbone("resnet18", "random", image_size=64,
-                                                               resize="letterbox", device="cpu"))):
-            store = Store(Path(tmp) / name.replace(" ", "_").replace(",", ""))
-            embed(DATA / "herlev_derived_jpg", bb, store, table="h", device="cpu")
-            out[name] = store.open("h").vectors()[0]
-    return out
+        scratch = Path(tmp)
+        backbones = {"Herlev, DINO teacher": teacher(checkpoint, scratch)[0], "Herlev, random init": random_init()}
+        return {name: embed_table(bb, scratch, f"b{i}")[0].vectors()[0] for i, (name, bb) in enumerate(backbones.items())}
 
 
 def main() -> None:
