@@ -35,7 +35,7 @@ def machine() -> dict[str, Any]:
     import numpy as np
 
     info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "cpu": cpu_model(),
         "python": platform.python_version(),

@@ -2,7 +2,7 @@
 
 classify = open the Herlev table, read its 917 vectors and labels (`classify_table`), run the paper's protocol
 (k 1-100, 4 seeded runs) with BOTH votes, majority and weighted: the same calls `cytoretrieve classify` makes.
-re-embed = the `cytoretrieve.embed.embed` job over the same 917 images with the same backbone into a fresh table
+re-embed = the `cytoretrieve.jobs.embed.embed` job over the same 917 images with the same backbone into a fresh table
 (what a pipeline without a store would pay for every evaluation). One process, side by side; the embed that
 creates the table is the re-embed measurement (a second copy is embedded so both numbers come from one run).
 Ratio = re-embed seconds / classify seconds. Target: >= 100.
@@ -40,8 +40,8 @@ def time_classify(store: Any, table: str, runs: int, ks: str, repeats: int) -> t
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from cytoretrieve.backbones import load_backbone
-    from cytoretrieve.embed import embed
+    from cytoretrieve.jobs.embed import embed
+    from cytoretrieve.models.backbones import load_backbone
     from cytoretrieve.queries.knn import classify_table
     from cytoretrieve.store.tables import Store
 

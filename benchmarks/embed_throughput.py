@@ -1,7 +1,7 @@
 """Figure 2: `embed` throughput vs the bare backbone forward pass, on the real Herlev images.
 
-`embed` = the real `cytoretrieve.embed.embed` job into a fresh LanceDB table (listing, decoding, preprocessing,
-thumbnails, inference, commits, `finish`). Bare = `prepare` + `forward` from cytoretrieve.embed on the same
+`embed` = the real `cytoretrieve.jobs.embed.embed` job into a fresh LanceDB table (listing, decoding, preprocessing,
+thumbnails, inference, commits, `finish`). Bare = `prepare` + `forward` from cytoretrieve.jobs.embed on the same
 images already preprocessed into tensors: same backbone, batch size, device and image count. Both run in one
 process. The machine is shared and noisy, so the bare forward pass is measured right before and right after every
 embed job, and each job's ratio = its img/s / the mean of those two bare img/s; the headline is the median ratio
@@ -25,7 +25,7 @@ import _common
 
 def bare_forward(model: Any, tensors: Any, batch_size: int, device: str) -> tuple[float, float]:
     """(wall, CPU) seconds of `forward` over every batch of the pre-loaded tensors."""
-    from cytoretrieve.embed import forward
+    from cytoretrieve.models.inference import forward
 
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(tensors), batch_size):
@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from cytoretrieve.backbones import load_backbone
-    from cytoretrieve.embed import embed, forward, prepare
+    from cytoretrieve.jobs.embed import embed
+    from cytoretrieve.models.backbones import load_backbone
+    from cytoretrieve.models.inference import forward, prepare
     from cytoretrieve.runtime import default_workers, resolve_device
     from cytoretrieve.sources.cells import open_dataset
     from cytoretrieve.store.tables import Store

@@ -6,10 +6,10 @@
 1. Writes `--measure` synthetic TRIDENT files (`features` float32 (patches, dim), `coords` int64 on a grid, TRIDENT's
    attributes) into a work folder outside the repository (default: the system temp dir). Not timed as part of the
    import; its time is printed.
-2. Import: `cytoretrieve.interop.import_h5` into a fresh LanceDB table, in a fresh subprocess, so the peak resident
+2. Import: `cytoretrieve.jobs.import_h5.import_h5` into a fresh LanceDB table, in a fresh subprocess, so the peak resident
    memory (ru_maxrss) is the job's own. The job checks every file first (datasets, lengths, NaN / inf, read in
    chunks), then reads and commits one slide at a time, then compacts and indexes the table (`finish`).
-3. Export: `cytoretrieve.queries.export_h5.export_h5` of that table to TRIDENT files, in a fresh subprocess.
+3. Export: `cytoretrieve.jobs.export_h5.export_h5` of that table to TRIDENT files, in a fresh subprocess.
 4. Round trip: the exported files of a few slides are compared with the originals (vectors and coordinates, exactly).
 
 When `--measure` is below `--slides` (a documented fraction, to keep the run short on a shared machine) the
@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import loadavg, machine, print_machine, write_json  # noqa: E402
 
@@ -66,10 +64,10 @@ from cytoretrieve.store.tables import Store
 store = Store({store!r})
 start = time.perf_counter()
 if {what!r} == "import":
-    from cytoretrieve.interop import import_h5
+    from cytoretrieve.jobs.import_h5 import import_h5
     report = import_h5({folder!r}, store, "cohort_uni")
 else:
-    from cytoretrieve.queries.export_h5 import export_h5
+    from cytoretrieve.jobs.export_h5 import export_h5
     report = export_h5(store.open("cohort_uni"), {out!r}, layout="trident")
 seconds = time.perf_counter() - start
 print(json.dumps({{"rows": report.rows, "seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))

@@ -45,8 +45,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import loadavg, machine, print_machine, write_json  # noqa: E402
 
@@ -533,8 +531,7 @@ def retrieval_baseline(train, bags, n_slides: int, cfg, seed: int, sample=None) 
 
     import numpy as np
 
-    from cytoretrieve.store.index import build
-    from cytoretrieve.store.index import l2_normalise
+    from cytoretrieve.store.index import build, l2_normalise
 
     t0 = time.perf_counter()
     neg = np.concatenate([train.vectors[i] for i in range(len(train)) if train.y[i] == 0]).astype(np.float32)

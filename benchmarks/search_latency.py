@@ -260,8 +260,8 @@ def breakdown(table: Any, ids: list[str]) -> dict[str, float]:
     """p50 ms of the steps of a search by id, timed one by one through public calls on the same ids: the ones
     `search` makes now (all in memory but the FAISS search), and the two LanceDB queries it made before (the
     query row, the hits' metadata), to show what keeping those in memory saves."""
-    from cytoretrieve.store.index import table_index
     from cytoretrieve.queries.search import HIT_COLUMNS
+    from cytoretrieve.store.index import table_index
     from cytoretrieve.store.tables import row_key
 
     names = ["table_index (memory)", "query vector from the index", "FAISS search",
@@ -286,8 +286,8 @@ def breakdown(table: Any, ids: list[str]) -> dict[str, float]:
 
 def bench_dim(store: Any, n: int, dim: int, queries: int, seed: int) -> dict[str, Any]:
     """One table of `n` x `dim`: ingest, index build, then timed searches and their recall@10."""
-    from cytoretrieve.store.index import forget_loaded, table_index
     from cytoretrieve.queries.search import search
+    from cytoretrieve.store.index import forget_loaded, table_index
 
     vectors = clustered_vectors(n, dim, seed)
     table, ingest_s = make_table(store, f"synthetic_{dim}", vectors)

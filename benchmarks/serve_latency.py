@@ -90,13 +90,13 @@ def summary(seconds: list[float]) -> dict[str, float]:
 def alternate(upload: Any, backbone: Any, image: bytes, n: int) -> tuple[list[float], list[float]]:
     """(upload seconds, embedding-alone seconds), timed in turn: the embedding alone is what the server does per
     upload without the server (decode + preprocess + forward)."""
-    from cytoretrieve.embed import embed_images
+    from cytoretrieve.models.inference import embed_images
     from cytoretrieve.queries.search import decode_image
 
     embed = lambda i: embed_images(backbone, [decode_image(image)], "cpu")  # noqa: E731
     embed(0)  # warm-up
     ups, alone = [], []
-    for i in range(n):
+    for _i in range(n):
         ups += timed(upload, 1)
         alone += timed(embed, 1)
     return ups, alone
@@ -154,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.queries = 20_000, 40
-    from cytoretrieve.backbones import load_backbone
+    from cytoretrieve.models.backbones import load_backbone
 
     info = _common.machine()
     _common.print_machine(info)

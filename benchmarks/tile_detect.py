@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +35,6 @@ from typing import Any
 
 import _common
 import numpy as np
-
-sys.path.insert(0, str(_common.ROOT / "tests"))
 
 PYRAMIDS = {"aperio": (1, 4, 16, 64), "halving": (1, 2, 4, 8, 16, 32)}
 SIDE = 28_160  # level-0 px (14.1 mm at 0.5 um/px; a multiple of 256 and of every downsample)
@@ -47,7 +44,7 @@ BAND = 512  # level-0 rows drawn at a time (a multiple of every downsample and o
 
 def place_cells(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Cell centres over the deposit (70% scattered, 30% in clusters) and the library index of each."""
-    from synthetic_smears import MPP, cell_library
+    from cytoretrieve.sources.slides.synthetic_smears import MPP, cell_library
 
     rng = np.random.default_rng(seed)
     radius, c = DEPOSIT_MM * 500 / MPP, SIDE / 2
@@ -61,7 +58,7 @@ def place_cells(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def draw_band(y0: int, pts: np.ndarray, which: np.ndarray) -> np.ndarray:
     """Level-0 rows [y0, y0 + BAND) of the slide: glass with every cell that reaches into them multiplied in."""
-    from synthetic_smears import GLASS, cell_library
+    from cytoretrieve.sources.slides.synthetic_smears import GLASS, cell_library
 
     library = cell_library()
     band = np.empty((BAND, SIDE, 3), np.uint8)
@@ -85,7 +82,8 @@ def write_slide(path: Path, downsamples: tuple[int, ...], n_cells: int, compress
     """The SurePath-sized smear as a pyramidal TIFF: level 0 streamed band by band, reduced levels kept in memory."""
     import tifffile
     from PIL import Image
-    from synthetic_smears import MPP
+
+    from cytoretrieve.sources.slides.synthetic_smears import MPP
 
     pts, which = place_cells(n_cells, seed)
     reduced = {d: np.empty((SIDE // d, SIDE // d, 3), np.uint8) for d in downsamples[1:]}
@@ -139,8 +137,8 @@ def time_parts(path: Path) -> dict[str, float]:
 
 
 def time_job(path: Path, preview: bool) -> float:
+    from cytoretrieve.jobs.tile import tile_slides
     from cytoretrieve.store.tables import Store
-    from cytoretrieve.tile import tile_slides
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -168,9 +166,8 @@ def bench(name: str, path: Path, repeats: int) -> dict[str, Any]:
 
 def smear_quality(folder: Path, seeds: list[int]) -> list[dict[str, Any]]:
     """Cell recall and empty kept tiles of the default rule on the test suite's small smears, seed by seed."""
-    from synthetic_smears import DENSITIES, tile_truth, write_smear
-
     from cytoretrieve.sources.slides.grid import GridSpec
+    from cytoretrieve.sources.slides.synthetic_smears import DENSITIES, tile_truth, write_smear
     from cytoretrieve.sources.slides.tiling import tile_slide
 
     rows = []

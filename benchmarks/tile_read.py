@@ -43,7 +43,7 @@ def rss_mib(field: str = "VmRSS") -> float:
 
 
 def memory_part(n_slides: int) -> dict[str, Any]:
-    from cytoretrieve.tile import tile_slides
+    from cytoretrieve.jobs.tile import tile_slides
     from cytoretrieve.store.tables import Store
 
     marks = {1, n_slides // 2, n_slides}

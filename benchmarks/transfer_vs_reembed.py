@@ -2,7 +2,7 @@
 
 transfer = open the Herlev (support) and CRIC (target) tables, read their vectors and binary labels, choose k by
 5-fold weighted F1 on Herlev (k 1-50), predict every CRIC cell and score it: the `cytoretrieve.queries.transfer.transfer`
-call that `cytoretrieve transfer` makes. re-embed = the `cytoretrieve.embed.embed` job over both image sets with the
+call that `cytoretrieve transfer` makes. re-embed = the `cytoretrieve.jobs.embed.embed` job over both image sets with the
 same backbone into fresh tables (what a pipeline without a store would pay). One process, side by side; the embeds
 that create the tables come first, then the transfer repeats, then a second copy of both is embedded and timed.
 CRIC's binary mapping is written as a JSON label map in a temporary folder: "Negative for intraepithelial lesion"
@@ -37,10 +37,10 @@ def cric_label_map(folder: Path) -> Path:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from cytoretrieve.backbones import load_backbone
-    from cytoretrieve.embed import embed
-    from cytoretrieve.store.tables import Store
+    from cytoretrieve.jobs.embed import embed
+    from cytoretrieve.models.backbones import load_backbone
     from cytoretrieve.queries.transfer import transfer
+    from cytoretrieve.store.tables import Store
 
     backbone = load_backbone(args.arch, "random", image_size=args.image_size, device="cpu")
     size = backbone.preprocessing.size

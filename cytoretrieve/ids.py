@@ -1,8 +1,21 @@
-"""Row ids derived from the source, so that every job is idempotent: a tile's id is its slide and its square."""
+"""Ids derived from the source, so that every job is idempotent: a slide's id is its file name without its suffix,
+a tile's id is its slide and its square."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
+
+# File suffixes taken as slides when a folder is given (the slide backends decide what they can read).
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+
+
+def slide_id(path: str | Path) -> str:
+    """A slide's id: its file name without a known slide suffix (`a/CMU-1.svs` -> `CMU-1`)."""
+    name = Path(str(path)).name
+    stem, suffix = os.path.splitext(name)
+    return stem if suffix.lower() in SLIDE_EXTENSIONS else name
 
 
 def tile_id(slide: str, x: int, y: int, extent: int) -> str:

@@ -15,7 +15,7 @@ HEAVY = ("torch", "timm", "lancedb", "sklearn", "faiss", "matplotlib")
 
 
 def test_cli_import_loads_no_heavy_library() -> None:
-    code = "import sys, cytoretrieve.cli; print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    code = f"import sys, cytoretrieve.cli; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 

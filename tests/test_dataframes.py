@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cytoretrieve.store.tables import Store
+from helpers.paths import README
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- dataframes: tests/test_dataframes.py runs this block -->"
 
 

@@ -18,6 +18,7 @@ import pytest
 from cytoretrieve.cli import run
 from cytoretrieve.sources.cells.synthetic import make_cells
 from cytoretrieve.store.tables import Store
+from helpers.paths import MIL
 
 EMBED = ["--backbone", "resnet18", "--weights", "random", "--image-size", "32", "--batch-size", "8",
          "--workers", "0", "--commit-rows", "16"]
@@ -105,7 +106,7 @@ def test_search_killed_while_caching_its_index_rebuilds_it(cells: Path, tmp_path
 
 
 def test_tile_killed_after_a_slide_resumes_the_rest(tmp_path: Path) -> None:
-    from synthetic_slides import write_standard_slide
+    from helpers.synthetic_slides import write_standard_slide
 
     folder = tmp_path / "slides"
     folder.mkdir()
@@ -254,11 +255,12 @@ def test_tables_and_dedupe_show_and_remove_duplicates(cells: Path, tmp_path: Pat
 
 
 def test_score_out_killed_midway_is_completed_by_a_rerun(tmp_path: Path) -> None:
-    from cytoretrieve.queries.mil.bags import bags_to_table, read_npz, write_group_labels
+    from cytoretrieve.queries.mil.bags import bags_to_table, write_group_labels
     from cytoretrieve.sources.cohort.labels import read_labels
     from cytoretrieve.sources.cohort.split import make_split, write_split
+    from experiments.mil_data import read_npz
 
-    musk = Path(__file__).resolve().parents[2] / "shared" / "data" / "mil-benchmarks" / "npz" / "musk1.npz"
+    musk = MIL / "npz" / "musk1.npz"
     if not musk.exists():
         pytest.skip(f"MIL benchmarks not found at {musk}")
     bags = read_npz(musk)
@@ -302,7 +304,7 @@ def test_search_messages_a_user_sees(cells: Path, tmp_path: Path, capsys) -> Non
 @pytest.mark.parametrize("flag", ["--mpp", "--objective"])
 def test_tile_refuses_a_non_positive_pixel_size_even_for_slides_that_have_one(tmp_path: Path, flag: str,
                                                                                 capsys) -> None:
-    from synthetic_slides import write_standard_slide  # its metadata holds a pixel size: the reader never asks
+    from helpers.synthetic_slides import write_standard_slide  # its metadata holds a pixel size: the reader never asks
 
     slide = write_standard_slide(tmp_path / "standard.tiff")
     assert run(["tile", str(slide), "--store", str(tmp_path / "s"), flag, "-1"]) == 2

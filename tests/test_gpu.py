@@ -70,8 +70,8 @@ def test_torchrun_nccl_process_trains_and_exports(cells: Path, tmp_path: Path) -
 def test_embedding_on_the_gpu_matches_the_cpu(cells: Path) -> None:
     from PIL import Image
 
-    from cytoretrieve.backbones import load_backbone
-    from cytoretrieve.embed import embed_images
+    from cytoretrieve.models.backbones import load_backbone
+    from cytoretrieve.models.inference import embed_images
 
     backbone = load_backbone("resnet18", "random", image_size=64)
     images = [Image.open(p).convert("RGB") for p in sorted(cells.rglob("*.png"))[:8]]
@@ -82,11 +82,10 @@ def test_embedding_on_the_gpu_matches_the_cpu(cells: Path) -> None:
 
 
 def test_mil_model_trains_on_the_gpu() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from mil_synthetic import synthetic_bags
-
     from cytoretrieve.queries.mil.evaluate import auc
-    from cytoretrieve.queries.mil.train import MILTrainConfig as TrainConfig, fit
+    from cytoretrieve.queries.mil.train import MILTrainConfig as TrainConfig
+    from cytoretrieve.queries.mil.train import fit
+    from helpers.mil_synthetic import synthetic_bags
 
     train_bags, _ = synthetic_bags(60, seed=0)
     test_bags, _ = synthetic_bags(40, seed=1)
@@ -101,7 +100,7 @@ def test_retrieval_centroids_search_on_the_gpu() -> None:
 
     if not gpu_available():
         pytest.skip("needs faiss-gpu")
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parent / "queries"))
     from test_mil_retrieval import _cohort
 
     from cytoretrieve.queries.mil.bags import Bags

@@ -54,8 +54,8 @@ def test_queries_read_only_the_store() -> None:
     # exception: search embeds a new query image with the table's own backbone
     cohort = ("cytoretrieve.sources.cohort",)
     allowed = {p: cohort for p in MODULES if p.startswith("cytoretrieve/queries/")}
-    allowed["cytoretrieve/queries/search.py"] = (*cohort, "cytoretrieve.backbones", "cytoretrieve.embed")
-    forbidden = ("cytoretrieve.sources", "cytoretrieve.backbones", "cytoretrieve.embed", "openslide")
+    allowed["cytoretrieve/queries/search.py"] = (*cohort, "cytoretrieve.models.backbones", "cytoretrieve.jobs.embed")
+    forbidden = ("cytoretrieve.sources", "cytoretrieve.models.backbones", "cytoretrieve.jobs.embed", "openslide")
     assert _offenders("cytoretrieve/queries/", forbidden, allowed) == []
 
 

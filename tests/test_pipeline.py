@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cytoretrieve.backbones import load_backbone
-from cytoretrieve.embed import embed
 from cytoretrieve.errors import CytoError
+from cytoretrieve.jobs.embed import embed
+from cytoretrieve.models.backbones import load_backbone
 from cytoretrieve.queries.knn import classify_table
 from cytoretrieve.queries.search import search
 from cytoretrieve.store.tables import Store
@@ -193,7 +193,7 @@ def test_vectors_match_a_direct_forward(herlev_store: Store, herlev_root: Path, 
     """What the job stored is what the model computes for that image (no shuffling of rows and vectors)."""
     from PIL import Image
 
-    from cytoretrieve.embed import embed_images
+    from cytoretrieve.models.inference import embed_images
 
     table = herlev_store.open("herlev_resnet18")
     row = table.row_by_id("severe_dysplastic/" + sorted(os.listdir(herlev_root / "severe_dysplastic"))[3], ["path", "vector"])

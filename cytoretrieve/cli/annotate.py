@@ -41,9 +41,9 @@ def import_(
     Example: cytoretrieve annotations import case-001.geojson --slide slides/case-001.svs
     """
     from cytoretrieve.errors import CytoError
+    from cytoretrieve.jobs.tile import import_annotations
     from cytoretrieve.sources.cells.labels import BETHESDA, load_label_map
     from cytoretrieve.sources.slides.annotations import pair_annotations
-    from cytoretrieve.tile import import_annotations
     from cytoretrieve.store.tables import Store
 
     labels = load_label_map(label_map) if label_map is not None else BETHESDA

@@ -9,9 +9,10 @@ from __future__ import annotations
 import shlex
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -40,10 +41,10 @@ def download(
     name: Annotated[str, typer.Argument(help="Dataset to fetch: herlev or sipakmed.")],
     to: Annotated[Path, typer.Option("--to", help="Folder to download and unpack into.")],
     url: Annotated[
-        Optional[str], typer.Option("--url", help="Use this archive instead (http(s), file:// or a local path).")
+        str | None, typer.Option("--url", help="Use this archive instead (http(s), file:// or a local path).")
     ] = None,
     sha256: Annotated[
-        Optional[str], typer.Option("--sha256", help="Expected sha256 (comma-separated, one per archive, for several).")
+        str | None, typer.Option("--sha256", help="Expected sha256 (comma-separated, one per archive, for several).")
     ] = None,
 ) -> None:
     """Download NAME into --to, verify its checksum, unpack it, and print the dataset root."""
@@ -88,7 +89,7 @@ def info(
         str, typer.Option("--layout", help="auto, herlev, sipakmed, sipakmed-full, folders or manifest.")
     ] = "auto",
     label_map: Annotated[
-        Optional[Path], typer.Option("--label-map", help="JSON or CSV file: class -> binary (1/0/null) [and name].")
+        Path | None, typer.Option("--label-map", help="JSON or CSV file: class -> binary (1/0/null) [and name].")
     ] = None,
 ) -> None:
     """Show the layout, dataset name and per-class counts (code, long name, binary) of SOURCE."""

@@ -28,9 +28,9 @@ def demo(
     internet). With the default random-weight backbone the numbers show the pipeline working, not a trained
     model; see the README for the same run on Herlev with pretrained or DINO weights.
     """
-    from cytoretrieve.store.tables import Store, table_name_for
     from cytoretrieve.sources.cells import open_dataset
     from cytoretrieve.sources.cells.synthetic import make_cells
+    from cytoretrieve.store.tables import Store, table_name_for
 
     console = Console()
     label_map = None

@@ -48,8 +48,8 @@ def embed(
 
     resolve_source(source)  # a bad path fails here, in well under a second, before torch and timm load
 
-    from cytoretrieve.backbones import load_backbone
-    from cytoretrieve.embed import embed as run_embed
+    from cytoretrieve.jobs.embed import embed as run_embed
+    from cytoretrieve.models.backbones import load_backbone
     from cytoretrieve.store.tables import Store
 
     console = Console(stderr=True)

@@ -28,10 +28,9 @@ def build(
     """
     import time
 
+    from cytoretrieve.errors import CytoError
     from cytoretrieve.store.index import KINDS, table_index
     from cytoretrieve.store.tables import Store
-
-    from cytoretrieve.errors import CytoError
 
     if kind != "auto" and kind not in KINDS:
         raise CytoError(f"unknown index kind '{kind}' (one of auto, {', '.join(KINDS)})")

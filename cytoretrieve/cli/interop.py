@@ -56,7 +56,7 @@ def import_h5(
     """
     from rich.console import Console
 
-    from cytoretrieve.interop import import_h5 as run_import
+    from cytoretrieve.jobs.import_h5 import import_h5 as run_import
     from cytoretrieve.store.tables import Store
 
     report = run_import(folder, Store(store), table, layout=layout, encoder=encoder, slides=slides, labels=labels,
@@ -91,7 +91,7 @@ def export_h5(
     """
     from rich.console import Console
 
-    from cytoretrieve.queries.export_h5 import export_h5 as run_export
+    from cytoretrieve.jobs.export_h5 import export_h5 as run_export
     from cytoretrieve.store.tables import Store
 
     report = run_export(Store(store).open(table), out, layout=layout, overwrite=overwrite, where=where)

@@ -10,7 +10,6 @@ import typer
 
 from cytoretrieve.cli import options
 
-
 _SHORT = {"auc": "AUC", "balanced_accuracy": "bal. acc.", "sensitivity": "sens.", "specificity": "spec.", "f1": "F1",
           "accuracy": "acc."}
 
@@ -62,9 +61,9 @@ def score(
 
     from cytoretrieve.errors import CytoError
     from cytoretrieve.queries.mil.evaluate import ALL_METHODS, METRICS, score_table, top_tiles
-    from cytoretrieve.views.plots import plot_roc
     from cytoretrieve.queries.mil.retrieval import REFERENCES, RetrievalConfig
     from cytoretrieve.queries.mil.train import MILTrainConfig, resolve_device
+    from cytoretrieve.views.plots import plot_roc
 
     if method not in ALL_METHODS:
         raise CytoError(f"unknown --method '{method}' (one of {', '.join(ALL_METHODS)})")
@@ -101,8 +100,8 @@ def score(
     if json_out:
         options.write_json({"tiles": tiles, "labels": str(labels), "split": str(split), **result.to_dict()}, json_out)
     if out is not None:
-        from cytoretrieve.views.heatmap import write_heatmaps
         from cytoretrieve.store.tables import Store
+        from cytoretrieve.views.heatmap import write_heatmaps
 
         out.mkdir(parents=True, exist_ok=True)
         from cytoretrieve.views.score_geojson import write_score_geojson

@@ -58,8 +58,8 @@ def tile(
     Example: cytoretrieve tile slides/ --labels slides.csv --preview qc/
     """
     from cytoretrieve.errors import CytoError
+    from cytoretrieve.jobs.tile import tile_slides
     from cytoretrieve.sources.cohort.labels import read_labels
-    from cytoretrieve.tile import tile_slides
     from cytoretrieve.store.tables import Store
 
     err = Console(stderr=True)

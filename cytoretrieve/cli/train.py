@@ -135,7 +135,14 @@ def train(
 
 
 def _run_training(config, resume: bool, console, main: bool) -> None:  # noqa: ANN001
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from cytoretrieve.train.loop import train as run_train
 

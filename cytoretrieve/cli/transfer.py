@@ -83,8 +83,9 @@ def transfer(
     """
     from cytoretrieve.errors import CytoError
     from cytoretrieve.queries.knn import parse_ks
+    from cytoretrieve.queries.transfer import check_fingerprints
+    from cytoretrieve.queries.transfer import transfer as run_transfer
     from cytoretrieve.store.tables import Store
-    from cytoretrieve.queries.transfer import check_fingerprints, transfer as run_transfer
 
     specs = [[name.strip() for name in s.split(",")] for s in support]
     if any(not name for spec in specs for name in spec):

@@ -27,7 +27,7 @@ from cytoretrieve.store.index import ROW_COLUMNS, TableIndex, l2_normalise, tabl
 from cytoretrieve.store.tables import VectorTable, row_key
 
 if TYPE_CHECKING:
-    from cytoretrieve.backbones import Backbone
+    from cytoretrieve.models.backbones import Backbone
 
 HIT_COLUMNS = ROW_COLUMNS  # a hit's metadata: the columns a table's index keeps beside it
 MAX_PIXELS = 50_000_000  # a query image larger than this (w x h) is refused: PIL's decompression-bomb guard
@@ -193,7 +193,7 @@ _BACKBONES_LOCK = threading.Lock()
 
 def table_backbone(table: VectorTable) -> Backbone:
     """The backbone that embedded the table, built once per process (fingerprint checked) and kept."""
-    from cytoretrieve.backbones import backbone_from_metadata
+    from cytoretrieve.models.backbones import backbone_from_metadata
 
     key = table.fingerprint
     with _BACKBONES_LOCK:
@@ -209,7 +209,7 @@ def table_backbone(table: VectorTable) -> Backbone:
 
 def query_vector_from_image(table: VectorTable, image: str | Path | bytes | Image.Image, device: str = "auto") -> np.ndarray:
     """Embed one image with the backbone recorded in the table's metadata (its fingerprint is checked)."""
-    from cytoretrieve.embed import embed_images
+    from cytoretrieve.models.inference import embed_images
 
     return embed_images(table_backbone(table), [load_query_image(image)], device)[0]
 

@@ -13,7 +13,7 @@ x, y of each patch's top-left corner). Where they differ is the patch geometry:
 A layout is a small reader (`LAYOUTS`: name -> function reading a file's geometry); "auto" picks TRIDENT when the
 file has its attributes, else CLAM. Files are checked before anything is read in bulk (`inspect_folder`), so a bad
 file stops an import before any row is written; `read_patches` then yields one slide at a time (streamed).
-Nothing here writes the store: `cytoretrieve.interop` does.
+Nothing here writes the store: `cytoretrieve.jobs.import_h5` does.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import h5py
 import numpy as np
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.ids import tile_id
+from cytoretrieve.ids import slide_id, tile_id
 from cytoretrieve.sources.cohort.labels import SlideLabel
-from cytoretrieve.sources.slides.reader import slide_id
 
 SUFFIXES = (".h5", ".hdf5")
 FINITE_CHUNK = 8192  # rows checked for NaN / inf at a time (bounded memory on any file)

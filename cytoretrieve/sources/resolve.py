@@ -41,7 +41,7 @@ def resolve_source(spec: str | Path, *, param: str = "source") -> Source:
         suffix = path.suffix.lower()
         if suffix == ".csv":
             return Source("manifest", str(path.resolve()))
-        from cytoretrieve.sources.slides.reader import SLIDE_EXTENSIONS  # openslide: only for a file to tell
+        from cytoretrieve.ids import SLIDE_EXTENSIONS
 
         if suffix in SLIDE_EXTENSIONS:
             return Source("slide", str(path.resolve()))

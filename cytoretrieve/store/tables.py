@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lancedb
-from lancedb.index import BTree
 import numpy as np
 import pyarrow as pa
+from lancedb.index import BTree
 
 from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
@@ -228,7 +228,7 @@ class Store:
             "backbone": backbone,
             "dataset": dataset,
             "cytoretrieve": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         if name in self.table_names():
             table = self.open(name)

@@ -68,7 +68,7 @@ def tile_table_meta(source: str, settings: dict[str, Any]) -> dict[str, Any]:
         "source": source,
         **settings,
         "cytoretrieve": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from cytoretrieve.preprocess import border_colour, to_rgb
+from cytoretrieve.models.preprocess import border_colour, to_rgb
 from cytoretrieve.train.config import IMAGENET_MEAN, IMAGENET_STD, PasteSpec, ViewSpec  # the run's settings
 
 BICUBIC = Image.Resampling.BICUBIC

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.preprocess import to_rgb
+from cytoretrieve.models.preprocess import to_rgb
 from cytoretrieve.sources.cells.record import accepted_endings, walk_images
 from cytoretrieve.sources.cohort.split import load_split
 from cytoretrieve.sources.resolve import not_a_table, resolve_source

@@ -1,5 +1,5 @@
 """Checkpoint -> `X.safetensors` (the teacher's backbone, as DINO recommends) + `X.json`
-`{"arch", "preprocessing", "dino": {...}}`, which `cytoretrieve.backbones.load_backbone(None, "X.safetensors")`
+`{"arch", "preprocessing", "dino": {...}}`, which `cytoretrieve.models.backbones.load_backbone(None, "X.safetensors")`
 and `cytoretrieve embed --weights X.safetensors` read; the backbone fingerprint then ties embeddings to it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import safetensors.torch
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.preprocess import RESIZES, Preprocessing
+from cytoretrieve.models.preprocess import RESIZES, Preprocessing
 from cytoretrieve.train import checkpoint as ckpt
 
 WHICH = ("teacher", "student")
@@ -33,7 +33,7 @@ def export(checkpoint: str | Path, out: str | Path, *, which: str = "teacher", r
            image_size: int | None = None) -> ExportReport:
     """Write the backbone of `which` network to `out` (.safetensors) and its JSON config beside it, then load it
     back through `load_backbone` (the path `embed` takes) to check it and report its fingerprint."""
-    from cytoretrieve.backbones import load_backbone
+    from cytoretrieve.models.backbones import load_backbone
 
     if which not in WHICH:
         raise CytoError(f"unknown network {which!r}: use teacher (DINO's choice) or student")

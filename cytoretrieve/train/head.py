@@ -112,7 +112,7 @@ def create_backbone(arch: str, *, image_size: int, drop_path_rate: float = 0.0) 
     """A randomly initialised timm backbone with no classifier, drawn from the caller's RNG (the run's seed).
     Fixed-size models (ViTs) are built at `image_size` with dynamic_img_size, so local crops of another size
     pass and `embed` rebuilds the same model: `backbones.create_model` is the one place that creates them."""
-    from cytoretrieve.backbones import create_model
+    from cytoretrieve.models.backbones import create_model
 
     return create_model(arch, img_size=int(image_size), drop_path_rate=drop_path_rate, seed=None)
 

@@ -67,11 +67,10 @@ def _draw_confusion(fig, ax, result: ClassifyResult) -> None:
 def plot_roc(result, path, title: str | None = None) -> None:  # noqa: ANN001 - a queries.mil.evaluate.CVResult
     """ROC of the out-of-fold slide scores (bold) and of each test fold (thin), with the AUCs."""
     import numpy as np
-
-    from cytoretrieve.queries.mil.evaluate import auc, roc_curve
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from cytoretrieve.queries.mil.evaluate import auc, roc_curve
 
     fig = Figure(figsize=(5, 5), dpi=120)
     FigureCanvasAgg(fig)

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.queries.stats import mean_std
 from cytoretrieve.queries.mil.bags import Bags, Positives
+from cytoretrieve.queries.stats import mean_std
 
 METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
 ALL_METHODS = ("abmil", "gated", "mean", "max", "topk", "retrieval")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
+from cytoretrieve.errors import CytoError
 from cytoretrieve.sources.cells.folders import looks_like_folders, plain_label_map, read_folders
 from cytoretrieve.sources.cells.herlev import looks_like_herlev, read_herlev
 from cytoretrieve.sources.cells.labels import BETHESDA, HERLEV, SIPAKMED, LabelMap, load_label_map
@@ -21,7 +22,6 @@ from cytoretrieve.sources.cells.record import (
     visible_dirs,
 )
 from cytoretrieve.sources.cells.sipakmed import looks_like_sipakmed, read_sipakmed
-from cytoretrieve.errors import CytoError
 
 LAYOUTS: tuple[str, ...] = ("auto", "herlev", "sipakmed", "sipakmed-full", "folders", "manifest")
 """Values accepted by `open_dataset(layout=...)`. `sipakmed-full` reads the multi-cell images instead of the crops."""

@@ -18,12 +18,12 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from cytoretrieve.sources.cells.detect import DETECTORS, find_nested
 from cytoretrieve.errors import CytoError
+from cytoretrieve.sources.cells.detect import DETECTORS, find_nested
 
 Progress = Callable[[str, int, "int | None"], None]
 """Called as progress(file_name, bytes_done, bytes_total_or_None) while a file downloads."""

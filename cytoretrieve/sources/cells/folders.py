@@ -9,9 +9,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from cytoretrieve.errors import CytoError
 from cytoretrieve.sources.cells.labels import LabelMap
 from cytoretrieve.sources.cells.record import CellRecord, images_in, relative_id, visible_dirs
-from cytoretrieve.errors import CytoError
 
 
 def class_folders(root: Path) -> dict[str, list[Path]]:

@@ -10,9 +10,9 @@ import csv
 import os
 from pathlib import Path
 
+from cytoretrieve.errors import CytoError
 from cytoretrieve.sources.cells.labels import LabelMap
 from cytoretrieve.sources.cells.record import IMAGE_SUFFIXES, CellRecord, accepted_endings
-from cytoretrieve.errors import CytoError
 
 PATH_COLUMNS = ("path", "file")
 

@@ -12,6 +12,7 @@ import re
 import warnings
 from pathlib import Path
 
+from cytoretrieve.errors import CytoError
 from cytoretrieve.sources.cells.labels import SIPAKMED, LabelMap
 from cytoretrieve.sources.cells.record import (
     CellRecord,
@@ -21,7 +22,6 @@ from cytoretrieve.sources.cells.record import (
     require_class_folders,
     visible_dirs,
 )
-from cytoretrieve.errors import CytoError
 
 FOLDER_NAMES: dict[str, str] = {
     "im_Superficial-Intermediate": "SI",

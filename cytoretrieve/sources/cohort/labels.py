@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.sources.slides.reader import SLIDE_EXTENSIONS, slide_id
+from cytoretrieve.ids import SLIDE_EXTENSIONS, slide_id
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Whole-slide images as a source: reading (OpenSlide), cell-deposit detection, the tile grid, one slide -> tile rows,
-and QuPath annotations -> annotation rows. Nothing here writes: `cytoretrieve.tile` stores what these modules yield.
+and QuPath annotations -> annotation rows. Nothing here writes: `cytoretrieve.jobs.tile` stores what these modules yield.
 
 | module | one job |
 |---|---|

@@ -6,7 +6,7 @@ string is accepted too). Supported geometries: Point, MultiPoint (one annotation
 MultiPolygon (centred on the area-weighted centroid). Features without a classification, with another geometry,
 or centred outside the slide are reported and not imported; none of that stops the import.
 
-Two tile tables (kind `tiles`, source `annotations`) come out of one import (`cytoretrieve.tile.import_annotations`
+Two tile tables (kind `tiles`, source `annotations`) come out of one import (`cytoretrieve.jobs.tile.import_annotations`
 writes them), both at `target_mpp` (20x):
 - `<table>_cells`: a square crop around each annotation: `cell_size` px for a point, the polygon's bounding
   box plus `margin` on each side for a polygon (at least `cell_size`);
@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cytoretrieve.sources.cells.labels import BETHESDA, LabelMap
 from cytoretrieve.errors import CytoError
-from cytoretrieve.ids import tile_id
+from cytoretrieve.ids import slide_id, tile_id
+from cytoretrieve.sources.cells.labels import BETHESDA, LabelMap
 from cytoretrieve.sources.cohort.labels import expand_slides
-from cytoretrieve.sources.slides.reader import Slide, slide_id
+from cytoretrieve.sources.slides.reader import Slide
 
 CELL_SIZE = 128  # px at target_mpp around a point annotation (64 um at 0.5 um/px)
 MARGIN = 0.1  # of a polygon's bounding box, on each side

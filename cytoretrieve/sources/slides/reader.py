@@ -24,22 +24,14 @@ import openslide
 from PIL import Image
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.ids import slide_id
 
-# File suffixes taken as slides when a folder is given (OpenSlide itself decides what it can read).
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 PLAUSIBLE_MPP = (0.05, 20.0)  # um/px a slide scanner can produce; other metadata values are ignored
 MAX_UPSAMPLE = 4.0  # tiles are not made by enlarging a slide more than this
 MPP_TOLERANCE = 0.02  # a level within 2% of the target mpp is read as is (scanners say 0.499 or 0.5025 for 20x)
 DEFAULT_CACHE_BYTES = 64 << 20  # one OpenSlide tile cache per process, shared by all open slides
 DEFAULT_MAX_OPEN = 8  # slide handles a reader keeps open per process (least recently used are closed)
 RESAMPLE = Image.Resampling.LANCZOS
-
-
-def slide_id(path: str | Path) -> str:
-    """A slide's id: its file name without a known slide suffix (`a/CMU-1.svs` -> `CMU-1`)."""
-    name = Path(str(path)).name
-    stem, suffix = os.path.splitext(name)
-    return stem if suffix.lower() in SLIDE_EXTENSIONS else name
 
 
 def _tiff_problem(path: Path, size: int) -> str | None:

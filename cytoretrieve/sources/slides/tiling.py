@@ -1,7 +1,7 @@
 """One slide to tile rows: open it, choose the read level (once), lay the grid, let the tile rule decide which
 tiles are kept (`rules.py`), and list them.
 
-Nothing here writes: `cytoretrieve.tile` (the `tile` job) stores the rows, the preview and the overview.
+Nothing here writes: `cytoretrieve.jobs.tile` (the `tile` job) stores the rows, the preview and the overview.
 """
 
 from __future__ import annotations
