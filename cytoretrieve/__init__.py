@@ -1,8 +1,27 @@
 """cytoretrieve: Pap-smear cytology images to a searchable embedding store.
 
 Light on purpose: importing the package (and `cytoretrieve --help`) loads no torch, timm, lancedb or sklearn.
-The Python API lives in the submodules: `cytoretrieve.sources.cells`, `cytoretrieve.models.backbones`, `cytoretrieve.store.tables`,
-`cytoretrieve.jobs.embed`, `cytoretrieve.queries.knn`, `cytoretrieve.queries.search`.
+The main functions are here, imported on first use (`cytoretrieve.open_store`, `load_backbone`, `embed`,
+`classify`, `transfer`, `search`, `score`; examples in `cytoretrieve.api`); the rest lives in the pipeline's
+folders: `sources`, `models`, `jobs`, `store`, `queries`, `views`, `train`.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+_API = ("open_store", "load_backbone", "embed", "classify", "transfer", "search", "score")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from cytoretrieve import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cytoretrieve' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -13,7 +13,7 @@ import threading
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import parse_tile_id
 from cytoretrieve.queries.knn import majority_label
+from cytoretrieve.store.filters import Filters
 from cytoretrieve.store.index import ROW_COLUMNS, TableIndex, l2_normalise, table_index
 from cytoretrieve.store.tables import VectorTable, row_key
 
@@ -94,32 +95,6 @@ class SearchResult:
         out["label_counts"] = self.label_counts()
         out["binary_counts"] = self.binary_counts()
         return out
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Structured hit filters (a web form's fields): each set field must equal its value; None = any."""
-
-    label: str | None = None
-    binary: int | None = None
-    dataset: str | None = None
-    slide: str | None = None
-    extra: tuple[str, ...] = field(default=())  # further SQL conditions written by code, never by a request
-
-    def where(self) -> str | None:
-        """The SQL `where` these filters mean, with every value quoted; None when nothing is filtered."""
-        parts = [f"`{name}` = {_sql_value(value)}" for name, value in
-                 (("label", self.label), ("dataset", self.dataset), ("slide", self.slide)) if value is not None]
-        if self.binary is not None:
-            if self.binary not in (0, 1):
-                raise CytoError(f"`binary` must be 0 or 1, not {self.binary}")
-            parts.append(f"`binary` = {int(self.binary)}")
-        parts.extend(f"({c})" for c in self.extra)
-        return " AND ".join(parts) or None
-
-
-def _sql_value(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _hit_rows(table: VectorTable, index: TableIndex, keys: Sequence[int]) -> dict[int, dict[str, Any]]:

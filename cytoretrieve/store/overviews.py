@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from cytoretrieve.store.filters import one_of
 from cytoretrieve.store.tables import META_KEY, Store, retry_commit
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def read_overviews(store: Store, slides: Iterable[str]) -> dict[str, Overview]:
     found: dict[str, Overview] = {}
     for start in range(0, len(wanted), 500):
         part = wanted[start:start + 500]
-        where = "slide IN (" + ", ".join("'" + s.replace("'", "''") + "'" for s in part) + ")"
+        where = one_of("slide", part)
         for row in tbl.search().where(where).limit(None).to_arrow().to_pylist():
             found[row["slide"]] = Overview(**{f.name: row[f.name] for f in FIELDS})
     return found

@@ -30,6 +30,7 @@ from lancedb.index import BTree
 from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
 from cytoretrieve.faults import failpoint
+from cytoretrieve.store.filters import equals
 from cytoretrieve.store.lease import Lease, acquire, state
 
 DEFAULT_STORE = "indexes"
@@ -123,10 +124,6 @@ def require_unique(table: str, ids: pa.ChunkedArray | pa.Array) -> None:
     if extra:
         raise CytoError(f"table '{table}' holds {extra} duplicated row(s) (an id stored more than once), which would "
                         f"leak between train and test: run `cytoretrieve dedupe --table {table}` first")
-
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
@@ -297,8 +294,14 @@ class Table:
     def version(self) -> int:
         return int(self.tbl.version)
 
-    def count(self) -> int:
-        return int(self.tbl.count_rows())
+    def count(self, where: str | None = None) -> int:
+        """Rows in the table, or those matching a SQL `where` (made with `store.filters`)."""
+        return int(self.tbl.count_rows(where) if where else self.tbl.count_rows())
+
+    @property
+    def columns(self) -> list[str]:
+        """The table's column names."""
+        return list(self.tbl.schema.names)
 
     def scan(self, columns: Sequence[str], where: str | None = None, row_id: bool = False) -> pa.RecordBatchReader:
         """Stream the given columns in batches, optionally filtered by a SQL `where`; `row_id` adds LanceDB's
@@ -450,7 +453,7 @@ class VectorTable(Table):
 
     def row_by_id(self, row_id: str, columns: Sequence[str]) -> dict[str, Any]:
         """One row by id; a missing id is a user error."""
-        table = self.read(columns, f"id = {_sql_str(row_id)}")
+        table = self.read(columns, equals("id", row_id))
         if table.num_rows == 0:
             raise CytoError(f"no row with id '{row_id}' in table '{self.name}'")
         return table.to_pylist()[0]

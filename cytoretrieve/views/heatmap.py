@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cytoretrieve.store.filters import HAS_LOCATION, equals
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -98,8 +100,7 @@ def _lut(name: str = CMAP) -> np.ndarray:
 
 def slide_tiles(table: VectorTable, group_column: str, slide: str) -> dict[str, dict[str, Any]]:
     """{tile id: row (x, y, tile_size, mpp)} of one slide's rows that have level-0 coordinates."""
-    where = f"`{group_column}` = '" + slide.replace("'", "''") + "'"
-    rows = table.read(["id", "x", "y", "tile_size", "mpp"], where).to_pylist()
+    rows = table.read(["id", "x", "y", "tile_size", "mpp"], equals(group_column, slide)).to_pylist()
     return {r["id"]: r for r in rows if r["x"] is not None and r["y"] is not None}
 
 
@@ -180,7 +181,7 @@ def write_heatmaps(table: VectorTable, result: CVResult, bags: Bags, folder: Pat
     folder = Path(folder)
     if not result.slides:
         return [], []
-    if table.tbl.count_rows("x IS NOT NULL AND y IS NOT NULL") == 0:
+    if table.count(HAS_LOCATION) == 0:
         return [], [f"no heat maps: table '{table.name}' has no tile coordinates (x, y); heat maps need a tile "
                     "table (`cytoretrieve tile`, then `embed`)"]
     from cytoretrieve.store.overviews import read_overviews

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cytoretrieve.store.filters import HAS_LOCATION
 from cytoretrieve.views.geojson import NEGATIVE_COLOR, POSITIVE_COLOR, SlideSquare, write_geojson
 from cytoretrieve.views.heatmap import display_scores, safe_names, slide_tiles, tile_extents
 
@@ -36,7 +37,7 @@ def tile_classes(method: str, shown: np.ndarray, slide_positive: bool) -> list[s
 def write_score_geojson(table: VectorTable, result: CVResult, bags: Bags, folder: Path, *,
                         group_column: str = "slide", object_type: str = "tile") -> tuple[list[Path], list[str]]:
     """Write folder/geojson/<slide>.geojson for each scored slide with tile coordinates; (files, notes)."""
-    if not result.slides or table.tbl.count_rows("x IS NOT NULL AND y IS NOT NULL") == 0:
+    if not result.slides or table.count(HAS_LOCATION) == 0:
         return [], [f"no GeoJSON: table '{table.name}' has no tile coordinates (x, y)"] if result.slides else []
     thresholds = {f.fold: f.threshold for f in result.folds}
     pos = {name: i for i, name in enumerate(bags.names)}

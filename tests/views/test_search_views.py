@@ -14,9 +14,10 @@ from PIL import Image
 
 from cytoretrieve.cli import run
 from cytoretrieve.errors import CytoError
-from cytoretrieve.queries.search import Filters, Hit, SearchResult, search
+from cytoretrieve.queries.search import Hit, SearchResult, search
 from cytoretrieve.queries.search_eval import evaluate_search
 from cytoretrieve.sources.slides.annotations import Annotation, read_geojson
+from cytoretrieve.store.filters import Filters
 from cytoretrieve.store.tables import Store
 from cytoretrieve.views import contact_sheet
 from cytoretrieve.views.geojson import SlideSquare, class_color, feature_id, write_geojson

@@ -89,7 +89,7 @@ def binary_labels(labels: dict[str, SlideLabel] | str | Path) -> tuple[dict[str,
 
 
 def _group_column(table: VectorTable, group_column: str) -> str:
-    names = table.tbl.schema.names
+    names = table.columns
     if group_column not in names:
         raise CytoError(f"table '{table.name}' has no column '{group_column}' (columns: {', '.join(names)})")
     return group_column

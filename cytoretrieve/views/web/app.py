@@ -24,7 +24,8 @@ from fastapi.staticfiles import StaticFiles
 
 from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
-from cytoretrieve.queries.search import MAX_PIXELS, Filters, SearchResult
+from cytoretrieve.queries.search import MAX_PIXELS, SearchResult
+from cytoretrieve.store.filters import Filters
 from cytoretrieve.views.web.security import COOKIE, token_ok
 from cytoretrieve.views.web.service import NotFound, SearchRequest, Viewer
 

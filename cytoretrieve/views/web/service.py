@@ -14,7 +14,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from cytoretrieve.errors import CytoError
-from cytoretrieve.queries.search import MAX_PIXELS, Filters, SearchResult, decode_image, search, thumbnails
+from cytoretrieve.queries.search import MAX_PIXELS, SearchResult, decode_image, search, thumbnails
+from cytoretrieve.store.filters import Filters
 from cytoretrieve.store.overviews import read_overviews
 from cytoretrieve.store.tables import Store, VectorTable
 
