@@ -4,10 +4,12 @@ copy-paste, then each view (global 1, global 2, local crops), all at the global 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
-from cytoretrieve.train.data import TrainDataset
+if TYPE_CHECKING:  # views draw what they are handed: the trainer's dataset is only a type here
+    from cytoretrieve.train.data import TrainDataset
 
 PAD = 4
 

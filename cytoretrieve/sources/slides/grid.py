@@ -37,11 +37,7 @@ class GridSpec:
         return self.stride or self.tile_size
 
     def validate(self) -> None:
-        # imported here: the registry imports this module
-        from cytoretrieve.sources.slides.rules import RULES
-
-        if self.rule not in RULES:
-            raise CytoError(f"unknown `rule` '{self.rule}': use {' or '.join(RULES)}")
+        """The grid's own settings; the rule's name is checked by the rules registry (`rules.rule_params`)."""
         if self.tile_size < 8:
             raise CytoError(f"`tile_size` must be at least 8 px, not {self.tile_size}")
         if self.target_mpp <= 0:

@@ -99,6 +99,8 @@ RULES: dict[str, Rule] = {
 
 def rule_params(spec: GridSpec, params: Params | None) -> Params:
     """The settings of `spec.rule`: `params` when they are its kind, its defaults when None."""
+    if spec.rule not in RULES:
+        raise CytoError(f"unknown `rule` '{spec.rule}': use {' or '.join(RULES)}")
     spec.validate()
     rule = RULES[spec.rule]
     if params is None:
