@@ -224,7 +224,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from cytoretrieve.queries.mil.bags import load_bags
-    from cytoretrieve.queries.mil.evaluate import auc, fold_roles
+    from cytoretrieve.queries.mil.evaluate import fold_roles
+    from cytoretrieve.queries.mil.metrics import auc
     from cytoretrieve.sources.cohort.split import load_split
     from cytoretrieve.store.tables import Store
 
@@ -389,7 +390,8 @@ def hard_cohort(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from cytoretrieve.queries.mil.bags import Bags
-    from cytoretrieve.queries.mil.evaluate import auc, fold_roles
+    from cytoretrieve.queries.mil.evaluate import fold_roles
+    from cytoretrieve.queries.mil.metrics import auc
     from cytoretrieve.queries.mil.retrieval import fit_retrieval
 
     n, tiles, frac = args.hard_slides, args.hard_tiles, (args.hard_frac[0], args.hard_frac[1])
@@ -440,7 +442,7 @@ def exact_neighbours(chunks, q, k: int):  # noqa: ANN001, ANN201
     import faiss
     import numpy as np
 
-    from cytoretrieve.store.index import l2_normalise
+    from cytoretrieve.store.ann import l2_normalise
 
     heap = faiss.ResultHeap(len(q), k, keep_max=True)
     offset = 0
@@ -505,7 +507,7 @@ def retrieval_accuracy(scorer, train, x, abnormal) -> tuple[dict[str, Any], Any]
     returns the comparison and the exact results (for the baseline)."""
     import numpy as np
 
-    from cytoretrieve.store.index import l2_normalise
+    from cytoretrieve.store.ann import l2_normalise
 
     q = l2_normalise(x)
     k = scorer.config.k
@@ -531,7 +533,8 @@ def retrieval_baseline(train, bags, n_slides: int, cfg, seed: int, sample=None) 
 
     import numpy as np
 
-    from cytoretrieve.store.index import build, l2_normalise
+    from cytoretrieve.store.ann import l2_normalise
+    from cytoretrieve.store.index import build
 
     t0 = time.perf_counter()
     neg = np.concatenate([train.vectors[i] for i in range(len(train)) if train.y[i] == 0]).astype(np.float32)

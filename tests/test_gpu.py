@@ -82,7 +82,7 @@ def test_embedding_on_the_gpu_matches_the_cpu(cells: Path) -> None:
 
 
 def test_mil_model_trains_on_the_gpu() -> None:
-    from cytoretrieve.queries.mil.evaluate import auc
+    from cytoretrieve.queries.mil.metrics import auc
     from cytoretrieve.queries.mil.train import MILTrainConfig as TrainConfig
     from cytoretrieve.queries.mil.train import fit
     from helpers.mil_synthetic import synthetic_bags
@@ -96,7 +96,7 @@ def test_mil_model_trains_on_the_gpu() -> None:
 
 def test_retrieval_centroids_search_on_the_gpu() -> None:
     """With faiss-gpu, references = centroids puts its k-means and both sides' flat indexes on GPU 0."""
-    from cytoretrieve.store.index import gpu_available
+    from cytoretrieve.store.ann import gpu_available
 
     if not gpu_available():
         pytest.skip("needs faiss-gpu")
@@ -104,7 +104,7 @@ def test_retrieval_centroids_search_on_the_gpu() -> None:
     from test_mil_retrieval import _cohort
 
     from cytoretrieve.queries.mil.bags import Bags
-    from cytoretrieve.queries.mil.evaluate import auc
+    from cytoretrieve.queries.mil.metrics import auc
     from cytoretrieve.queries.mil.retrieval import RetrievalConfig, fit_retrieval
 
     train, y = _cohort(40, seed=0)

@@ -8,6 +8,10 @@ import typer
 from rich.console import Console
 
 from cytoretrieve.cli import options
+from cytoretrieve.store.ann import INDEX_KINDS  # names and help only: faiss is not imported
+
+KIND_HELP = "auto: the kind that suits the table's size, as said below. " + " ".join(
+    f"{kind.name}: {kind.help}." for kind in INDEX_KINDS.values())
 
 app = typer.Typer(help="The FAISS index cached beside each table.", no_args_is_help=True)
 
@@ -15,7 +19,7 @@ app = typer.Typer(help="The FAISS index cached beside each table.", no_args_is_h
 @app.command("build")
 def build(
     table: options.Table,
-    kind: Annotated[str, typer.Option("--kind", help="auto (flat up to 100k rows, else IVF), flat, ivf or hnsw.")] = "auto",
+    kind: Annotated[str, typer.Option("--kind", help=KIND_HELP)] = "auto",
     store: options.Store = options.DEFAULT_STORE,
 ) -> None:
     """Rebuild a table's index from scratch, retraining its quantiser.
@@ -28,12 +32,12 @@ def build(
     """
     import time
 
-    from cytoretrieve.errors import CytoError
-    from cytoretrieve.store.index import KINDS, table_index
+    from cytoretrieve.store.ann import index_kind
+    from cytoretrieve.store.index import table_index
     from cytoretrieve.store.tables import Store
 
-    if kind != "auto" and kind not in KINDS:
-        raise CytoError(f"unknown index kind '{kind}' (one of auto, {', '.join(KINDS)})")
+    if kind != "auto":
+        index_kind(kind)  # an unknown kind is a one-line error before the table is opened
     start = time.perf_counter()
     built = table_index(Store(store).open(table), kind, rebuild=True)
     Console().print(f"index of {table}: {built.kind}, {built.rows} rows, built in {time.perf_counter() - start:.1f} s")

@@ -10,22 +10,23 @@ Std is the population std (numpy's default, ddof=0): it is defined for a single 
 which it used. Ties: majority votes break count ties by the larger summed similarity, then by class order;
 weighted votes break exact ties by class order; k* ties go to the smallest k.
 
-All vote logic lives in `vote_all_k`; `classify` and `knn_predict` (used by search and transfer) both call it.
+Votes are a registry, `VOTES` (name -> `Vote`: a function giving every k's prediction at once, and its help);
+`register_vote` adds one. `vote_all_k` applies them; `classify` and `knn_predict` (used by search and transfer) both
+call it. Light to import (numpy; FAISS is loaded by the searches), so the CLI lists the votes.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.stats import mean_std
-from cytoretrieve.store.index import exact_neighbours, l2_normalise
+from cytoretrieve.store.ann import exact_neighbours, l2_normalise
 
-VOTES = ("majority", "weighted")
 _VOTE_CHUNK = 2048  # query rows voted at once: bounds the (rows, k, classes) arrays for large query sets
 
 
@@ -84,6 +85,60 @@ def parse_ks(spec: str) -> list[int]:
     return sorted(ks)
 
 
+# ------------------------------------------------------------------------------------------------------ votes
+
+# (neighbour class codes (n, k_max), their similarities (n, k_max), n_classes, temperature) -> (n, k_max) class
+# codes: column j is the vote of the first j+1 neighbours
+VoteFn = Callable[[np.ndarray, np.ndarray, int, float], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Vote:
+    name: str
+    fn: VoteFn
+    help: str  # one phrase, shown by the CLI's --vote help
+
+
+VOTES: dict[str, Vote] = {}
+
+
+def register_vote(name: str, fn: VoteFn, help: str) -> Vote:
+    """Add (or replace) the vote `name`; returns its record."""
+    VOTES[name] = Vote(name, fn, help)
+    return VOTES[name]
+
+
+def votes_help() -> str:
+    """Every vote with its help, for the CLI."""
+    return "; ".join(f"{v.name}: {v.help}" for v in VOTES.values())
+
+
+def cumulative_scores(codes: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n, k, C) running per-class sums of `weights` over the first 1..k neighbours."""
+    scores = np.zeros((*codes.shape, n_classes), dtype=np.float64)
+    np.put_along_axis(scores, codes[..., None], weights[..., None], axis=2)
+    return np.cumsum(scores, axis=1, out=scores)
+
+
+def _majority(codes: np.ndarray, sims: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
+    """One vote per neighbour; count ties go to the larger summed similarity, then to class order."""
+    counts = cumulative_scores(codes, np.ones_like(sims), n_classes)
+    sim_sums = cumulative_scores(codes, sims, n_classes)
+    tied = counts == counts.max(axis=2, keepdims=True)
+    return np.where(tied, sim_sums, -np.inf).argmax(axis=2)  # argmax takes the first: class order breaks ties
+
+
+def _weighted(codes: np.ndarray, sims: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
+    """DINO's vote: each neighbour adds exp(sim / T) to its class (shifted by the row's best similarity, which
+    scales a row's weights by one constant, so the argmax is unchanged but small T cannot overflow)."""
+    shifted = (sims - sims.max(axis=1, keepdims=True)) / temperature
+    return cumulative_scores(codes, np.exp(shifted), n_classes).argmax(axis=2)
+
+
+register_vote("majority", _majority, "one vote per neighbour")
+register_vote("weighted", _weighted, "DINO, each neighbour votes exp(sim/T)")
+
+
 def _check_vote(vote: str, temperature: float) -> None:
     if vote not in VOTES:
         raise CytoError(f"unknown vote {vote!r}: use one of {', '.join(VOTES)}")
@@ -91,44 +146,22 @@ def _check_vote(vote: str, temperature: float) -> None:
         raise CytoError(f"temperature must be > 0 (got {temperature})")
 
 
-# ----------------------------------------------------------------------------------------- neighbours and votes
+# ---------------------------------------------------------------------------------------------------- neighbours
 
 
 def vote_all_k(neighbour_codes: np.ndarray, sims: np.ndarray, n_classes: int, vote: str,
                temperature: float) -> np.ndarray:
-    """Predicted class code for every k = 1..k_max at once: (n_query, k_max) from (n_query, k_max) neighbours.
-
-    Column j is the prediction using the first j+1 neighbours. Weighted = DINO's vote: each neighbour adds
-    exp(sim / T) to its class (shifted by the row's best similarity, which scales a row's weights by one constant,
-    so the argmax is unchanged but small T cannot overflow).
-    """
+    """Predicted class code for every k = 1..k_max at once: (n_query, k_max) from (n_query, k_max) neighbours,
+    by the vote `VOTES[vote]`. Column j is the prediction using the first j+1 neighbours."""
     _check_vote(vote, temperature)
     codes = np.asarray(neighbour_codes, dtype=np.int64)
     sims = np.asarray(sims, dtype=np.float64)
     out = np.empty(codes.shape, dtype=np.int64)
     for start in range(0, codes.shape[0], _VOTE_CHUNK):
         rows = slice(start, start + _VOTE_CHUNK)
-        out[rows] = _vote_block(codes[rows], sims[rows], n_classes, vote, temperature)
+        if codes[rows].size:
+            out[rows] = VOTES[vote].fn(codes[rows], sims[rows], n_classes, temperature)
     return out
-
-
-def _cumulative_scores(codes: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n, k, C) running per-class sums of `weights` over the first 1..k neighbours."""
-    scores = np.zeros((*codes.shape, n_classes), dtype=np.float64)
-    np.put_along_axis(scores, codes[..., None], weights[..., None], axis=2)
-    return np.cumsum(scores, axis=1, out=scores)
-
-
-def _vote_block(codes: np.ndarray, sims: np.ndarray, n_classes: int, vote: str, temperature: float) -> np.ndarray:
-    if codes.size == 0:
-        return codes.copy()
-    if vote == "weighted":
-        shifted = (sims - sims.max(axis=1, keepdims=True)) / temperature
-        return _cumulative_scores(codes, np.exp(shifted), n_classes).argmax(axis=2)
-    counts = _cumulative_scores(codes, np.ones_like(sims), n_classes)
-    sim_sums = _cumulative_scores(codes, sims, n_classes)
-    tied = counts == counts.max(axis=2, keepdims=True)
-    return np.where(tied, sim_sums, -np.inf).argmax(axis=2)  # argmax takes the first: class order breaks ties
 
 
 def knn_predict(train_vectors: np.ndarray, train_labels_codes: np.ndarray, query_vectors: np.ndarray, k: int,

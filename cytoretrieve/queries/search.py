@@ -23,8 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import parse_tile_id
 from cytoretrieve.queries.knn import majority_label
+from cytoretrieve.store.ann import l2_normalise
 from cytoretrieve.store.filters import Filters
-from cytoretrieve.store.index import ROW_COLUMNS, TableIndex, l2_normalise, table_index
+from cytoretrieve.store.index import ROW_COLUMNS, TableIndex, table_index
 from cytoretrieve.store.tables import VectorTable, row_key
 
 if TYPE_CHECKING:

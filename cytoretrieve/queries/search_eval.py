@@ -22,7 +22,8 @@ import numpy as np
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.knn import vote_all_k
-from cytoretrieve.store.index import l2_normalise, table_index
+from cytoretrieve.store.ann import l2_normalise
+from cytoretrieve.store.index import table_index
 from cytoretrieve.store.tables import VectorTable
 
 DEFAULT_KS = (1, 3, 5)

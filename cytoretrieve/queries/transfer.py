@@ -27,7 +27,7 @@ from cytoretrieve.queries.knn import (
     vote_all_k,
     weighted_f1,
 )
-from cytoretrieve.store.index import exact_neighbours, l2_normalise
+from cytoretrieve.store.ann import exact_neighbours, l2_normalise
 
 if TYPE_CHECKING:  # keep `import cytoretrieve.queries.transfer` light: the store's tables pull in lancedb
     from cytoretrieve.store.tables import VectorTable

@@ -1,21 +1,16 @@
-"""Every FAISS index of the package: the kinds (a small registry name -> builder), L2 normalisation, exact
-neighbours, and the index of a table's vectors cached beside the table and keyed to its version.
+"""The index of a table's vectors, cached beside the table and keyed to its version: what `search` and the viewer
+query. Everything that depends on the index kind (building, ids, filtered search, removal, retraining, the GPU
+move, `auto`) is read from the kind's record in `store/ann.py`; this module only keeps a table's index current.
 
-Vectors are stored as produced and L2-normalised here, once (`l2_normalise`, for references and queries alike),
-so inner product = cosine similarity. A table's index maps FAISS ids to the table's int64 `key` column, so hits
-resolve to rows without a side list; other indexes (k-NN protocol, retrieval references) use row positions.
-Exact search (flat) by default; IVF, IVF-PQ fast-scan with re-ranking, or HNSW for large sets; on the GPU when
-faiss reports one.
-
-`auto` picks a table's kind from its size: flat up to `AUTO_FLAT_MAX` rows, IVFFlat while its float32 vectors fit
-`AUTO_COMPRESSED_VALUES`, and above that the compressed `ivfpq` (4-bit PQ fast-scan codes in memory, the short list
-of `refine` x k candidates re-ranked on float16 copies, or 8-bit ones from `HIGH_DIM` dimensions): 1.5M x 2048
-float32 vectors are 12 GB, their compressed index ~4.6 GB on disk, of which a search process touches a small part.
-A table's index is built from streamed batches of the table (never all its vectors at once) and a cached one is
-loaded memory-mapped (flat codes, IVF lists and re-ranking codes are paged in as searches touch them), so a fresh
-process answers its first query without reading the whole file. Beside it, a mapped rows file (`RowMap`) holds the
-rows' metadata for hits, and rows appended since it was written sit in a small side index of the same training
-(searched beside it, folded in past `SIDE_FRACTION`), so an append never rewrites the big file.
+A table's index maps FAISS ids to the table's int64 `key` column, so hits resolve to rows without a side list. It
+is built from streamed batches of the table (never all its vectors at once), and a cached one is loaded
+memory-mapped (flat codes, IVF lists and re-ranking codes are paged in as searches touch them), so a fresh process
+answers its first query without reading the whole file. Beside it, a mapped rows file (`RowMap`) holds the rows'
+metadata for hits, and rows appended since it was written sit in a small side index of the same training
+(searched beside it, folded in past `SIDE_FRACTION`), so an append never rewrites the big file. A change of the
+table is caught up (rows added, deleted rows removed) unless the kind cannot remove rows, has outgrown its
+training (`IndexKind.retrain_growth`), or `auto` now picks another kind: then the index is rebuilt. Build and
+search figures: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -26,8 +21,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,25 +32,16 @@ import pyarrow as pa
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.faults import failpoint
+from cytoretrieve.store import ann
 
 if TYPE_CHECKING:
     from cytoretrieve.store.tables import VectorTable
 
-AUTO_FLAT_MAX = 100_000  # above this many rows `auto` builds an IVF index for a table
-AUTO_COMPRESSED_VALUES = 1 << 29  # above rows x dim this many float32 values (2 GiB), `auto` builds `ivfpq`
-HIGH_DIM = 1024  # from this dimension `ivfpq` re-ranks on 8-bit codes (1 byte / dimension), below on float16
 ASSIGN_BUDGET = 1 << 20  # a table index's lists x dimension: the multiply-adds to assign one row to its list
-TABLE_MAX_LISTS = 1024  # and at most this many lists (1.5M rows: ~1,500 a list; 2048 lists built 2x slower)
-EF_SEARCH = 128  # HNSW candidate list per query
-NPROBE = 16  # IVF lists visited per query: recall ~1.0 on clustered embeddings (see STACK.md)
+TABLE_MAX_LISTS = 1024  # and at most this many lists (more lists built slower: BENCHMARKS.md)
 MEMORY_CACHE_TABLES = 4  # indexes kept loaded per process (most recently used); each holds all its vectors
-ADD_BATCH = 16_384  # rows normalised and added at once
-TRAIN_PER_LIST = 64  # IVF k-means sample: this many rows per list (FAISS's default is 256; 64 loses no recall)
-KMEANS_ITERATIONS = 10
 TABLE_TRAIN_PER_LIST = 40  # a table index's k-means: fewer rows (FAISS warns below 39) and iterations ...
-TABLE_KMEANS_ITERATIONS = 5  # ... recall@10 0.999 at 300k x 384, training ~4x faster than 64 x 10
-RETRAIN_GROWTH = 2.0  # an IVF table index is rebuilt (quantiser retrained) once the table has this x its rows
-FEW_QUERIES = 8  # IVF searches of up to this many queries run on one thread (see `_one_thread`)
+TABLE_KMEANS_ITERATIONS = 5  # ... than `ann.IndexParams`' defaults, for the same recall (BENCHMARKS.md)
 UPDATE_SLICE = 4096  # keys per LanceDB query when an index picks up appended rows
 SIDE_FRACTION = 0.05  # appended rows wait in a side index (the main file untouched) up to this x the main's rows
 CACHE_FORMAT = 2  # of a table's cache files; a cache of another format is rebuilt
@@ -65,226 +50,12 @@ ROW_COLUMNS = ["id", "label", "binary", "path", "group", "slide", "x", "y", "dat
 log = logging.getLogger("cytoretrieve")
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation to float32 (zero rows stay zero): the one place vectors get normalised."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None, :]
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
-
-
-def auto_nlist(n: int) -> int:
-    """IVF lists for `n` rows: the power of two nearest 2 sqrt(n), within 16-4096 and >= 39 rows per list
-    (370k rows: 1024 lists)."""
-    nlist = 2 ** round(math.log2(max(2 * math.sqrt(max(n, 1)), 1)))
-    return int(max(1, min(max(16, min(nlist, 4096)), n // 39)))
-
-
 def table_nlist(n: int, dim: int) -> int:
-    """IVF lists of a table's index: `auto_nlist(n)`, capped so that assigning a row to its list costs at most
+    """IVF lists of a table's index: `ann.auto_nlist(n)`, capped so that assigning a row to its list costs at most
     `ASSIGN_BUDGET` multiply-adds and at most `TABLE_MAX_LISTS` (1024 lists at 384-d, 512 at 2048-d): a build's
-    time is dominated by that assignment (1.5M x 2048 lists x 2048-d is 6.4e12 multiply-adds, ~30 min on two
-    cores)."""
+    time is dominated by that assignment."""
     cap = min(2 ** int(math.log2(max(ASSIGN_BUDGET // max(dim, 1), 16))), TABLE_MAX_LISTS)
-    return min(auto_nlist(n), cap)
-
-
-def _refine_codec(dim: int) -> str:
-    """The re-ranking codes of `ivfpq`: float16 (exact to ~1e-4), 8-bit per dimension from `HIGH_DIM` dimensions
-    (half the bytes: 1.5M x 2048 re-ranking codes are 3 GB instead of 6)."""
-    return "SQ8" if dim >= HIGH_DIM else "SQfp16"
-
-
-def _pq_m(dim: int) -> int:
-    """PQ sub-quantizers: 2 dimensions each (1 for an odd dimension). 4 dimensions each scan faster but need ~3x the
-    re-ranked candidates for the same recall, which costs more than it saves."""
-    return dim // 2 if dim % 2 == 0 else dim
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    """Settings of the approximate kinds (ignored by `flat`)."""
-
-    nlist: int = 0  # IVF lists; 0: auto_nlist(rows)
-    nprobe: int = NPROBE
-    refine: int = 12  # ivfpq: candidates re-ranked (exact, float16 copies) per neighbour wanted
-    seed: int = 0  # of the IVF training sample and k-means
-    niter: int = KMEANS_ITERATIONS  # k-means iterations of the IVF quantiser
-    train_per_list: int = TRAIN_PER_LIST  # training rows per IVF list
-
-
-def _flat(dim: int, n: int, p: IndexParams) -> faiss.Index:
-    return faiss.IndexFlatIP(dim)
-
-
-def _hnsw(dim: int, n: int, p: IndexParams) -> faiss.Index:
-    index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efSearch = EF_SEARCH
-    return index
-
-
-def _ivf_factory(spec: Callable[[int, int], str]) -> Callable[[int, int, IndexParams], faiss.Index]:
-    def make(dim: int, n: int, p: IndexParams) -> faiss.Index:
-        nlist = min(p.nlist, max(1, n // 39)) if p.nlist else auto_nlist(n)
-        index = faiss.index_factory(dim, spec(dim, nlist), faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.niter = p.niter
-        ivf.cp.max_points_per_centroid = p.train_per_list
-        ivf.cp.seed = p.seed
-        ivf.nprobe = min(p.nprobe, nlist)
-        if isinstance(index, faiss.IndexRefine):
-            index.k_factor = float(p.refine)
-        return index
-
-    return make
-
-
-# name -> builder of an untrained, empty inner-product index for (dim, rows, params)
-KINDS: dict[str, Callable[[int, int, IndexParams], faiss.Index]] = {
-    "flat": _flat,
-    "ivf": _ivf_factory(lambda d, nlist: f"IVF{nlist},Flat"),
-    "ivfpq": _ivf_factory(lambda d, nlist: f"IVF{nlist},PQ{_pq_m(d)}x4fs,Refine({_refine_codec(d)})"),
-    "hnsw": _hnsw,
-}
-
-
-def chunk_sizes(chunks: Sequence[np.ndarray]) -> list[int]:
-    """Rows of each chunk."""
-    sizes = getattr(chunks, "sizes", None)  # a lazy sequence of bags tells its sizes without reading them
-    return sizes() if callable(sizes) else [len(c) for c in chunks]
-
-
-def sample_rows(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> np.ndarray:
-    """`n` L2-normalised rows drawn uniformly (without replacement) from the chunks, reading only chunks that hold
-    one: a training sample (IVF quantisers here, k-means of retrieval references)."""
-    return sample_positions(chunks, sizes, n, seed)[0]
-
-
-def sample_positions(chunks: Sequence[np.ndarray], sizes: list[int], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`sample_rows` and the rows' positions in chunk order (ascending)."""
-    pick = draw_positions(sum(sizes), n, seed)
-    rows = ChunkRows(chunks, sizes, pick)
-    return l2_normalise(np.concatenate([rows[i] for i, m in enumerate(rows.sizes()) if m])), pick
-
-
-def draw_positions(total: int, n: int, seed: int) -> np.ndarray:
-    """`n` of the positions 0..total-1 (all when n >= total), drawn uniformly without replacement, ascending."""
-    return np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-
-
-class ChunkRows(Sequence):
-    """The rows at positions `keep` (ascending, in chunk order) of a sequence of chunks, chunk by chunk: a sample of
-    a reference set that is never one array (chunks may be bags read from the table on `[i]`)."""
-
-    def __init__(self, chunks: Sequence[np.ndarray], sizes: list[int], keep: np.ndarray) -> None:
-        bounds = np.r_[0, np.cumsum(sizes)]
-        starts, ends = np.searchsorted(keep, bounds[:-1]), np.searchsorted(keep, bounds[1:])
-        self.chunks, self.parts = chunks, [keep[a:b] - bounds[i] for i, (a, b) in enumerate(zip(starts, ends))]
-
-    def __len__(self) -> int:
-        return len(self.parts)
-
-    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        part = self.parts[i]  # first: an index past the end is an IndexError whatever the chunks are
-        return np.asarray(self.chunks[i])[part]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self.parts)))
-
-    def sizes(self) -> list[int]:
-        return [len(p) for p in self.parts]
-
-
-def _new_index(kind: str, dim: int, n: int, params: IndexParams) -> tuple[faiss.Index, dict[str, Any], int]:
-    """An empty, untrained index of `kind` for `n` rows, its description, and the rows its training wants (0: no
-    training). Unknown kinds and empty sets are user errors."""
-    if kind not in KINDS:
-        raise CytoError(f"unknown index kind '{kind}' (one of {', '.join(['auto', *KINDS])})")
-    if n == 0:
-        raise CytoError("cannot index an empty set of vectors")
-    index = KINDS[kind](dim, n, params)
-    info: dict[str, Any] = {"kind": kind, "rows": n}
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        return index, info, 0
-    info.update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))
-    if isinstance(index, faiss.IndexRefine):
-        info["refine"] = params.refine
-    return index, info, max(params.train_per_list * ivf.nlist, 10_000)
-
-
-@contextmanager
-def _one_thread(when: bool = True) -> Iterator[None]:
-    """FAISS on one OpenMP thread (of the calling thread only: OpenMP keeps the count per thread) where its
-    parallel regions are too short to pay: on a busy machine a waiting OpenMP thread spins for a core it does not
-    get. On a loaded 2-core machine this made short IVF-PQ searches and PQ training (many tiny k-means) many
-    times faster (BENCHMARKS.md, issue 13: the build and first-search rows before/after)."""
-    threads = faiss.omp_get_max_threads()
-    if when:
-        faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(threads)
-
-
-def _train(index: faiss.Index, sample: np.ndarray) -> None:
-    """Train on one thread (`_one_thread`; the coarse k-means loses at most ~2x on an idle machine)."""
-    with _one_thread():
-        index.train(sample)
-
-
-def _with_ids(index: faiss.Index) -> faiss.Index:
-    """An index that takes ids: IVF takes them as is, flat and HNSW sit in an IDMap2 (its key -> row map is
-    rebuilt on every load: cheap below `AUTO_FLAT_MAX` rows), IVF-PQ + re-ranking in a plain IDMap (1.5M keys
-    took ~2 s to rehash on load; `TableIndex.stored_vector` finds a key's row in a sorted copy instead)."""
-    if isinstance(index, faiss.IndexIVF):
-        return index
-    return faiss.IndexIDMap(index) if isinstance(index, faiss.IndexRefine) else faiss.IndexIDMap2(index)
-
-
-def _add(index: faiss.Index, x: np.ndarray, ids: np.ndarray | None) -> None:
-    """Add the L2-normalised rows of `x` in `ADD_BATCH` batches, with `ids` (int64) or none."""
-    for b in range(0, len(x), ADD_BATCH):
-        part = l2_normalise(np.asarray(x[b:b + ADD_BATCH]))
-        if ids is None:
-            index.add(part)
-        else:
-            index.add_with_ids(part, np.ascontiguousarray(ids[b:b + len(part)], dtype=np.int64))
-
-
-def build_index(chunks: np.ndarray | Sequence[np.ndarray], kind: str, params: IndexParams = IndexParams(),
-                ids: np.ndarray | None = None) -> tuple[faiss.Index, dict[str, Any]]:
-    """An index of the L2-normalised rows of `chunks` (one array or a sequence of arrays, added in batches: no
-    concatenated copy) and a description of it. Ids are `ids` (int64) or row positions in chunk order. IVF kinds
-    train on a sample sized to their list count, not on every row."""
-    chunks = [chunks] if isinstance(chunks, np.ndarray) else chunks
-    sizes = chunk_sizes(chunks)
-    n = int(sum(sizes))
-    dim = int(np.asarray(chunks[next(i for i, s in enumerate(sizes) if s)]).shape[1]) if n else 0
-    index, info, train_rows = _new_index(kind, dim, n, params)
-    if train_rows:
-        _train(index, sample_rows(chunks, sizes, train_rows, params.seed))
-    if ids is not None:
-        index = _with_ids(index)
-    a = 0
-    for c in chunks:
-        _add(index, c, None if ids is None else ids[a:a + len(c)])
-        a += len(c)
-    return (index if ids is None else _with_key_map(index)), info
-
-
-def exact_neighbours(references: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner-product neighbours of already-normalised rows: (similarities, row indices), best first."""
-    index = KINDS["flat"](references.shape[1], len(references), IndexParams())
-    index.add(np.ascontiguousarray(references, dtype=np.float32))
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-def gpu_available() -> bool:
-    """True when the installed faiss is a GPU build and sees a GPU (faiss-gpu imports fine without one)."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return min(ann.auto_nlist(n), cap)
 
 
 class RowMap:
@@ -334,8 +105,8 @@ def _row_table(meta: pa.Table, index: faiss.Index) -> pa.Table:
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
     positions = np.full(len(keys), -1, np.int64)
-    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) and len(keys):
-        ids = faiss.vector_to_array(index.id_map)
+    ids = ann.mapped_ids(index)
+    if ids is not None and len(keys):
         by_id = np.argsort(ids, kind="stable")
         positions = by_id[np.minimum(np.searchsorted(ids[by_id], keys), len(ids) - 1)].astype(np.int64)
     columns = meta.select(ROW_COLUMNS).take(pa.array(order)).combine_chunks()
@@ -362,21 +133,22 @@ class TableIndex:
         """Top-k (scores, keys) for L2-normalised queries; `allowed` restricts hits to these keys. With a side
         index, both are searched and the hits merged by score (both score on the same codes)."""
         k = min(k, self.rows)
-        with _one_thread(len(queries) <= FEW_QUERIES and self.kind in ("ivf", "ivfpq")):
-            found = _search(self.index, self.kind, queries, min(k, max(int(self.index.ntotal), 1)), allowed)
+        with ann.search_threads(self.kind, len(queries)):
+            found = ann.search(self.index, self.kind, queries, min(k, max(int(self.index.ntotal), 1)), allowed)
             if self.side is None or not self.side.ntotal:
                 return found
-            return _merge(found, _search(self.side, self.kind, queries, min(k, int(self.side.ntotal)), allowed), k)
+            side = ann.search(self.side, self.kind, queries, min(k, int(self.side.ntotal)), allowed)
+            return _merge(found, side, k)
 
     def stored_vector(self, key: int) -> np.ndarray | None:
         """The L2-normalised vector stored under `key`, or None when the key is not in the index or this index
         cannot look vectors up by key (a GPU copy, an IVF index without its key map). IVF-PQ + re-ranking returns
-        its re-ranking copy (float16, or 8-bit from `HIGH_DIM` dimensions)."""
+        its re-ranking copy (float16, or 8-bit from `ann.HIGH_DIM` dimensions)."""
         if self.side is not None:
-            vector = _stored(self.side, self.side_rows, int(key), {})
+            vector = ann.stored_vector(self.kind, self.side, int(key), _row_finder(self.side, self.side_rows, {}))
             if vector is not None:
                 return vector
-        return _stored(self.index, self.row_map, int(key), self.derived)
+        return ann.stored_vector(self.kind, self.index, int(key), _row_finder(self.index, self.row_map, self.derived))
 
     def row_metadata(self, keys: Sequence[int]) -> dict[int, dict[str, Any]] | None:
         """{key: ROW_COLUMNS} of the rows with these keys (from the mapped rows files), or None when this index
@@ -389,16 +161,6 @@ class TableIndex:
         return out
 
 
-def _search(index: faiss.Index, kind: str, queries: np.ndarray, k: int,
-            allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    if allowed is None:
-        return index.search(queries, k)
-    if _refined(index):
-        return _search_refined(index, queries, k, allowed)
-    sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-    return index.search(queries, k, params=_search_params(kind, sel))
-
-
 def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
            k: int) -> tuple[np.ndarray, np.ndarray]:
     """The top k of two (scores, keys) results per query, best first (missing hits, key -1, last)."""
@@ -407,56 +169,21 @@ def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
     return np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
 
 
-def _stored(index: faiss.Index, rows: RowMap | None, key: int, derived: dict[str, Any]) -> np.ndarray | None:
-    """The vector `index` stores under `key` (see `TableIndex.stored_vector`)."""
-    if _refined(index):
-        row = rows.position(key) if rows is not None else _row_of(index, key, derived)
-        return None if row is None else faiss.downcast_index(index.index).reconstruct(row)
-    try:
-        return index.reconstruct(key)
-    except (RuntimeError, TypeError):
-        return None
+def _row_finder(index: faiss.Index, rows: RowMap | None, derived: dict[str, Any]) -> Callable[[int], int | None]:
+    """key -> its row in an id-mapped `index` (from its rows file, else from a sorted copy of its keys)."""
+    return rows.position if rows is not None else lambda key: _row_of(index, key, derived)
 
 
 def _row_of(index: faiss.Index, key: int, derived: dict[str, Any]) -> int | None:
     """The row of `key` in an id-mapped index without a row map, from a sorted copy of its keys made on first
     use and kept with the index."""
     if "key_order" not in derived:
-        keys = faiss.vector_to_array(index.id_map)
+        keys = ann.mapped_ids(index)
         order = np.argsort(keys, kind="stable")
         derived["key_order"] = (keys[order], order)
     sorted_keys, order = derived["key_order"]
     at = int(np.searchsorted(sorted_keys, key))
     return int(order[at]) if at < len(sorted_keys) and sorted_keys[at] == key else None
-
-
-def _search_params(kind: str, sel: faiss.IDSelector) -> faiss.SearchParameters:
-    if kind == "ivf":
-        return faiss.SearchParametersIVF(sel=sel, nprobe=NPROBE)
-    if kind == "hnsw":
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=EF_SEARCH)
-    return faiss.SearchParameters(sel=sel)
-
-
-def _refined(index: faiss.Index) -> bool:
-    """An id map around IVF-PQ + re-ranking (the `ivfpq` kind of a table)."""
-    return isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) and isinstance(
-        faiss.downcast_index(index.index), faiss.IndexRefine)
-
-
-def _search_refined(index: faiss.Index, queries: np.ndarray, k: int,
-                    allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A filtered search of an id map around IVF-PQ + re-ranking: FAISS's id map translates a selector for the
-    index it wraps, but the re-ranking index does not pass it on to its IVF, so the allowed keys are translated
-    to row positions here and given to the IVF search directly."""
-    keys = faiss.vector_to_array(index.id_map)
-    positions = np.flatnonzero(np.isin(keys, np.asarray(allowed, dtype=np.int64))).astype(np.int64)
-    refine = faiss.downcast_index(index.index)
-    ivf = faiss.extract_index_ivf(refine)
-    params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=faiss.SearchParametersIVF(
-        sel=faiss.IDSelectorBatch(positions), nprobe=ivf.nprobe))
-    scores, rows = refine.search(queries, k, params=params)
-    return scores, np.where(rows >= 0, keys[np.maximum(rows, 0)], -1)
 
 
 @dataclass(frozen=True)
@@ -480,16 +207,16 @@ def _paths(table: VectorTable) -> _Paths:
                                              ".side.faiss", ".side.rows.arrow", ".side.json")))
 
 
-def _table_params(n: int, dim: int) -> IndexParams:
-    return IndexParams(nlist=table_nlist(n, dim), niter=TABLE_KMEANS_ITERATIONS, train_per_list=TABLE_TRAIN_PER_LIST)
+def _table_params(n: int, dim: int) -> ann.IndexParams:
+    return ann.IndexParams(nlist=table_nlist(n, dim), niter=TABLE_KMEANS_ITERATIONS, train_per_list=TABLE_TRAIN_PER_LIST)
 
 
 def build(vectors: np.ndarray, keys: np.ndarray, kind: str = "auto") -> tuple[faiss.Index, str]:
-    """A table's index of `vectors` with ids `keys` (`auto`: by rows x dimension, see `_auto_kind`)."""
+    """A table's index of `vectors` with ids `keys` (`auto`: by rows x dimension, see `ann.auto_kind`)."""
     n, dim = vectors.shape
     if kind == "auto":
-        kind = _auto_kind(n, dim)
-    index, info = build_index(vectors, kind, _table_params(n, dim), ids=keys)
+        kind = ann.auto_kind(n, dim)
+    index, info = ann.build_index(vectors, kind, _table_params(n, dim), ids=keys)
     return index, info["kind"]
 
 
@@ -503,7 +230,7 @@ def _table_sample(table: VectorTable, n: int, rows: int, seed: int) -> np.ndarra
             vec = batch.column("vector")
             parts.append(vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), table.dim)[pick[lo:hi] - a])
         a += batch.num_rows
-    return l2_normalise(np.concatenate(parts))
+    return ann.l2_normalise(np.concatenate(parts))
 
 
 @dataclass
@@ -523,39 +250,21 @@ def build_table(table: VectorTable, kind: str = "auto") -> _Built:
     n, dim = table.count(), table.dim
     if n == 0:
         raise CytoError(f"table '{table.name}' is empty: embed something into it first")
-    kind = _auto_kind(n, dim) if kind == "auto" else kind
+    kind = ann.auto_kind(n, dim) if kind == "auto" else kind
     params = _table_params(n, dim)
-    index, _, train_rows = _new_index(kind, dim, n, params)
+    index, _, train_rows = ann.new_index(kind, dim, n, params)
     if train_rows:
-        _train(index, _table_sample(table, n, train_rows, params.seed))
+        ann.train(index, _table_sample(table, n, train_rows, params.seed))
     trained = faiss.serialize_index(index)
-    index = _with_ids(index)
+    index = ann.with_ids(kind, index)
     meta = []
     for batch in table.scan(["key", "vector", *ROW_COLUMNS]):
         vec = batch.column("vector")
-        _add(index, vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim),
-             batch.column("key").to_numpy())
+        ann.add(index, vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim),
+                batch.column("key").to_numpy())
         # a copy, holding none of the batch's buffers (slices of them kept every vector: +2.2 GB at 1.5M x 384)
         meta.append(batch.select(["key", *ROW_COLUMNS]).take(np.arange(batch.num_rows)))
-    return _Built(_with_key_map(index), kind, trained, _row_table(pa.Table.from_batches(meta), index))
-
-
-def _with_key_map(index: faiss.Index) -> faiss.Index:
-    """An IVF index gets a key -> vector map, for `stored_vector` (one built or cached without it; flat and HNSW
-    sit in an IndexIDMap2)."""
-    if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
-    return index
-
-
-def to_gpu(index: faiss.Index | None) -> faiss.Index | None:
-    """Move a flat or IVF index to GPU 0 when one is there; HNSW and IVF-PQ + re-ranking stay on the CPU (faiss has
-    no GPU HNSW, nor a GPU copy of fast-scan codes inside a re-ranking index)."""
-    if index is None or not gpu_available() or _refined(index) or isinstance(index, faiss.IndexIDMap2) and isinstance(
-        faiss.downcast_index(index.index), faiss.IndexHNSWFlat
-    ):
-        return index
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return _Built(ann.with_key_map(index), kind, trained, _row_table(pa.Table.from_batches(meta), index))
 
 
 # Loaded indexes of this process: {index file: (stats of its .json files when loaded, index)}. Reading a 200k x
@@ -595,17 +304,6 @@ def _remember(paths: _Paths, loaded: TableIndex) -> TableIndex:
             while len(_LOADED) > MEMORY_CACHE_TABLES:
                 _LOADED.popitem(last=False)
     return loaded
-
-
-def _index_keys(index: faiss.Index) -> np.ndarray:
-    """Every key a table index holds (from its id map, or from an IVF index's inverted lists)."""
-    if isinstance(index, faiss.IndexIDMap2) or isinstance(index, faiss.IndexIDMap):
-        return faiss.vector_to_array(index.id_map).astype(np.int64)
-    ivf = faiss.extract_index_ivf(index)
-    lists = ivf.invlists
-    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-             for i in range(ivf.nlist) if lists.list_size(i)]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 @dataclass
@@ -649,7 +347,7 @@ def _read_cache(table: VectorTable, paths: _Paths, mapped: bool = True) -> _Cach
             log.info("index cache of table %s predates this version's cache format: rebuilding it", table.name)
             return None
         _check_sizes(meta, {"bytes": paths.index, "rows_bytes": paths.rows, "trained_bytes": paths.trained})
-        index = _with_key_map(faiss.read_index(str(paths.index), faiss.IO_FLAG_MMAP_IFC if mapped else 0))
+        index = ann.with_key_map(faiss.read_index(str(paths.index), faiss.IO_FLAG_MMAP_IFC if mapped else 0))
         rows = _read_rows(paths.rows)
         if index.ntotal != int(meta["rows"]) or len(rows) != int(meta["rows"]):
             raise ValueError(f"it holds {index.ntotal} rows ({len(rows)} in its rows file), its .json says "
@@ -677,12 +375,12 @@ def _read_side(table: VectorTable, paths: _Paths, main: dict[str, Any]) -> _Cach
         _check_sizes(meta, {"bytes": paths.side, "rows_bytes": paths.side_rows})
         index = faiss.read_index(str(paths.side))  # small, and in memory to take the next appended rows
         rows = _read_rows(paths.side_rows)
-        if index.ntotal != int(meta["rows"]) or not np.array_equal(np.sort(_index_keys(index)), rows.keys):
+        if index.ntotal != int(meta["rows"]) or not np.array_equal(np.sort(ann.index_keys(index)), rows.keys):
             raise ValueError(f"its index and rows file do not hold the same {meta['rows']} rows")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, pa.ArrowException) as e:
         _damaged(table, "side index", e)
         return None
-    return _Cached(meta, _with_key_map(index), rows)
+    return _Cached(meta, ann.with_key_map(index), rows)
 
 
 def _replace(path: Path, write: Callable[[Path], None]) -> int:
@@ -741,52 +439,45 @@ def _rows_by_keys(table: VectorTable, keys: np.ndarray) -> tuple[np.ndarray, pa.
 
 def _update(table: VectorTable, meta: dict[str, Any], index: faiss.Index) -> faiss.Index | None:
     """The cached index brought up to the table's rows (new keys added, gone keys removed), or None when a fresh
-    build is due: rows were deleted from a kind that cannot remove them (HNSW, IVF-PQ)."""
+    build is due: rows were deleted from a kind that cannot remove them (`IndexKind.removable`)."""
     keys = table.read(["key"]).column("key").to_numpy().astype(np.int64)
-    held = _index_keys(index)
+    held = ann.index_keys(index)
     new, gone = np.setdiff1d(keys, held), np.setdiff1d(held, keys)
     if len(gone):
-        if meta["kind"] in ("hnsw", "ivfpq"):  # FAISS cannot remove rows from these (the re-ranking index of ivfpq)
+        if not ann.index_kind(meta["kind"]).removable:
             return None
-        gone = np.ascontiguousarray(gone, dtype=np.int64)
-        index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))  # what a hashtable key map takes
+        ann.remove_keys(index, gone)
     if len(new):
         vectors, got = _rows_by_keys(table, new)
-        index.add_with_ids(l2_normalise(vectors), np.ascontiguousarray(got.column("key").to_numpy(), np.int64))
+        ann.add(index, vectors, got.column("key").to_numpy())
     log.info("index of table %s updated: %d rows added, %d removed", table.name, len(new), len(gone))
     return index
-
-
-def _auto_kind(rows: int, dim: int) -> str:
-    """flat up to `AUTO_FLAT_MAX` rows, IVFFlat up to `AUTO_COMPRESSED_VALUES` float32 values, else `ivfpq`."""
-    if rows <= AUTO_FLAT_MAX:
-        return "flat"
-    return "ivf" if rows * dim <= AUTO_COMPRESSED_VALUES else "ivfpq"
 
 
 def _fold(table: VectorTable, paths: _Paths, meta: dict[str, Any], version: int) -> TableIndex | None:
     """The main index read into memory, brought up to the table (side rows and new ones added, deleted ones
     removed) and rewritten, the side index dropped; None when a fresh build is due."""
-    index = _update(table, meta, _with_key_map(faiss.read_index(str(paths.index))))
+    index = _update(table, meta, ann.with_key_map(faiss.read_index(str(paths.index))))
     if index is None:
         return None
     meta = {k: v for k, v in meta.items() if k in ("kind", "auto", "trained_rows", "trained_bytes")}
     rows = _row_table(table.read(["key", *ROW_COLUMNS]), index)
     _write_cache(table, paths, index, rows, {**meta, "version": version})
-    return TableIndex(to_gpu(index), meta["kind"], version, int(index.ntotal), row_map=RowMap(rows))
+    return TableIndex(ann.to_gpu(index, meta["kind"]), meta["kind"], version, int(index.ntotal), row_map=RowMap(rows))
 
 
 def _catch_up(table: VectorTable, paths: _Paths, main: _Cached, side: _Cached | None,
               version: int) -> TableIndex | None:
     """The cached index brought to the table's current version, or None when a fresh build is due (the kind
-    `auto` would pick has changed, or an IVF table has outgrown its quantiser: `RETRAIN_GROWTH` x the rows it was
-    trained on). Appended rows go to the side index (the main file is not rewritten) until they are
+    `auto` would pick has changed, or the table has outgrown the index's training: `IndexKind.retrain_growth` x the
+    rows it was trained on). Appended rows go to the side index (the main file is not rewritten) until they are
     `SIDE_FRACTION` of the main rows; then, or when rows were deleted from the main index, it is folded."""
     keys = table.read(["key"]).column("key").to_numpy().astype(np.int64)
     kind, rows = main.meta["kind"], len(keys)
-    if main.meta.get("auto") and kind != _auto_kind(rows, table.dim):
+    if main.meta.get("auto") and kind != ann.auto_kind(rows, table.dim):
         return None
-    if kind in ("ivf", "ivfpq") and rows > RETRAIN_GROWTH * int(main.meta.get("trained_rows", main.meta["rows"])):
+    growth = ann.index_kind(kind).retrain_growth
+    if growth is not None and rows > growth * int(main.meta.get("trained_rows", main.meta["rows"])):
         return None
     in_main = main.rows.find(keys)[0]
     extra = keys[~in_main]
@@ -804,20 +495,21 @@ def _catch_up(table: VectorTable, paths: _Paths, main: _Cached, side: _Cached | 
     if kept:
         index, held = side.index, side.rows.table.select(["key", *ROW_COLUMNS])
     else:  # none yet, or some of its rows were deleted: a fresh one of all rows the main index does not hold
-        index, held = _with_ids(faiss.deserialize_index(np.fromfile(paths.trained, dtype=np.uint8))), None
+        index, held = ann.with_ids(kind, faiss.deserialize_index(np.fromfile(paths.trained, dtype=np.uint8))), None
     vectors, meta = _rows_by_keys(table, new)
-    _add(index, vectors, meta.column("key").to_numpy())
+    ann.add(index, vectors, meta.column("key").to_numpy())
     rows_table = _row_table(meta if held is None else pa.concat_tables([held, meta]), index)
     _write_side(table, paths, index, rows_table, {"main": main.meta["build"], "version": version})
     log.info("index of table %s: %d appended rows in its side index", table.name, index.ntotal)
-    return _loaded(main, _Cached({}, _with_key_map(index), RowMap(rows_table)), version)
+    return _loaded(main, _Cached({}, ann.with_key_map(index), RowMap(rows_table)), version)
 
 
 def _loaded(main: _Cached, side: _Cached | None, version: int) -> TableIndex:
     side_index = None if side is None or not side.index.ntotal else side.index
-    return TableIndex(to_gpu(main.index), main.meta["kind"], version,
+    kind = main.meta["kind"]
+    return TableIndex(ann.to_gpu(main.index, kind), kind, version,
                       int(main.index.ntotal) + (0 if side_index is None else int(side_index.ntotal)),
-                      row_map=main.rows, side=to_gpu(side_index), side_rows=None if side is None else side.rows)
+                      row_map=main.rows, side=ann.to_gpu(side_index, kind), side_rows=None if side is None else side.rows)
 
 
 def _from_cache(table: VectorTable, paths: _Paths, kind: str, version: int) -> TableIndex | None:
@@ -859,5 +551,5 @@ def table_index(table: VectorTable, kind: str = "auto", rebuild: bool = False) -
     rows = int(built.index.ntotal)
     meta = {"version": version, "kind": built.kind, "auto": kind == "auto", "trained_rows": rows}
     _write_cache(table, paths, built.index, built.rows, meta, built.trained)
-    loaded = TableIndex(to_gpu(built.index), built.kind, version, rows, row_map=RowMap(built.rows))
+    loaded = TableIndex(ann.to_gpu(built.index, built.kind), built.kind, version, rows, row_map=RowMap(built.rows))
     return _remember(paths, loaded)

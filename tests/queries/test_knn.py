@@ -21,7 +21,7 @@ from cytoretrieve.queries.knn import (
     vote_all_k,
     weighted_f1,
 )
-from cytoretrieve.store.index import exact_neighbours, l2_normalise
+from cytoretrieve.store.ann import exact_neighbours, l2_normalise
 
 # ------------------------------------------------------------------------------------------------ vote logic
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoretrieve.queries.mil.evaluate import auc
+from cytoretrieve.queries.mil.metrics import auc
 from cytoretrieve.queries.mil.retrieval import RetrievalConfig, fit_retrieval, slide_score
 from helpers.mil_synthetic import synthetic_bags
 
@@ -253,7 +253,7 @@ def test_leave_out_mean_skips_the_query_itself() -> None:
     import faiss
 
     from cytoretrieve.queries.mil.retrieval import _leave_out_mean
-    from cytoretrieve.store.index import l2_normalise
+    from cytoretrieve.store.ann import l2_normalise
 
     refs = l2_normalise(_clustered(500, seed=5))
     index = faiss.IndexFlatIP(refs.shape[1])
@@ -286,7 +286,7 @@ def test_centroids_keep_a_rare_pattern_with_fewer_positive_slides() -> None:
 
 def test_at_most_samples_rows_chunk_by_chunk_with_their_ids() -> None:
     from cytoretrieve.queries.mil.retrieval import _at_most
-    from cytoretrieve.store.index import chunk_sizes
+    from cytoretrieve.store.ann import chunk_sizes
 
     chunks = [_clustered(n, seed=i) for i, n in enumerate([30, 0, 55, 15])]
     rows, ids = _at_most(chunks, 40, seed=0)

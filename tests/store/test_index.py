@@ -1,4 +1,5 @@
-"""FAISS indexes over a table: exact and approximate kinds, the where-selector, caching keyed to the table version."""
+"""A table's FAISS index: built per kind, the where-selector, caching keyed to the table version, side index and
+folding (the kinds themselves and the generic toolkit: test_ann.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import numpy as np
 import pytest
 
-from cytoretrieve.store.index import build, l2_normalise, table_index
+from cytoretrieve.store import ann
+from cytoretrieve.store.ann import l2_normalise
+from cytoretrieve.store.index import build, table_index
 from cytoretrieve.store.tables import Store, row_key
 
 DIM = 32
@@ -21,7 +24,7 @@ def clustered(n: int, clusters: int = 20, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
-def test_kinds_agree_with_brute_force(kind: str) -> None:
+def test_a_table_index_of_each_kind_finds_keys(kind: str) -> None:
     x = clustered(4000)
     keys = np.arange(4000, dtype=np.int64) * 7 - 1000  # ids are keys, not positions
     index, built = build(x, keys, kind)
@@ -32,11 +35,6 @@ def test_kinds_agree_with_brute_force(kind: str) -> None:
     recall = np.mean([len(set(g) & set(keys[t])) / 10 for g, t in zip(got, truth)])
     assert recall >= (1.0 if kind == "flat" else 0.9)
     assert (got[:, 0] == keys[:50]).mean() >= 0.9  # a stored vector finds itself
-
-
-def test_auto_is_flat_for_small_tables() -> None:
-    _, kind = build(clustered(500), np.arange(500), "auto")
-    assert kind == "flat"
 
 
 def _table(tmp_path, n: int = 300, spread: float = 0.0):
@@ -163,13 +161,12 @@ def test_a_damaged_cache_is_rebuilt_with_one_warning(tmp_path, damage: str, capl
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_auto_picks_the_compressed_kind_by_rows_times_dimension(monkeypatch) -> None:
+def test_a_table_index_built_auto_takes_the_kind_auto_picks(monkeypatch) -> None:
     from cytoretrieve.store import index as index_module
 
-    assert index_module._auto_kind(1_500_000, 384) == "ivfpq" and index_module._auto_kind(1_500_000, 2048) == "ivfpq"
-    assert index_module._auto_kind(200_000, 2048) == "ivf" and index_module._auto_kind(50_000, 2048) == "flat"
-    monkeypatch.setattr(index_module, "AUTO_FLAT_MAX", 1000)
-    monkeypatch.setattr(index_module, "AUTO_COMPRESSED_VALUES", 2000 * DIM)
+    assert build(clustered(500), np.arange(500), "auto")[1] == "flat"
+    monkeypatch.setattr(ann, "AUTO_FLAT_MAX", 1000)
+    monkeypatch.setattr(ann, "AUTO_COMPRESSED_VALUES", 2000 * DIM)
     assert build(clustered(1500), np.arange(1500), "auto")[1] == "ivf"
     assert build(clustered(3000), np.arange(3000), "auto")[1] == "ivfpq"
     assert index_module.table_nlist(1_500_000, 2048) == 512 and index_module.table_nlist(1_500_000, 384) == 1024
@@ -293,5 +290,5 @@ def test_a_damaged_side_index_is_rebuilt_never_served(tmp_path, damage: str, cap
     assert len(warnings) == 1 and "side index of table t is damaged" in warnings[0]
     want = {row_key(f"n{i}") for i in range(50)} - ({row_key("n1")} if damage != "truncated" else set())
     want |= {row_key("n1x")} if damage != "truncated" else set()
-    assert set(index_module._index_keys(again.side).tolist()) == want
+    assert set(ann.index_keys(again.side).tolist()) == want
     assert again.search(l2_normalise(x[:1]), 1)[1][0, 0] == row_key("r0")

@@ -1,50 +1,30 @@
-"""The training-free retrieval score: no model is trained, only FAISS searches over stored vectors.
+"""The training-free retrieval score of slides: no model is trained, only nearest-neighbour searches over the
+stored tile vectors (cosine similarity: L2-normalised vectors, inner product).
 
-For a fold, two reference sets are searched (cosine similarity: L2-normalised vectors, inner product):
-- positives: annotated positive cell / tile vectors (`positives`), or, when none are given, every instance of
-  the positive training bags (noisy: most tiles of a positive slide are normal);
-- negatives: every instance of the negative training bags (a negative slide's tiles are all negative).
+For a fold, two reference sets are searched: positives (annotated positive cells / tiles, or else every tile of
+the positive training slides: noisy, most tiles of a positive slide are normal) and negatives (every tile of the
+negative training slides, all negative). Tile score = mean similarity to its `k` nearest positives - mean
+similarity to its `k` nearest negatives; slide score = mean of its `top_m` highest tile scores.
 
-Tile score = mean similarity to its `k` nearest positives - mean similarity to its `k` nearest negatives.
-Slide score = mean of its `top_m` highest tile scores (all of them when it has fewer).
+Why it is built as it is: searching every reference tile of a cohort exactly takes hours, so a set larger than
+`exact_max` is searched in summary. `RetrievalConfig.references` says how (`REFERENCES`):
+- `centroids` (default): cluster means with their counts (q . mean = q's mean similarity to the cluster's
+  members, so a side's term becomes the mean similarity to the members of q's best clusters, counted by their
+  sizes until k). When both sets are large (`_summarised`), the positives the tile score itself flags as salient
+  (`_salient_positives`: above a null of sampled negatives, sides swapped, sets sampled to equal density) keep
+  small clusters of their own so that a rare abnormal pattern close to a normal one is not averaged away; every
+  other reference goes to one k-means of both sides, so a normal tile meets the same cell on both sides and
+  scores ~0; all means are searched in a shared low-rank basis. When one set is small (annotated positives), the
+  other is summarised by its own k-means.
+- `tiles`: every reference tile, in an approximate index (`index`: `ivfpq` above `exact_max` by default, IVF-PQ
+  fast-scan codes re-ranked on float16 copies), queries grouped by IVF region so that consecutive queries re-rank
+  neighbouring references while those are in the CPU cache (results do not depend on the grouping).
 
-What "the k nearest" are depends on `RetrievalConfig.references` (`REFERENCES`); a set of at most `exact_max`
-vectors is always searched as it is, exactly (IndexFlatIP):
-- `centroids` (default): large sets are summarised as cluster means with their counts. q . mean = the mean
-  similarity of q to the cluster's members, so a side's term is the k nearest of the references each replaced by
-  its cluster's mean: the mean similarity to the members of q's best clusters (best first, counted by their sizes
-  until k members). When both sets are large (`_summarised`):
-  1. the salient positives are found: each positive reference's own tile score (against both sets' tile indexes,
-     itself left out; the larger set sampled to the smaller one's size) above the `salient_quantile` of a null (the
-     same score of sampled negatives, sides swapped);
-     in a positive slide these are its abnormal tiles, most of the rest is normal;
-  2. every other reference goes to the cells of one k-means of both sides (`centroids` cells), so a normal tile
-     meets the same cell on both sides and scores ~0; the salient positives get clusters of ~`SALIENT_MEMBERS` of
-     their own (at most `centroids` clusters: ~29 members each for the cohort benchmark's 7.5k salient tiles), so
-     that a rare pattern, even one close to a normal cell, keeps its means;
-  3. all means are searched in a shared basis: the top `rank` right singular vectors of the means plus the top
-     `SALIENT_RANK` of the salient means outside that span (`describe()` gives the relative residual).
-  Per tile that is one projection and ~(2 x cells + salient clusters) x rank multiply-adds: ~5 s for the cohort
-  benchmark's 1.49M tiles on two cores, where the tile references take ~2 minutes; fitting costs one tile-score
-  pass over the positives (the fit took ~46 s there, the tile indexes' ~23 s). Slide AUC was within noise of the
-  tile references on every synthetic cohort of the benchmark, including rare abnormal patterns next to normal ones
-  (BENCHMARKS.md). The null of step 1 needs sides of equal density (a denser side scores its own tiles higher),
-  so the screen indexes the larger set through a uniform sample of the smaller one's size. When one set is small
-  (annotated positives), the other is summarised by its own k-means and searched in full dimension.
-- `tiles`: every reference tile. A large set gets an IVF index with 4-bit PQ fast-scan codes (one sub-quantizer per
-  2 dimensions) whose `refine` x k best candidates per query are re-ranked by their inner product with float16
-  copies of the references (FAISS `IVF{nlist},PQ{d/2}x4fs,Refine(SQfp16)`, `index` "ivfpq"; "ivf" is IVFFlat with
-  this config's nlist / nprobe, for comparison). Queries are grouped by the nearest of 64 centres of the IVF
-  lists, so that consecutive queries re-rank neighbouring references while those are in the CPU cache (each
-  query's result does not depend on its batch). On the cohort benchmark (1.49M tiles against 2 x 369k
-  references) this takes ~2 minutes on two cores; exact search, hours.
-
-`benchmarks/mil_scale.py` compares both on a synthetic cohort (time, memory, slide AUC, agreement of the tile
-scores, and a harder cohort): BENCHMARKS.md, "MIL scoring at cohort scale". With faiss-gpu and a GPU, the k-means
-and the centroid searches run on GPU 0. Queries: the tiles of several slides are scored together (`query_batch`
-rows); scores come back in the tiles' order. Bags may be arrays or any sequence that reads a bag on `[i]`
-(`bags.StoredVectors`): each bag is read once per pass (fitting `centroids`: samples, the tile indexes, the positives' own scores, the
-cells; `tiles`: a sample, then one pass per reference set).
+Every FAISS object (indexes, k-means) is built through `store/ann.py`; with faiss-gpu and a GPU, the k-means and
+the centroid searches run on GPU 0. Tiles of several slides are scored together (`query_batch` rows); bags may
+be arrays or any sequence that reads a bag on `[i]` (`bags.StoredVectors`), each read once per pass. Time,
+memory and slide AUC of both modes at cohort scale (`benchmarks/mil_scale.py`): BENCHMARKS.md, "MIL scoring at
+cohort scale".
 """
 
 from __future__ import annotations
@@ -101,7 +81,7 @@ def slide_score(tile_scores: np.ndarray, top_m: int) -> float:
 def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[Any, dict[str, Any]]:
     """A FAISS inner-product index of the L2-normalised rows of `chunks` (ids: rows in chunk order), and a
     description of it (kind, rows, nlist, nprobe, refine). The chunks are added in batches: no concatenated copy."""
-    from cytoretrieve.store.index import IndexParams, build_index, chunk_sizes
+    from cytoretrieve.store.ann import IndexParams, build_index, chunk_sizes
 
     n = int(sum(chunk_sizes(chunks)))
     if n == 0:
@@ -115,16 +95,12 @@ def build_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalCo
     return build_index(chunks, kind, params)
 
 
-def _kmeans(sample: np.ndarray, n_clusters: int, dim: int, config: RetrievalConfig) -> Any:  # noqa: ANN401
-    """A FAISS k-means of these (normalised) rows; its `index` finds a row's nearest centroid."""
-    import faiss
+def _kmeans(sample: np.ndarray, n_clusters: int, config: RetrievalConfig) -> Any:  # noqa: ANN401
+    """A FAISS k-means of these (normalised) rows: an index that finds a row's nearest centroid."""
+    from cytoretrieve.store.ann import gpu_available, kmeans
 
-    from cytoretrieve.store.index import gpu_available
-
-    km = faiss.Kmeans(dim, n_clusters, niter=config.kmeans_iters, seed=config.seed, gpu=gpu_available(),
-                      max_points_per_centroid=SAMPLE_PER_CENTROID, min_points_per_centroid=1)
-    km.train(sample)
-    return km.index
+    return kmeans(sample, n_clusters, niter=config.kmeans_iters, seed=config.seed, gpu=gpu_available(),
+                  max_points_per_centroid=SAMPLE_PER_CENTROID, min_points_per_centroid=1)
 
 
 def _assign_means(chunks: Sequence[np.ndarray], quantizer: Any, dim: int,  # noqa: ANN401
@@ -132,7 +108,7 @@ def _assign_means(chunks: Sequence[np.ndarray], quantizer: Any, dim: int,  # noq
     """(means, counts) of the cells of `quantizer` over the normalised rows of `chunks`, each row in the cell of its
     nearest centroid, each cell kept as the mean of its members (not the training sample's) and their count; empty
     cells are dropped. Rows flagged in `left_out` (chunk order) are not assigned: they come back, normalised, third."""
-    from cytoretrieve.store.index import chunk_sizes, l2_normalise
+    from cytoretrieve.store.ann import chunk_sizes, l2_normalise
 
     sizes = chunk_sizes(chunks)
     sums = np.zeros((quantizer.ntotal, dim), np.float64)
@@ -162,11 +138,11 @@ def _assign_means(chunks: Sequence[np.ndarray], quantizer: Any, dim: int,  # noq
 def cluster_references(chunks: Sequence[np.ndarray], dim: int, config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray]:
     """(means, counts) of a k-means partition of the normalised rows of `chunks`: FAISS k-means trained on a sample,
     then one pass over every row assigning it to its nearest centroid (`_assign_means`)."""
-    from cytoretrieve.store.index import chunk_sizes, sample_rows
+    from cytoretrieve.store.ann import chunk_sizes, sample_rows
 
     sizes = chunk_sizes(chunks)
     n_clusters = max(1, min(config.centroids, int(sum(sizes))))
-    quantizer = _kmeans(sample_rows(chunks, sizes, n_clusters * SAMPLE_PER_CENTROID, config.seed), n_clusters, dim, config)
+    quantizer = _kmeans(sample_rows(chunks, sizes, n_clusters * SAMPLE_PER_CENTROID, config.seed), n_clusters, config)
     return _assign_means(chunks, quantizer, dim)[:2]
 
 
@@ -182,7 +158,7 @@ def _leave_out_mean(index: Any, x: np.ndarray, own: np.ndarray, k: int) -> np.nd
 def _at_most(chunks: Sequence[np.ndarray], n: int, seed: int) -> tuple[Sequence[np.ndarray], np.ndarray]:
     """`n` rows of `chunks` drawn uniformly (all of them when they are no more), and each row's id among those drawn
     (-1: not drawn), in chunk order."""
-    from cytoretrieve.store.index import ChunkRows, chunk_sizes, draw_positions
+    from cytoretrieve.store.ann import ChunkRows, chunk_sizes, draw_positions
 
     sizes = chunk_sizes(chunks)
     total = int(sum(sizes))
@@ -216,7 +192,7 @@ def _salient_positives(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim
     (`_at_most`). Salient = above the null's `salient_quantile`."""
     from dataclasses import replace
 
-    from cytoretrieve.store.index import chunk_sizes, l2_normalise, sample_positions
+    from cytoretrieve.store.ann import chunk_sizes, l2_normalise, sample_positions
 
     screen = replace(config, nprobe=min(config.nprobe, SALIENT_NPROBE), refine=min(config.refine, SALIENT_REFINE))
     n = min(int(sum(chunk_sizes(pos))), int(sum(chunk_sizes(neg))))
@@ -248,20 +224,20 @@ def _summarised(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
     searched in a shared basis: the top `rank` right singular vectors of all the means, plus the top
     `SALIENT_RANK` of the salient means' remainder outside that span (a rare pattern's direction, which the cells'
     basis would drop)."""
-    from cytoretrieve.store.index import chunk_sizes, sample_rows
+    from cytoretrieve.store.ann import chunk_sizes, sample_rows
 
     salient, found = _salient_positives(pos, neg, dim, config)
     sizes = [int(sum(chunk_sizes(c))) for c in (pos, neg)]
     n_cells = max(1, min(config.centroids, sum(sizes)))
     sample = np.concatenate([sample_rows(c, chunk_sizes(c), -(-n_cells * SAMPLE_PER_CENTROID * n // sum(sizes)), config.seed)
                              for c, n in zip((pos, neg), sizes)])
-    cells = _kmeans(sample, n_cells, dim, config)
+    cells = _kmeans(sample, n_cells, config)
     p_means, p_counts, apart = _assign_means(pos, cells, dim, salient)
     n_means, n_counts, _ = _assign_means(neg, cells, dim)
     s_means = np.zeros((0, dim), np.float32)
     if len(apart):
         groups = max(1, min(config.centroids, len(apart) // SALIENT_MEMBERS))
-        s_means, s_counts, _ = _assign_means([apart], _kmeans(apart, groups, dim, config), dim)
+        s_means, s_counts, _ = _assign_means([apart], _kmeans(apart, groups, config), dim)
         p_means, p_counts = np.concatenate([p_means, s_means]), np.concatenate([p_counts, s_counts])
     basis = None
     if 0 < config.rank < dim:
@@ -322,19 +298,15 @@ class _Side:
 
 
 def _flat_side(rows: np.ndarray, counts: np.ndarray, k: int, info: dict[str, Any]) -> _Side:
-    import faiss
+    from cytoretrieve.store.ann import flat_index, to_gpu
 
-    from cytoretrieve.store.index import to_gpu
-
-    index = faiss.IndexFlatIP(rows.shape[1])
-    index.add(np.ascontiguousarray(rows, dtype=np.float32))
-    return _Side(to_gpu(index), counts, k, info)
+    return _Side(to_gpu(flat_index(rows), "flat"), counts, k, info)
 
 
 def _sides(pos: Sequence[np.ndarray], neg: Sequence[np.ndarray], dim: int,
            config: RetrievalConfig) -> tuple[_Side, _Side, np.ndarray | None]:
     """Both sides as `config.references` says, and the basis (dim x rank) queries are projected on (None: none)."""
-    from cytoretrieve.store.index import chunk_sizes
+    from cytoretrieve.store.ann import chunk_sizes
 
     if config.references not in REFERENCES:
         raise CytoError(f"unknown retrieval references '{config.references}' (one of {', '.join(REFERENCES)})")
@@ -367,22 +339,19 @@ class RetrievalScorer:
         pos, neg = _as_chunks(positives), _as_chunks(negatives)
         dim = next(int(np.asarray(c).shape[1]) for c in (pos[0], neg[0]))
         self.pos, self.neg, self.basis = _sides(pos, neg, dim, config)
-        self._sorter = self._query_sorter(dim) if config.sort_queries else None
+        self._sorter = self._query_sorter() if config.sort_queries else None
         self._flat = all(side.info["kind"] in ("flat", "centroids") for side in (self.pos, self.neg))
 
-    def _query_sorter(self, dim: int) -> Any:  # noqa: ANN401
+    def _query_sorter(self) -> Any:  # noqa: ANN401
         """An index of SORT_GROUPS centres (a k-means of an IVF side's list centroids) that orders the queries, or
         None when no side is an IVF index."""
-        import faiss
+        from cytoretrieve.store.ann import ivf_centroids, kmeans
 
         for side in (self.pos, self.neg):
-            ivf = faiss.try_extract_index_ivf(side.index) if side.counts is None else None
-            if ivf is not None and ivf.nlist > SORT_GROUPS:
-                centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-                km = faiss.Kmeans(dim, SORT_GROUPS, niter=20, spherical=True, seed=self.config.seed,
-                                  min_points_per_centroid=1)
-                km.train(centroids)
-                return km.index
+            centroids = ivf_centroids(side.index) if side.counts is None else None
+            if centroids is not None and len(centroids) > SORT_GROUPS:
+                return kmeans(centroids, SORT_GROUPS, niter=20, spherical=True, seed=self.config.seed,
+                              min_points_per_centroid=1)
         return None
 
     def describe(self) -> dict[str, Any]:
@@ -392,7 +361,7 @@ class RetrievalScorer:
     def neighbours(self, vectors: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """((similarities, ids) of the k nearest positives, (similarities, ids) of the k nearest negatives) of these
         vectors, in their order; ids are reference rows in the order they were given (sides of tiles only)."""
-        from cytoretrieve.store.index import l2_normalise
+        from cytoretrieve.store.ann import l2_normalise
 
         if self.pos.counts is not None or self.neg.counts is not None:
             raise CytoError("neighbours are reference tiles only with references = 'tiles'")
