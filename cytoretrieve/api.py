@@ -86,7 +86,8 @@ def search(table: VectorTable, **kwargs: Any) -> SearchResult:
 
 
 def score(store: Store, table: str, labels: str | Path, split: str | Path, **kwargs: Any) -> Any:
-    """Slide-level scoring (MIL) of a tile or cell table over the folds of a split, out of fold."""
-    from cytoretrieve.queries.mil.evaluate import score_table
+    """Slide-level scoring (MIL) of a tile or cell table over the folds of a split, out of fold: (result, bags,
+    table)."""
+    from cytoretrieve.queries.mil.score import score_table
 
     return score_table(store, table, labels, split, **kwargs)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
+from cytoretrieve.queries.knn import votes_help
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -23,7 +24,7 @@ def classify(
     runs: Annotated[int, typer.Option("--runs", help="Seeded random stratified splits.")] = 4,
     train_fraction: Annotated[float, typer.Option("--train-fraction", help="Fraction of each class used as k-NN support.")] = 0.75,
     k: Annotated[str, typer.Option("--k", help="k values to sweep: 1-100, 20, or 1,5,10,20.")] = "1-100",
-    vote: Annotated[str, typer.Option("--vote", help="majority, or weighted (DINO: each neighbour votes exp(sim/T)).")] = "majority",
+    vote: Annotated[str, typer.Option("--vote", help=f"{votes_help()}.")] = "majority",
     temperature: Annotated[float, typer.Option("--temperature", help="T of the weighted vote.")] = 0.07,
     seed: Annotated[int, typer.Option("--seed", help="Seed of run 0; run r uses seed + r.")] = 0,
     json_out: options.JsonOut = None,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cytoretrieve.cli import options
+from cytoretrieve.queries.mil.methods import DEFAULT_METHOD, methods_help
 
 _SHORT = {"auc": "AUC", "balanced_accuracy": "bal. acc.", "sensitivity": "sens.", "specificity": "spec.", "f1": "F1",
           "accuracy": "acc."}
@@ -18,7 +19,7 @@ def score(
     tiles: Annotated[str, typer.Option("--tiles", "-t", help="Vector table of tiles (or any vector table with a group column).")],
     labels: Annotated[Path, typer.Option("--labels", help="Slide labels CSV (slide,label,binary): the group-label file.")],
     split: Annotated[Path, typer.Option("--split", help="Split file from `cytoretrieve split` covering the labelled slides.")],
-    method: Annotated[str, typer.Option("--method", "-m", help="abmil, gated, mean, max, topk, or retrieval (training-free, FAISS).")] = "abmil",
+    method: Annotated[str, typer.Option("--method", "-m", help=f"{methods_help()}.")] = DEFAULT_METHOD,
     store: options.Store = options.DEFAULT_STORE,
     group_column: Annotated[str, typer.Option("--group-column", help="Column naming each row's bag (slide, group).")] = "slide",
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (trained methods).")] = 40,
@@ -60,13 +61,14 @@ def score(
     from rich.table import Table as RichTable
 
     from cytoretrieve.errors import CytoError
-    from cytoretrieve.queries.mil.evaluate import ALL_METHODS, METRICS, score_table, top_tiles
+    from cytoretrieve.queries.mil.methods import get_method
+    from cytoretrieve.queries.mil.metrics import METRICS
     from cytoretrieve.queries.mil.retrieval import REFERENCES, RetrievalConfig
+    from cytoretrieve.queries.mil.score import score_table, top_tiles
     from cytoretrieve.queries.mil.train import MILTrainConfig, resolve_device
     from cytoretrieve.views.plots import plot_roc
 
-    if method not in ALL_METHODS:
-        raise CytoError(f"unknown --method '{method}' (one of {', '.join(ALL_METHODS)})")
+    get_method(method)  # an unknown one fails here, before any work
     if epochs < 1 or top_k < 1 or neighbours < 1 or top_m < 1 or n_top < 1 or lr <= 0 or instance_negatives < 0:
         raise CytoError("--epochs, --top-k, --neighbours, --top-m, --n-top must be >= 1, --lr > 0, --instance-negatives >= 0")
     if references not in REFERENCES:
@@ -75,12 +77,13 @@ def score(
         raise CytoError(f"--out {out} exists and is not a folder")
     if objects not in ("tile", "detection"):
         raise CytoError(f"--objects must be tile or detection, not {objects!r}")
-    train_cfg = MILTrainConfig(method=method if method != "retrieval" else "abmil", epochs=epochs, lr=lr, top_k=top_k, clip=clip,
-                            instance_negatives=instance_negatives, augment_positives=augment_positives,
-                            augment_max=augment_max, seed=seed, device=resolve_device(device))
+    train_cfg = MILTrainConfig(epochs=epochs, lr=lr, top_k=top_k, clip=clip, instance_negatives=instance_negatives,
+                               augment_positives=augment_positives, augment_max=augment_max, seed=seed,
+                               device=resolve_device(device))  # the method's record sets its pooling
     ret_cfg = RetrievalConfig(k=neighbours, top_m=top_m, references=references)
-    result, bags = score_table(store, tiles, labels, split, method, group_column=group_column, train_config=train_cfg,
-                               retrieval_config=ret_cfg, positives_table=positives, stream=stream)
+    result, bags, table = score_table(store, tiles, labels, split, method, group_column=group_column,
+                                      train_config=train_cfg, retrieval_config=ret_cfg, positives_table=positives,
+                                      stream=stream)
 
     console = Console()
     view = RichTable(title=f"{method}: slide scores, {len(result.folds)} folds of {split.name}", box=box.SIMPLE_HEAD)
@@ -100,13 +103,10 @@ def score(
     if json_out:
         options.write_json({"tiles": tiles, "labels": str(labels), "split": str(split), **result.to_dict()}, json_out)
     if out is not None:
-        from cytoretrieve.store.tables import Store
         from cytoretrieve.views.heatmap import write_heatmaps
-
-        out.mkdir(parents=True, exist_ok=True)
         from cytoretrieve.views.score_geojson import write_score_geojson
 
-        table = Store(store).open(tiles)
+        out.mkdir(parents=True, exist_ok=True)
         maps, map_notes = write_heatmaps(table, result, bags, out, group_column=group_column)
         shapes, shape_notes = write_score_geojson(table, result, bags, out, group_column=group_column, object_type=objects)
         for note in map_notes + shape_notes:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
+from cytoretrieve.queries.knn import votes_help
 
 
 def _num(value: float | None) -> str:
@@ -66,7 +67,7 @@ def transfer(
     k: Annotated[int | None, typer.Option("--k", help="Neighbours; default: chosen by weighted F1 in cross-validation on the support.")] = None,
     ks: Annotated[str, typer.Option("--ks", help="k values tried when --k is not given: 1-50, or 1,5,10,20.")] = "1-50",
     folds: Annotated[int, typer.Option("--folds", help="Stratified folds of the cross-validation choosing k.")] = 5,
-    vote: Annotated[str, typer.Option("--vote", help="majority, or weighted (DINO: each neighbour votes exp(sim/T)).")] = "majority",
+    vote: Annotated[str, typer.Option("--vote", help=f"{votes_help()}.")] = "majority",
     temperature: Annotated[float, typer.Option("--temperature", help="T of the weighted vote.")] = 0.07,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the cross-validation folds.")] = 0,
     json_out: options.JsonOut = None,

@@ -70,7 +70,7 @@ def plot_roc(result, path, title: str | None = None) -> None:  # noqa: ANN001 - 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cytoretrieve.queries.mil.evaluate import auc, roc_curve
+    from cytoretrieve.queries.mil.metrics import auc, roc_curve
 
     fig = Figure(figsize=(5, 5), dpi=120)
     FigureCanvasAgg(fig)

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from cytoretrieve.queries.mil.evaluate import auc, binary_metrics, roc_curve, youden_threshold
+from cytoretrieve.queries.mil.metrics import auc, binary_metrics, roc_curve, youden_threshold
 from cytoretrieve.queries.stats import mean_std
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoretrieve.queries.mil.evaluate import auc
+from cytoretrieve.queries.mil.metrics import auc
 from cytoretrieve.queries.mil.train import MILTrainConfig, fit
 from helpers.mil_synthetic import synthetic_bags
 

@@ -13,26 +13,29 @@ Every model is `encoder -> pooling -> classifier`:
 `forward` returns (bag logits (B,), instance scores (B, N)): the attention weights for abmil/gated, else the
 classifier applied to each instance embedding (its logit). `instance_logits` (the classifier on each instance
 embedding) is what the instance-level negatives of `train.py` are trained on, for every method.
+
+The poolings are a registry, `POOLINGS` (name -> function of the model, instance embeddings, mask and instance
+logits); a pooling scored by `cytoretrieve score` also needs its record in `methods.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-METHODS = ("abmil", "gated", "mean", "max", "topk")
 NEG_INF = -1e9
+ATTENTION = ("abmil", "gated")  # the poolings with attention layers (gated: also the gate U)
 
 
 class MILModel(nn.Module):
     def __init__(self, dim: int, method: str = "abmil", encoder: Sequence[int] = (128,), attention: int = 64,
                  dropout: float = 0.25, top_k: int = 4) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown MIL method '{method}' (one of {', '.join(METHODS)})")
+        if method not in POOLINGS:
+            raise ValueError(f"unknown MIL method '{method}' (one of {', '.join(POOLINGS)})")
         if not encoder:
             raise ValueError("`encoder` needs at least one layer width")
         self.method, self.top_k = method, top_k
@@ -46,7 +49,7 @@ class MILModel(nn.Module):
             d = int(width)
         self.encoder = nn.Sequential(*enc)
         hidden = d
-        if method in ("abmil", "gated"):
+        if method in ATTENTION:
             self.att_v = nn.Linear(hidden, attention)
             self.att_w = nn.Linear(attention, 1)
             if method == "gated":
@@ -71,24 +74,46 @@ class MILModel(nn.Module):
         """(bag logits (B,), instance scores (B, N), instance logits (B, N)); padded positions score 0 / -1e9."""
         h = self.embed(x)
         inst = self.instance_logits(h)
-        m = mask.unsqueeze(-1).to(h.dtype)
-        if self.method in ("abmil", "gated"):
-            a = self.attention(h, mask)
-            pooled = torch.bmm(a.unsqueeze(1), h).squeeze(1)  # sum_i a_i h_i without a (B, N, hidden) product
-            bag = self.classifier(pooled).squeeze(-1)
-            return bag, a, inst
-        if self.method == "mean":
-            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)
-            bag = self.classifier(pooled).squeeze(-1)
-        elif self.method == "max":
-            pooled = h.masked_fill(~mask.unsqueeze(-1), NEG_INF).amax(1)
-            bag = self.classifier(pooled).squeeze(-1)
-        else:  # topk: mean of the k highest instance logits among the real instances
-            k = min(self.top_k, x.shape[1])
-            top, idx = inst.masked_fill(~mask, NEG_INF).topk(k, dim=1)
-            valid = mask.gather(1, idx).to(top.dtype)
-            bag = (top * valid).sum(1) / valid.sum(1).clamp_min(1)
-        return bag, inst.masked_fill(~mask, NEG_INF), inst
+        bag, scores = POOLINGS[self.method](self, h, mask, inst)
+        return bag, scores, inst
+
+
+Pooling = Callable[[MILModel, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _attention_pool(model: MILModel, h: torch.Tensor, mask: torch.Tensor,
+                    inst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """abmil / gated: the attention-weighted mean embedding; the instance scores are the attention weights."""
+    a = model.attention(h, mask)
+    pooled = torch.bmm(a.unsqueeze(1), h).squeeze(1)  # sum_i a_i h_i without a (B, N, hidden) product
+    return model.classifier(pooled).squeeze(-1), a
+
+
+def _mean_pool(model: MILModel, h: torch.Tensor, mask: torch.Tensor,
+               inst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = mask.unsqueeze(-1).to(h.dtype)
+    pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)
+    return model.classifier(pooled).squeeze(-1), inst.masked_fill(~mask, NEG_INF)
+
+
+def _max_pool(model: MILModel, h: torch.Tensor, mask: torch.Tensor,
+              inst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pooled = h.masked_fill(~mask.unsqueeze(-1), NEG_INF).amax(1)
+    return model.classifier(pooled).squeeze(-1), inst.masked_fill(~mask, NEG_INF)
+
+
+def _topk_pool(model: MILModel, h: torch.Tensor, mask: torch.Tensor,
+               inst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of the k highest instance logits among the real instances."""
+    k = min(model.top_k, inst.shape[1])
+    top, idx = inst.masked_fill(~mask, NEG_INF).topk(k, dim=1)
+    valid = mask.gather(1, idx).to(top.dtype)
+    return (top * valid).sum(1) / valid.sum(1).clamp_min(1), inst.masked_fill(~mask, NEG_INF)
+
+
+# name -> (bag logits (B,), instance scores (B, N)); padded instances score NEG_INF (attention: weight 0)
+POOLINGS: dict[str, Pooling] = {"abmil": _attention_pool, "gated": _attention_pool, "mean": _mean_pool,
+                                "max": _max_pool, "topk": _topk_pool}
 
 
 def pad(bags: Sequence, device: str | torch.device = "cpu", mean: np.ndarray | None = None,
