@@ -7,8 +7,11 @@ import os
 import re
 from pathlib import Path
 
-# File suffixes taken as slides when a folder is given (the slide backends decide what they can read).
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+# File suffixes taken as slides when a folder is given (the slide backends decide what they can read): whole-slide
+# formats, then camera fields (a PNG / JPEG / BMP field with `mpp` is tiled like a one-level slide).
+WSI_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".btf")
+FIELD_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+SLIDE_EXTENSIONS = WSI_EXTENSIONS + FIELD_EXTENSIONS
 
 
 def slide_id(path: str | Path) -> str:

@@ -74,6 +74,11 @@ def test_only_the_store_touches_lancedb() -> None:
     assert _offenders("cytoretrieve/", ("lancedb",), allowed) == []
 
 
+def test_only_the_openslide_backend_imports_openslide() -> None:
+    allowed = {"cytoretrieve/sources/slides/backends/openslide.py": ("openslide",)}
+    assert _offenders("cytoretrieve/", ("openslide",), allowed) == []
+
+
 def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Lines of the body after the signature and docstring (a CLI command's options are its signature)."""
     body = node.body[1:] if ast.get_docstring(node) is not None and len(node.body) > 1 else node.body

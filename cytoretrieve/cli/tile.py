@@ -19,14 +19,14 @@ if TYPE_CHECKING:  # imported inside the command: `cytoretrieve --help` loads no
     from cytoretrieve.sources.slides.deposit import DepositParams
     from cytoretrieve.sources.slides.grid import GridSpec
 
-Mpp = Annotated[float | None, typer.Option("--mpp", help="Level-0 um/px for slides whose metadata has none (openslide.mpp-x), or an implausible one (72 dpi TIFFs).")]
+Mpp = Annotated[float | None, typer.Option("--mpp", help="Level-0 um/px for slides whose metadata has none (camera images, some TIFFs), or an implausible one (72 dpi TIFFs).")]
 Objective = Annotated[float | None, typer.Option("--objective", help="Objective power for slides without mpp metadata: P means 10/P um/px (20 -> 0.5).")]
 TargetMpp = Annotated[float, typer.Option("--target-mpp", help="Pixel size of the tiles, um/px (0.5 = 20x).")]
 TileSize = Annotated[int, typer.Option("--tile-size", help="Tile side in px at --target-mpp.")]
 
 
 def tile(
-    slides: Annotated[list[Path] | None, typer.Argument(help="Slide files (any format OpenSlide reads) or folders of them. May be omitted when --labels has a path column.", show_default=False)] = None,
+    slides: Annotated[list[Path] | None, typer.Argument(help="Slide files (any format OpenSlide reads, plain and OME-TIFF, PNG/JPEG/BMP camera fields with --mpp) or folders of them. May be omitted when --labels has a path column.", show_default=False)] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV slide,label[,binary][,path]: slide labels stored with the tiles.")] = None,
     store: options.Store = options.DEFAULT_STORE,
     table: Annotated[str, typer.Option("--table", "-t", help="Tile table to write (created if needed; resumable per slide).")] = "tiles",

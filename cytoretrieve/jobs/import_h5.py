@@ -67,14 +67,14 @@ def _slide_files(slides: str | Path | None) -> dict[str, tuple[str, float | None
 
 
 def _slide_mpp(path: Path) -> float | None:
-    import openslide
-
+    """The slide's level-0 mpp from its own metadata (any slide backend), None when it has none or is unreadable."""
+    from cytoretrieve.sources.slides.backends import open_slide_file
     from cytoretrieve.sources.slides.reader import resolve_mpp
 
     try:
-        with openslide.OpenSlide(str(path)) as osr:
-            return float(resolve_mpp(osr.properties)[0])
-    except (openslide.OpenSlideError, OSError, ValueError, CytoError):
+        with open_slide_file(path) as backend:
+            return float(resolve_mpp(backend.mpp, power=backend.objective)[0])
+    except (OSError, ValueError, CytoError):
         return None
 
 

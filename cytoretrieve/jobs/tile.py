@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import openslide
-
 from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
 from cytoretrieve.faults import failpoint
@@ -35,9 +33,10 @@ from cytoretrieve.sources.slides.annotations import (
     annotation_rows,
     read_geojson,
 )
+from cytoretrieve.sources.slides.backends import SlideReadError
 from cytoretrieve.sources.slides.grid import GridSpec
 from cytoretrieve.sources.slides.reader import Slide
-from cytoretrieve.sources.slides.rules import Params, table_settings
+from cytoretrieve.sources.slides.rules import Params, rule_params, table_settings
 from cytoretrieve.sources.slides.tiling import SLIDE_ERRORS, SlideResult, TiledSlide, tile_slide
 from cytoretrieve.store.overviews import make_overview, write_overviews
 from cytoretrieve.store.tables import Store
@@ -110,7 +109,7 @@ def tile_slides(
     a `path`. Callbacks: `on_slide(i, n, path)` before each slide,
     `on_progress(done, total)` while its thumbnail is read, `on_result(result)` after it.
     """
-    spec.validate()
+    params = rule_params(spec, params)  # the rule's name, the grid and the rule's settings, before anything is read
     if mpp is not None and mpp <= 0:  # checked here for every slide: the reader looks at it only without metadata
         raise CytoError(f"`mpp` must be positive, not {mpp}")
     if objective is not None and objective <= 0:
@@ -133,7 +132,6 @@ def tile_slides(
             raise CytoError(f"cannot write previews to {preview}: {e.strerror or e}") from None
     writer = BagWriter(store, table, meta)
     report = TileReport(table=table, store=store.uri)
-    cache = openslide.OpenSlideCache(cache_bytes)
     for i, path in enumerate(paths):
         sid = slide_id(path)
         label = matched.get(sid)
@@ -145,7 +143,7 @@ def tile_slides(
         else:
             try:
                 tiled = tile_slide(path, spec, params, table=table, label=label, mpp=mpp, objective=objective,
-                                   cache=cache, on_progress=on_progress)
+                                   cache_bytes=cache_bytes, on_progress=on_progress)
                 result = tiled.result
                 if preview is not None:
                     caption = preview_caption(result, spec, tiled.grid)
@@ -156,7 +154,7 @@ def tile_slides(
                     failpoint("slide")
             except SLIDE_ERRORS as e:
                 reason = (str(e).splitlines() or [type(e).__name__])[0]
-                if isinstance(e, openslide.OpenSlideError):  # the file opened, its pixels did not decode
+                if isinstance(e, SlideReadError):  # the file opened, its pixels did not decode
                     reason = f"unreadable image data ({reason})"
                 result = SlideResult(slide=sid, path=str(path.absolute()), status="skipped",
                                      label=label.label if label else None, reason=reason)

@@ -3,7 +3,7 @@ command reads the same argument the same way.
 
 - an existing folder -> "folder" (what is inside it is for the job to read: a cell dataset, images below it);
 - an existing .csv file -> "manifest";
-- an existing slide file (OpenSlide's endings) -> "slide";
+- an existing slide file (`ids.SLIDE_EXTENSIONS`: the slide backends' endings, camera images included) -> "slide";
 - a name that is not a path (no separator, no file ending) -> "table", a table of the store: the caller opens
   it (sources never open the store) and reports a missing one with `not_a_table`;
 - anything else (a missing path, another kind of file) is a CytoError naming the parameter.

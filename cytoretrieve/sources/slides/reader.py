@@ -1,113 +1,72 @@
-"""Reading whole-slide images with OpenSlide (any format it reads: Aperio, Hamamatsu, generic tiled TIFF, ...).
+"""Reading slides of any format through the slide backends (`backends/`: OpenSlide, tifffile, plain images).
 
 - `Slide` opens one file with errors a user can act on (missing file, not a slide, truncated TIFF) and knows the
-  slide's level-0 pixel size (`mpp`, um/px): from `openslide.mpp-x`, else from the user's `mpp=` or
+  slide's level-0 pixel size (`mpp`, um/px): from the file's metadata, else from the user's `mpp=` or
   `objective=` (objective power P means 10 / P um/px: 20x = 0.5), else a `CytoError` that says what to pass.
 - `choose_level` picks the level to read for a target mpp: the coarsest level that is still at least as fine as
   the target (within `MPP_TOLERANCE`), reading a larger region and resizing when no level matches.
 - `SlideReader` is what DataLoader workers hold: picklable, it opens slides lazily in whichever process calls
-  it (one handle per process, never shared across a fork), keeps at most `max_open` handles, and shares one
-  bounded `OpenSlideCache` between them, so memory stays flat over hundreds of slides.
+  it (one handle per process, never shared across a fork), keeps at most `max_open` handles, and sizes the
+  per-process cache of decoded tiles its backends share, so memory stays flat over hundreds of slides.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openslide
 from PIL import Image
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import slide_id
+from cytoretrieve.sources.slides.backends import SlideBackend, SlideReadError, open_slide_file
 
 PLAUSIBLE_MPP = (0.05, 20.0)  # um/px a slide scanner can produce; other metadata values are ignored
 MAX_UPSAMPLE = 4.0  # tiles are not made by enlarging a slide more than this
 MPP_TOLERANCE = 0.02  # a level within 2% of the target mpp is read as is (scanners say 0.499 or 0.5025 for 20x)
-DEFAULT_CACHE_BYTES = 64 << 20  # one OpenSlide tile cache per process, shared by all open slides
+DEFAULT_CACHE_BYTES = 64 << 20  # a reader's per-process cache of decoded tiles, shared by its open slides
 DEFAULT_MAX_OPEN = 8  # slide handles a reader keeps open per process (least recently used are closed)
 RESAMPLE = Image.Resampling.LANCZOS
 
 
-def _tiff_problem(path: Path, size: int) -> str | None:
-    """Why a TIFF header cannot be followed (a truncated or damaged file), or None if its directories are intact."""
-    with path.open("rb") as f:
-        head = f.read(16)
-        if head[:2] not in (b"II", b"MM") or len(head) < 8:
-            return None
-        e = "<" if head[:2] == b"II" else ">"
-        magic = struct.unpack(e + "H", head[2:4])[0]
-        if magic == 42:
-            big, off = False, struct.unpack(e + "I", head[4:8])[0]
-        elif magic == 43 and len(head) >= 16:
-            big, off = True, struct.unpack(e + "Q", head[8:16])[0]
-        else:
-            return None
-        count_fmt, count_size, entry_size, next_fmt, next_size = (
-            ("Q", 8, 20, "Q", 8) if big else ("H", 2, 12, "I", 4)
-        )
-        seen: set[int] = set()
-        while off:
-            if off in seen or len(seen) > 100_000:
-                return "its directory chain loops"
-            seen.add(off)
-            if off + count_size > size:
-                return f"truncated: directory {len(seen)} starts at byte {off}, beyond the end of the file ({size} bytes)"
-            f.seek(off)
-            count = struct.unpack(e + count_fmt, f.read(count_size))[0]
-            end = off + count_size + count * entry_size + next_size
-            if end > size:
-                return f"truncated: directory {len(seen)} ends at byte {end}, beyond the end of the file ({size} bytes)"
-            f.seek(end - next_size)
-            off = struct.unpack(e + next_fmt, f.read(next_size))[0]
-    return None
+def diagnose(path: str | Path) -> str:
+    """A one-line reason why no slide backend can open `path`."""
+    from cytoretrieve.sources.slides.backends.openslide import diagnose as why
 
-
-def diagnose(path: Path) -> str:
-    """A one-line reason why OpenSlide cannot open `path`."""
-    if not path.exists():
-        return "no such file"
-    if path.is_dir():
-        return "is a folder, not a slide file"
-    size = path.stat().st_size
-    if size == 0:
-        return "empty file"
-    problem = _tiff_problem(path, size)
-    if problem:
-        return problem
-    with path.open("rb") as f:
-        head = f.read(8)
-    if head[:2] in (b"II", b"MM"):
-        return "a TIFF OpenSlide cannot read as a slide (not tiled, or damaged)"
-    kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"BM": "a BMP image", b"%PDF": "a PDF"}
-    kind = next((k for magic, k in kinds.items() if head.startswith(magic)), "not a format OpenSlide reads")
-    return f"not a whole-slide image ({kind})"
+    return why(Path(path))
 
 
 def resolve_mpp(
-    properties: Mapping[str, str], mpp: float | None = None, objective: float | None = None
+    metadata: float | None | Mapping[str, str],
+    mpp: float | None = None,
+    objective: float | None = None,
+    *,
+    power: float | None = None,
+    missing: str = "no pixel size in the slide metadata",
 ) -> tuple[float, str]:
-    """Level-0 um/px and where it came from: the slide's `openslide.mpp-x`, else `mpp`, else 10 / `objective`.
+    """Level-0 um/px and where it came from: the slide's own (`metadata`, a backend's `mpp`), else `mpp`, else
+    10 / `objective`.
 
     A metadata value outside `PLAUSIBLE_MPP` counts as missing: generic TIFFs often carry a screen or print
     resolution (72 dpi = 352.8 um/px) that says nothing about the microscope. Raises `CytoError` when no value
-    is available, naming the slide's objective power when it reports one.
+    is available (`missing` says why), naming the objective `power` the slide reports, if any. A mapping is read
+    as OpenSlide properties (`openslide.mpp-x`, `openslide.objective-power`).
     """
-    value = properties.get(openslide.PROPERTY_NAME_MPP_X)
+    if isinstance(metadata, Mapping):
+        from cytoretrieve.sources.slides.backends.openslide import metadata as from_properties
+
+        metadata, reported = from_properties(metadata)
+        power = power or reported
     note = ""
-    if value:
-        try:
-            found = float(value)
-        except ValueError:
-            found = 0.0
-        if PLAUSIBLE_MPP[0] <= found <= PLAUSIBLE_MPP[1]:
-            return found, "slide"
-        note = f"implausible pixel size {value} um/px in the slide's metadata (a scanner's is {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g})"
+    if metadata is not None:
+        if PLAUSIBLE_MPP[0] <= metadata <= PLAUSIBLE_MPP[1]:
+            return float(metadata), "slide"
+        note = (f"implausible pixel size {metadata:g} um/px in the slide's metadata "
+                f"(a scanner's is {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g})")
     if mpp is not None:
         if mpp <= 0:
             raise CytoError(f"`mpp` must be positive, not {mpp}")
@@ -116,26 +75,8 @@ def resolve_mpp(
         if objective <= 0:
             raise CytoError(f"`objective` must be positive, not {objective}")
         return 10.0 / float(objective), "--objective"
-    power = properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
-    hint = f" (it reports objective power {power}: `objective` {power} assumes {10 / float(power):g} um/px)" if _positive(power) else ""
-    raise CytoError(
-        f"{note or 'no pixel size (openslide.mpp-x) in the slide metadata'}: pass `mpp` (um per level-0 pixel) "
-        f"or `objective` (20 for 20x = 0.5 um/px){hint}"
-    )
-
-
-def _int(properties: Mapping[str, str], key: str, default: int) -> int:
-    try:
-        return int(properties.get(key, default))
-    except ValueError:
-        return default
-
-
-def _positive(value: str | None) -> bool:
-    try:
-        return value is not None and float(value) > 0
-    except ValueError:
-        return False
+    hint = f" (it reports objective power {power:g}: `objective` {power:g} assumes {10 / power:g} um/px)" if power else ""
+    raise CytoError(f"{note or missing}: pass `mpp` (um per level-0 pixel) or `objective` (20 for 20x = 0.5 um/px){hint}")
 
 
 @dataclass(frozen=True)
@@ -209,23 +150,20 @@ class SlideInfo:
     objective: float | None
     bounds: tuple[int, int, int, int]  # (x, y, width, height) of the scanned area in level-0 px
     background: str  # hex RGB of the area outside the scan
+    backend: str = "openslide"  # the slide backend that reads it (`backends.BACKENDS`)
+    planes: int = 1  # focal planes
+    grey: bool = False  # grey-level pixels, delivered as RGB
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _composite(region: Image.Image, background: str) -> Image.Image:
-    """RGBA from OpenSlide -> RGB; transparent pixels (outside the scan) take the slide's background colour."""
-    alpha = region.getchannel("A")
-    if alpha.getextrema()[0] == 255:
-        return region.convert("RGB")
-    out = Image.new("RGB", region.size, "#" + background)
-    out.paste(region, None, alpha)
-    return out
-
-
 class Slide:
-    """One open slide: an OpenSlide handle and its `SlideInfo`. Use as a context manager, or `close()` it."""
+    """One open slide: its backend (`backend`) and its `SlideInfo`. Use as a context manager, or `close()` it.
+
+    `backend` names a registered slide backend, or "auto" to choose by extension and content; `cache_bytes`
+    sizes the per-process cache of decoded tiles (None: the backend's default).
+    """
 
     def __init__(
         self,
@@ -233,56 +171,55 @@ class Slide:
         *,
         mpp: float | None = None,
         objective: float | None = None,
-        cache: openslide.OpenSlideCache | None = None,
+        backend: str = "auto",
+        cache_bytes: int | None = None,
     ) -> None:
         path = Path(path)
+        self.backend: SlideBackend = open_slide_file(path, backend, cache_bytes=cache_bytes)
+        b = self.backend
         try:
-            self.handle = openslide.OpenSlide(path)
-        except openslide.OpenSlideUnsupportedFormatError:
-            raise CytoError(diagnose(path)) from None
-        except openslide.OpenSlideError as e:
-            raise CytoError(f"OpenSlide cannot open it: {e}".splitlines()[0]) from None
-        try:
-            if cache is not None:
-                self.handle.set_cache(cache)
-            props = self.handle.properties
-            level_mpp, source = resolve_mpp(props, mpp, objective)
-            w, h = self.handle.dimensions
-            bx, by = _int(props, openslide.PROPERTY_NAME_BOUNDS_X, 0), _int(props, openslide.PROPERTY_NAME_BOUNDS_Y, 0)
-            bw = _int(props, openslide.PROPERTY_NAME_BOUNDS_WIDTH, w)
-            bh = _int(props, openslide.PROPERTY_NAME_BOUNDS_HEIGHT, h)
-            power = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+            bx, by, bw, bh = (int(v) for v in b.bounds)
+            level_mpp, source = resolve_mpp(b.mpp, mpp, objective, power=b.objective, missing=b.no_mpp)
             self.info = SlideInfo(
                 path=str(path.absolute()),
                 id=slide_id(path),
-                vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
-                dimensions=(int(w), int(h)),
-                level_dimensions=tuple((int(a), int(b)) for a, b in self.handle.level_dimensions),
-                level_downsamples=tuple(float(d) for d in self.handle.level_downsamples),
+                vendor=b.vendor,
+                dimensions=(int(b.dimensions[0]), int(b.dimensions[1])),
+                level_dimensions=tuple((int(w), int(h)) for w, h in b.level_dimensions),
+                level_downsamples=tuple(float(d) for d in b.level_downsamples),
                 mpp=level_mpp,
                 mpp_source=source,
-                objective=float(power) if _positive(power) else (objective if source == "--objective" else None),
+                objective=b.objective or (objective if source == "--objective" else None),
                 bounds=(bx, by, bw, bh),
-                background=props.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff"),
+                background=b.background,
+                backend=b.name,
+                planes=int(b.planes),
+                grey=bool(b.grey),
             )
         except BaseException:
-            self.handle.close()
+            b.close()
             raise
+
+    @property
+    def handle(self) -> SlideBackend:
+        """The open backend (the name of the OpenSlide handle this used to be)."""
+        return self.backend
 
     def choose_level(self, target_mpp: float, tile_size: int) -> LevelChoice:
         return choose_level(self.info.level_downsamples, self.info.mpp, target_mpp, tile_size)
 
-    def read_rgb(self, x: int, y: int, level: int, size: tuple[int, int]) -> Image.Image:
-        """An RGB region: `size` px of `level`, its top-left at level-0 (`x`, `y`). OpenSlide errors propagate."""
-        return _composite(self.handle.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1]))), self.info.background)
+    def read_rgb(self, x: int, y: int, level: int, size: tuple[int, int], *, plane: int = 0) -> Image.Image:
+        """An RGB region: `size` px of `level`, its top-left at level-0 (`x`, `y`). Read errors propagate
+        (`SlideReadError` for damaged image data)."""
+        return self.backend.read_region(int(x), int(y), int(level), (int(size[0]), int(size[1])), plane=plane)
 
-    def read_tile(self, x: int, y: int, level: int, read_size: int, tile_size: int) -> Image.Image:
+    def read_tile(self, x: int, y: int, level: int, read_size: int, tile_size: int, *, plane: int = 0) -> Image.Image:
         """A `tile_size` px RGB tile: `read_size` px read at `level` from level-0 (`x`, `y`), resized if needed."""
-        im = self.read_rgb(x, y, level, (read_size, read_size))
+        im = self.read_rgb(x, y, level, (read_size, read_size), plane=plane)
         return im if read_size == tile_size else im.resize((tile_size, tile_size), RESAMPLE)
 
     def close(self) -> None:
-        self.handle.close()
+        self.backend.close()
 
     def __enter__(self) -> Slide:
         return self
@@ -294,10 +231,10 @@ class Slide:
 class SlideReader:
     """Reads tiles of many slides; give one to a DataLoader dataset and every worker reads with its own handles.
 
-    Picklable: only its settings travel. Handles open lazily in the process that reads, at most `max_open` at a
-    time (least recently used closed first), all sharing one `OpenSlideCache` of `cache_bytes`. A forked child
-    never reuses its parent's handles. `mpp` / `objective` are not needed to read: tile rows carry the level
-    and read size.
+    Picklable: only its settings travel. Handles (slide backends, chosen as `Slide` chooses them) open lazily in
+    the process that reads, at most `max_open` at a time (least recently used closed first), sharing one
+    per-process cache of decoded tiles of `cache_bytes`. A forked child never reuses its parent's handles.
+    `mpp` / `objective` are not needed to read: tile rows carry the level and read size.
 
         reader = SlideReader()
         image = reader.read_tile(row["path"], row["x"], row["y"], row["level"], row["read_size"], row["tile_size"])
@@ -311,9 +248,7 @@ class SlideReader:
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._handles: OrderedDict[str, openslide.OpenSlide] = OrderedDict()
-        self._backgrounds: dict[str, str] = {}
-        self._cache: openslide.OpenSlideCache | None = None
+        self._handles: OrderedDict[str, SlideBackend] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"cache_bytes": self.cache_bytes, "max_open": self.max_open}
@@ -323,43 +258,39 @@ class SlideReader:
         self.max_open = state["max_open"]
         self._reset()
 
-    def handle(self, path: str | Path) -> openslide.OpenSlide:
-        """The open handle of `path` in this process (opened on first use)."""
+    def handle(self, path: str | Path) -> SlideBackend:
+        """The open backend of `path` in this process (opened on first use)."""
         if os.getpid() != self._pid:  # forked: the parent's handles belong to the parent
             self._reset()
         key = str(path)
-        osr = self._handles.get(key)
-        if osr is not None:
+        found = self._handles.get(key)
+        if found is not None:
             self._handles.move_to_end(key)
-            return osr
+            return found
         try:
-            osr = openslide.OpenSlide(key)
-        except openslide.OpenSlideUnsupportedFormatError:
-            raise CytoError(f"{key}: {diagnose(Path(key))}") from None
-        if self._cache is None:
-            self._cache = openslide.OpenSlideCache(self.cache_bytes)
-        osr.set_cache(self._cache)
-        self._handles[key] = osr
-        self._backgrounds[key] = osr.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
+            found = open_slide_file(key, cache_bytes=self.cache_bytes)
+        except CytoError as e:
+            raise CytoError(f"{key}: {e}") from None
+        self._handles[key] = found
         while len(self._handles) > self.max_open:
-            old, h = self._handles.popitem(last=False)
-            self._backgrounds.pop(old, None)
-            h.close()
-        return osr
+            _, old = self._handles.popitem(last=False)
+            old.close()
+        return found
 
-    def read_tile(self, path: str | Path, x: int, y: int, level: int, read_size: int, tile_size: int) -> Image.Image:
+    def read_tile(
+        self, path: str | Path, x: int, y: int, level: int, read_size: int, tile_size: int, *, plane: int = 0
+    ) -> Image.Image:
         """A `tile_size` px RGB tile: `read_size` px at `level` from level-0 (`x`, `y`) of `path`, resized if needed.
 
-        OpenSlide errors (a corrupt tile inside a slide) propagate as `openslide.OpenSlideError`; after one, the
-        handle is dropped so the next read reopens the slide.
+        Damaged image data (a corrupt tile inside a slide) raises `SlideReadError`; after one, the handle is
+        dropped so the next read reopens the slide.
         """
-        osr = self.handle(path)
+        backend = self.handle(path)
         try:
-            region = osr.read_region((int(x), int(y)), int(level), (int(read_size), int(read_size)))
-        except openslide.OpenSlideError:
+            im = backend.read_region(int(x), int(y), int(level), (int(read_size), int(read_size)), plane=plane)
+        except SlideReadError:
             self.discard(path)  # an OpenSlide handle in error state fails every later read
             raise
-        im = _composite(region, self._backgrounds[str(path)])
         return im if read_size == tile_size else im.resize((int(tile_size), int(tile_size)), RESAMPLE)
 
     def read_row(self, row: Mapping[str, Any]) -> Image.Image:
@@ -367,16 +298,15 @@ class SlideReader:
         return self.read_tile(row["path"], row["x"], row["y"], row["level"], row["read_size"], row["tile_size"])
 
     def discard(self, path: str | Path) -> None:
-        h = self._handles.pop(str(path), None)
-        self._backgrounds.pop(str(path), None)
-        if h is not None:
-            h.close()
+        found = self._handles.pop(str(path), None)
+        if found is not None:
+            found.close()
 
     def close(self) -> None:
         """Close every handle this process opened."""
         if os.getpid() == self._pid:
-            for h in self._handles.values():
-                h.close()
+            for found in self._handles.values():
+                found.close()
         self._reset()
 
     @property

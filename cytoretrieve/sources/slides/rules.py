@@ -113,4 +113,5 @@ def rule_params(spec: GridSpec, params: Params | None) -> Params:
 
 def table_settings(spec: GridSpec, params: Params | None) -> dict[str, Any]:
     """What a tile table records of the settings that made it: the grid, the rule's threshold, its detection."""
-    return {**spec.to_dict(), RULES[spec.rule].key: rule_params(spec, params).to_dict()}
+    checked = rule_params(spec, params)  # an unknown rule is a one-line error before it is looked up
+    return {**spec.to_dict(), RULES[spec.rule].key: checked.to_dict()}

@@ -12,16 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import openslide
-
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import tile_id
 from cytoretrieve.sources.cohort.labels import SlideLabel
+from cytoretrieve.sources.slides.backends import SlideReadError
 from cytoretrieve.sources.slides.grid import Grid, GridSpec, make_grid
 from cytoretrieve.sources.slides.reader import Slide, SlideInfo
 from cytoretrieve.sources.slides.rules import RULES, Decision, Params, rule_params
 
-SLIDE_ERRORS = (CytoError, openslide.OpenSlideError, OSError)  # skip the slide, not the job
+SLIDE_ERRORS = (CytoError, SlideReadError, OSError)  # skip the slide, not the job
 
 
 @dataclass
@@ -89,15 +88,15 @@ def tile_slide(
     label: SlideLabel | None = None,
     mpp: float | None = None,
     objective: float | None = None,
-    cache: openslide.OpenSlideCache | None = None,
+    cache_bytes: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> TiledSlide:
     """Tile one slide with `spec.rule` (`params`: that rule's settings, its defaults when None): its summary
     line, its rows, and the rule's decision (for the preview and the stored overview). Nothing is written.
-    Errors propagate (see SLIDE_ERRORS)."""
+    Errors propagate (see SLIDE_ERRORS). `cache_bytes` sizes the per-process cache of decoded tiles."""
     start = time.perf_counter()
     params = rule_params(spec, params)
-    with Slide(path, mpp=mpp, objective=objective, cache=cache) as slide:
+    with Slide(path, mpp=mpp, objective=objective, cache_bytes=cache_bytes) as slide:
         info = slide.info
         c = slide.choose_level(spec.target_mpp, spec.tile_size)  # a slide too coarse fails before reading
         decision = RULES[spec.rule].apply(slide, make_grid(info, spec, c), spec, params, on_progress)
