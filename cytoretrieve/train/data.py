@@ -2,7 +2,7 @@
 store), slide-level splits, the per-sample-seeded dataset and the resumable distributed sampler.
 
 A source is a list of items, each an image file (a path) or a tile of a slide (a tile-table row, read with
-OpenSlide through `cytoretrieve.sources.slides.reader.SlideReader`, whose handles each DataLoader worker opens for
+the slide backends through `cytoretrieve.sources.slides.reader.SlideReader`, whose handles each DataLoader worker opens for
 itself), with a stable id and the slide it comes from (for `--split`).
 """
 
