@@ -50,18 +50,25 @@ def _as_points(points: np.ndarray) -> np.ndarray:
     return arr
 
 
-def match_points(detections_xy: np.ndarray, truth_xy: np.ndarray, radius_px: float) -> tuple[int, int, int]:
-    """(tp, fp, fn) of detections against ground-truth points, matched one-to-one within `radius_px`."""
+def matches(detections_xy: np.ndarray, truth_xy: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """The matched pairs as (detection indices, ground-truth indices), one-to-one within `radius_px`."""
     det, gt = _as_points(detections_xy), _as_points(truth_xy)
     if len(det) == 0 or len(gt) == 0:
-        return 0, len(det), len(gt)
+        return np.zeros(0, int), np.zeros(0, int)
     dist = cdist(gt, det)
     close = dist <= radius_px
     # Maximise the number of matches first (a large reward per pair in range), then prefer the shorter distances.
     cost = np.where(close, dist / (radius_px + 1e-9) - 2.0, 0.0)
     rows, cols = linear_sum_assignment(cost)
-    tp = int(close[rows, cols].sum())
-    return tp, len(det) - tp, len(gt) - tp
+    keep = close[rows, cols]
+    return cols[keep], rows[keep]
+
+
+def match_points(detections_xy: np.ndarray, truth_xy: np.ndarray, radius_px: float) -> tuple[int, int, int]:
+    """(tp, fp, fn) of detections against ground-truth points, matched one-to-one within `radius_px`."""
+    n_det, n_gt = len(_as_points(detections_xy)), len(_as_points(truth_xy))
+    tp = len(matches(detections_xy, truth_xy, radius_px)[0])
+    return tp, n_det - tp, n_gt - tp
 
 
 def count(detections_xy: np.ndarray, truth_xy: np.ndarray, radius_px: float) -> Counts:

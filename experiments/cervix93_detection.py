@@ -1,0 +1,316 @@
+"""Nucleus detection on the real Cervix93 fields: the classic detector and a point-trained one, scored on the test set.
+
+    .venv/bin/python experiments/cervix93_detection.py [--data DIR] [--mpp 0.25] [--no-tune] [--epochs N]
+                                                       [--seed S] [--out model.pt] [--json figures.json]
+
+Cervix93 (Phoulady & Mouton, arXiv:1811.09651): 93 grey 1280 x 960 EDF fields of conventional Pap smears, one
+point inside each nucleus, set 0 = 69 training fields, set 1 = 24 test fields. The test fields are only scored,
+never used to choose anything.
+
+1. **scale**: the pixel size is not published; each training nucleus's diameter in px is measured (the radius
+   where the mean darkness around its point falls fastest), and the match radius is the median radius.
+   `--mpp` (default 0.25 um/px, a 40x objective) turns px into um for the detectors' physical settings.
+2. **classic**: candidates on the training fields once; unless `--no-tune`, the rule thresholds (area, solidity,
+   eccentricity, contrast, top-hat, darkness) by coordinate ascent of training F1 from the defaults.
+3. **point-trained**: `train_point_detector` on the training fields (`--epochs` passes of random crops, `--seed`),
+   threshold by training F1, saved to `--out`.
+4. Both scored on the test fields: each point matched to at most one detection within the radius (Hungarian);
+   recall, precision, F1, detected nuclei per CPU-second (one thread), and the training CPU time.
+
+One torch thread, one process. Prints a table; `--json` keeps every figure and setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage as ndi
+
+from cytoretrieve.sources.slides.detectors import darkness, get_detector
+from cytoretrieve.sources.slides.detectors.classic import ClassicDetector, ClassicSettings, candidates, select
+from cytoretrieve.sources.slides.detectors.evaluate import Counts, count
+from cytoretrieve.sources.slides.detectors.classic import _check_mpp, to_working
+from cytoretrieve.sources.slides.detectors.learned import PointDetector, PointSettings, train_point_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cervix93"
+
+# Rule thresholds searched on the training fields (the classic detector's step 5).
+RULE_GRID: dict[str, list[float]] = {
+    "min_area_um2": [2, 4, 6, 8, 10, 12, 15],
+    "max_area_um2": [60, 80, 100, 130, 160, 200, 300],
+    "min_solidity": [0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94],
+    "max_eccentricity": [0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 1.0],
+    "min_contrast_od": [0.0, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1],
+    "min_contrast_round_od": [0.0, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07],
+    "round_solidity": [0.9, 0.92, 0.93, 0.94, 0.95, 0.96],
+    "round_eccentricity": [0.6, 0.7, 0.75, 0.8, 0.85, 0.9],
+    "min_tophat_od": [0.05, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2],
+    "max_tophat_od": [0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 9.0],
+    "max_darkness_od": [0.8, 0.9, 1.0, 1.1, 1.2, 1.5, 9.0],
+}
+
+
+@dataclass
+class Field:
+    frame: str
+    image: np.ndarray
+    points: np.ndarray  # (n, 2) x y, px
+    grade: str
+
+
+def load_cervix93(root: Path, set_id: int) -> list[Field]:
+    """The fields of one set (0 train, 1 test) with their points."""
+    with open(root / "labels.csv", newline="") as fh:
+        labels = {r["frame"].strip(): r for r in csv.DictReader(fh)}
+    points: dict[str, list[tuple[float, float]]] = {}
+    with open(root / "points.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            points.setdefault(r["frame"].strip(), []).append((float(r["x"]), float(r["y"])))
+    frames = sorted(f for f, r in labels.items() if int(r["set"]) == set_id)
+    return [
+        Field(f, np.asarray(Image.open(root / "EDF" / f"{f}.png")), np.array(points.get(f, [])).reshape(-1, 2),
+              labels[f]["label"].strip())
+        for f in frames
+    ]
+
+
+def nucleus_diameters_px(fields: list[Field], max_radius: int = 40) -> np.ndarray:
+    """Per annotated nucleus: twice the radius (px) where the mean darkness around its point falls fastest."""
+    yy, xx = np.mgrid[-max_radius : max_radius + 1, -max_radius : max_radius + 1]
+    rings = np.round(np.hypot(yy, xx)).astype(int)
+    out = []
+    for f in fields:
+        od = np.pad(ndi.gaussian_filter(darkness(f.image), 1.0), max_radius, mode="reflect")
+        for x, y in np.round(f.points).astype(int) + max_radius:
+            patch = od[y - max_radius : y + max_radius + 1, x - max_radius : x + max_radius + 1]
+            profile = ndi.mean(patch, rings, index=np.arange(max_radius + 1))
+            out.append(2 * (int(np.argmin(np.diff(profile)[2 : max_radius - 5])) + 2.5))
+    return np.array(out)
+
+
+def _table_counts(tables: list[dict[str, np.ndarray]], scales: list[float], fields: list[Field],
+                  settings: ClassicSettings, radius_px: float) -> Counts:
+    total = Counts()
+    for table, scale, f in zip(tables, scales, fields):
+        keep = select(table, settings)
+        xy = (np.c_[table["x"][keep], table["y"][keep]] + 0.5) / scale - 0.5
+        total = total + count(xy, f.points, radius_px)
+    return total
+
+
+def tune_classic(fields: list[Field], mpp: float, radius_px: float, rounds: int = 3) -> tuple[ClassicSettings, Counts, float]:
+    """Rule thresholds by coordinate ascent of training F1 over `RULE_GRID`, from the defaults; (settings, training
+    counts, CPU s of the candidate pass)."""
+    started = time.process_time()
+    cands = [candidates(f.image, mpp) for f in fields]
+    cand_cpu = time.process_time() - started
+    tables, scales = [c.table for c in cands], [c.scale for c in cands]
+    best = ClassicSettings()
+    best_counts = _table_counts(tables, scales, fields, best, radius_px)
+    for _ in range(rounds):
+        changed = False
+        for name, values in RULE_GRID.items():
+            for v in values:
+                trial = replace(best, **{name: float(v)})
+                if trial.min_area_um2 > trial.max_area_um2:
+                    continue
+                c = _table_counts(tables, scales, fields, trial, radius_px)
+                if c.f1 > best_counts.f1 + 1e-9:
+                    best, best_counts, changed = trial, c, True
+        if not changed:
+            break
+    return best, best_counts, cand_cpu
+
+
+def score(detector: Any, fields: list[Field], mpp: float, radius_px: float) -> dict[str, Any]:
+    """Counts, precision / recall / F1 and speed of `detector` on `fields`."""
+    total, found = Counts(), 0
+    cpu = 0.0
+    per_grade: dict[str, Counts] = {}
+    for f in fields:
+        t0 = time.process_time()
+        nuclei = detector(f.image, mpp)
+        cpu += time.process_time() - t0
+        c = count(nuclei.xy, f.points, radius_px)
+        total = total + c
+        per_grade[f.grade] = per_grade.get(f.grade, Counts()) + c
+        found += len(nuclei)
+    return {
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in total.to_dict().items()},
+        "cpu_s": round(cpu, 2),
+        "nuclei_per_cpu_s": round(found / cpu, 1) if cpu else None,
+        "fields_per_cpu_s": round(len(fields) / cpu, 2) if cpu else None,
+        "per_grade": {g: {k: round(v, 4) if isinstance(v, float) else v for k, v in c.to_dict().items()}
+                      for g, c in sorted(per_grade.items())},
+    }
+
+
+def steps_for(epochs: float, fields: list[Field], mpp: float, settings: PointSettings) -> int:
+    """Training steps for `epochs` passes: one pass draws as many crop pixels as the training fields hold."""
+    scale = min(1.0, mpp / settings.work_mpp)
+    pixels = sum(f.image.shape[0] * f.image.shape[1] for f in fields) * scale**2
+    return max(1, int(math.ceil(epochs * pixels / (settings.patch_px**2 * settings.batch))))
+
+
+def split_holdout(fields: list[Field], n: int) -> tuple[list[Field], list[Field]]:
+    """(fit, held-out): `n` training fields held out, spread evenly over each grade's frames (a fixed choice)."""
+    if n <= 0:
+        return list(fields), []
+    total = len(fields)
+    held: set[str] = set()
+    for g in sorted({f.grade for f in fields}):
+        frames = sorted(f.frame for f in fields if f.grade == g)
+        k = int(round(n * len(frames) / total))
+        held.update(frames[int(i)] for i in np.floor((np.arange(k) + 0.5) * len(frames) / max(k, 1)))
+    return [f for f in fields if f.frame not in held], [f for f in fields if f.frame in held]
+
+
+def holdout_grid(detector: PointDetector, fields: list[Field], mpp: float, radius_px: float,
+                 thresholds: list[float], separations: list[float], ttas: list[bool]) -> dict[tuple[bool, float, float], Counts]:
+    """Counts on `fields` for each (tta, min separation um, threshold): one heat map per field and tta."""
+    out: dict[tuple[bool, float, float], Counts] = {}
+    for f in fields:
+        od, scale = to_working(darkness(f.image), _check_mpp(mpp), detector.params.work_mpp)
+        work_px = mpp / scale
+        truth = (f.points + 0.5) * scale - 0.5
+        for tta in ttas:
+            heat = detector.heat_map(od, work_px, tta=tta)
+            for sep in separations:
+                d = PointDetector(detector.net, replace(detector.params, min_separation_um=sep))
+                for t in thresholds:
+                    rc = d.peaks(heat, work_px, t)
+                    key = (tta, sep, t)
+                    out[key] = out.get(key, Counts()) + count(rc[:, ::-1].astype(float), truth, radius_px * scale)
+    return out
+
+
+# Settings chosen on held-out training fields (see `--holdout`); the script's defaults.
+CHOSEN: dict[str, Any] = {"epochs": 8.0, "work_mpp": 0.75, "sigma_um": 1.5, "widths": (16, 32, 48), "contrast_um": 0.0,
+                          "loss": "mse"}
+THRESHOLDS = [round(float(t), 2) for t in np.arange(0.2, 0.91, 0.05)]
+SEPARATIONS = [2.0, 2.5, 3.0, 3.5, 4.0]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--mpp", type=float, default=0.25, help="assumed um per pixel of the fields")
+    parser.add_argument("--no-tune", action="store_true", help="classic detector with its default settings")
+    parser.add_argument("--epochs", type=float, default=CHOSEN["epochs"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-mpp", type=float, default=CHOSEN["work_mpp"], help="detector working um/px")
+    parser.add_argument("--sigma-um", type=float, default=CHOSEN["sigma_um"], help="heat-map Gaussian sigma")
+    parser.add_argument("--widths", type=lambda v: tuple(int(w) for w in v.split(",")), default=CHOSEN["widths"],
+                        help="U-Net channels per level, comma-separated")
+    parser.add_argument("--contrast-um", type=float, default=CHOSEN["contrast_um"],
+                        help="second input channel: local contrast at this blur (0: none)")
+    parser.add_argument("--loss", choices=["mse", "bce"], default=CHOSEN["loss"])
+    parser.add_argument("--holdout", type=int, default=15,
+                        help="training fields held out to choose threshold, peak separation and flips (0: none, "
+                             "threshold by training F1)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average the eight flips / turns (default: chosen on the held-out fields, else off)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/cervix93_points.pt"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    wall = time.time()
+
+    train, test = load_cervix93(args.data, 0), load_cervix93(args.data, 1)
+    diam = nucleus_diameters_px(train)
+    radius_px = float(np.median(diam) / 2)
+    grades = np.array([f.grade for f in train for _ in range(len(f.points))])
+    scale_info = {
+        "assumed_mpp": args.mpp,
+        "train_nucleus_diameter_px_q10_q50_q90": np.percentile(diam, [10, 50, 90]).round(1).tolist(),
+        "median_diameter_px_by_grade": {g: float(np.median(diam[grades == g])) for g in "NLH" if (grades == g).any()},
+        "median_diameter_um": round(float(np.median(diam)) * args.mpp, 2),
+        "match_radius_px": radius_px,
+    }
+    print(f"train {len(train)} fields / {sum(len(f.points) for f in train)} points; "
+          f"test {len(test)} / {sum(len(f.points) for f in test)}")
+    print(f"nucleus diameter (train) px q10/q50/q90 {scale_info['train_nucleus_diameter_px_q10_q50_q90']}, "
+          f"by grade {scale_info['median_diameter_px_by_grade']}; at {args.mpp} um/px the median is "
+          f"{scale_info['median_diameter_um']} um; match radius {radius_px} px", flush=True)
+
+    results: dict[str, Any] = {"scale": scale_info}
+    if args.no_tune:
+        classic = ClassicDetector()
+        results["classic_train"] = None
+    else:
+        t0 = time.process_time()
+        settings, train_counts, cand_cpu = tune_classic(train, args.mpp, radius_px)
+        classic = ClassicDetector(settings)
+        results["classic_train"] = {**train_counts.to_dict(), "tune_cpu_s": round(time.process_time() - t0, 1)}
+        print(f"classic tuned on train: F1 {train_counts.f1:.3f} (candidates {cand_cpu:.0f} CPU s)", flush=True)
+    results["classic_settings"] = classic.settings
+    results["classic_test"] = score(classic, test, args.mpp, radius_px)
+
+    params = PointSettings(seed=args.seed, work_mpp=args.work_mpp, sigma_um=args.sigma_um, widths=args.widths,
+                           contrast_um=args.contrast_um, loss=args.loss, match_radius_um=radius_px * args.mpp)
+    chosen: dict[str, Any] = {}
+    if args.holdout > 0:
+        # Detection settings chosen on held-out training fields, by a model trained on the rest; never the test.
+        fit, held = split_holdout(train, args.holdout)
+        steps = steps_for(args.epochs, fit, args.mpp, params)
+        t0 = time.process_time()
+        probe = train_point_detector([(f.image, f.points, args.mpp) for f in fit], settings=replace(params, steps=steps),
+                                     tune_threshold=False)
+        probe_cpu = time.process_time() - t0
+        ttas = [False, True] if args.tta is None else [args.tta]
+        grid = holdout_grid(probe, held, args.mpp, radius_px, THRESHOLDS, SEPARATIONS, ttas)
+        key = max(grid, key=lambda k: (round(grid[k].f1, 6), -k[0], -abs(k[1] - 3.0), -abs(k[2] - 0.5)))
+        chosen = {"tta": key[0], "min_separation_um": key[1], "threshold": key[2]}
+        by_tta = {str(t): max((grid[k] for k in grid if k[0] == t), key=lambda c: c.f1).to_dict() for t in ttas}
+        results["holdout"] = {"fit_fields": [f.frame for f in fit], "held_out_fields": [f.frame for f in held],
+                              "held_out_points": int(sum(len(f.points) for f in held)), "steps": steps,
+                              "train_cpu_s": round(probe_cpu, 1), "chosen": chosen, "counts": grid[key].to_dict(),
+                              "best_by_tta": by_tta}
+        print(f"held-out training fields ({len(held)}, {results['holdout']['held_out_points']} points; model on the "
+              f"other {len(fit)}, {probe_cpu:.0f} CPU s): chose {chosen}: recall {grid[key].recall:.3f} precision "
+              f"{grid[key].precision:.3f} F1 {grid[key].f1:.3f}", flush=True)
+    steps = steps_for(args.epochs, train, args.mpp, params)
+    t0, w0 = time.process_time(), time.time()
+    learned = train_point_detector([(f.image, f.points, args.mpp) for f in train], names=[f.frame for f in train],
+                                   settings=replace(params, steps=steps, **{"tta": bool(args.tta), **chosen}),
+                                   tune_threshold=not chosen)
+    train_cpu, train_wall = time.process_time() - t0, time.time() - w0
+    learned.save(args.out)
+    reloaded = get_detector(args.out)
+    results["points_training"] = {"epochs": args.epochs, "steps": steps, "cpu_s": round(train_cpu, 1),
+                                  "wall_s": round(train_wall, 1), "model_file": str(args.out),
+                                  "model_bytes": args.out.stat().st_size, "record": reloaded.record}
+    results["points_settings"] = reloaded.settings
+    results["points_test"] = score(reloaded, test, args.mpp, radius_px)
+    results["wall_s"] = round(time.time() - wall, 1)
+
+    if "holdout" in results:
+        h = results["holdout"]["counts"]
+        print(f"\nheld-out training fields: recall {h['recall']:.3f} precision {h['precision']:.3f} F1 {h['f1']:.3f}"
+              f" with {chosen}")
+    print(f"\n{'test fields':<16}{'recall':>8}{'precision':>11}{'F1':>7}{'nuclei/CPU-s':>14}{'train CPU s':>13}")
+    for label, key, train_s in (("classic", "classic_test", 0.0), ("point-trained", "points_test", train_cpu)):
+        r = results[key]
+        print(f"{label:<16}{r['recall']:>8.3f}{r['precision']:>11.3f}{r['f1']:>7.3f}{r['nuclei_per_cpu_s']:>14.1f}"
+              f"{train_s:>13.0f}")
+    print(f"(test fields: {len(test)}, points {sum(len(f.points) for f in test)}; match radius {radius_px} px; "
+          f"wall {results['wall_s']:.0f} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+    return results
+
+
+if __name__ == "__main__":
+    main()
