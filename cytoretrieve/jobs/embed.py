@@ -89,6 +89,8 @@ def embed_rows(
     barrier()  # every process has committed its rows before one compacts the table
     if rank_world()[0] == 0 and (report.added or rank_world()[1] > 1):
         table.finish()
+    if rank_world()[0] == 0:  # `tables` shows a stopped run's table as interrupted until a run finishes it
+        table.store.mark_interrupted(table.name, report.interrupted)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -164,6 +166,7 @@ def embed(
     commit_rows: int = FLUSH_ROWS,
     on_progress: Callable[[int, int, int], None] | None = None,
     on_start: Callable[[str, int, VectorTable], None] | None = None,
+    plane: int | str | None = None,
 ) -> EmbedReport:
     """Embed a cell dataset (Herlev, SIPaKMeD, class folders, CSV manifest) or slide tiles into a store table.
 
@@ -172,9 +175,13 @@ def embed(
     `cytoretrieve tile` does by default into the tile table `<slide>_tiles`. The table defaults to
     `<dataset>_<arch>` (`<tiles>_<arch>`); it records the backbone, so appending another backbone's vectors to it
     is refused. `on_start(description, images, table)` is called once the source is read.
+
+    `plane` (slides and tile tables of multi-plane scans: N, best, edf; see `sources.slides.planes`) reads every
+    tile from that focal plane setting instead of the plane its row records; the vector table records it, and
+    vectors of another plane setting are never appended to it.
     """
     store = store or Store()
-    job = _job(resolve_source(source), backbone, store, table, layout, label_map)
+    job = _job(resolve_source(source), backbone, store, table, layout, label_map, plane)
     if on_start:
         on_start(job.description, len(job.rows), job.table)
     return embed_rows(job.rows, backbone, job.table, load=job.load, shard_key=job.shard_key, batch_size=batch_size,
@@ -193,13 +200,18 @@ class _Job:
 
 
 def _job(source: Source, backbone: Backbone, store: Store, table: str | None, layout: str,
-         label_map: str | Path | None) -> _Job:
+         label_map: str | Path | None, plane: int | str | None = None) -> _Job:
+    from cytoretrieve.sources.slides.planes import parse_plane
+
+    plane = parse_plane(plane)
     if source.kind == "slide":
-        return _tiles_job(tile_with_defaults(source.path, store), backbone, store, table)
+        return _tiles_job(tile_with_defaults(source.path, store, plane), backbone, store, table)
     if source.kind == "table":
         if source.value not in store.table_names():
             raise not_a_table(source.value, store.uri, store.table_names())
-        return _tiles_job(source.value, backbone, store, table)
+        return _tiles_job(source.value, backbone, store, table, plane)
+    if plane is not None:
+        raise CytoError("`plane` applies to slides and tile tables (focal planes of a scan), not to a cell dataset")
     return _cells_job(source.path, backbone, store, table, layout, label_map)
 
 
@@ -217,27 +229,47 @@ def _cells_job(path: Path, backbone: Backbone, store: Store, table: str | None, 
     return _Job(f"{dataset.name} ({dataset.layout})", [_cell_row(r, dataset.name) for r in dataset.records], cell_table)
 
 
-def _tiles_job(tiles: str, backbone: Backbone, store: Store, table: str | None) -> _Job:
+def _tiles_job(tiles: str, backbone: Backbone, store: Store, table: str | None, plane: int | str | None = None) -> _Job:
     """The tiles of a tile table (regions read from their slides in the workers) into `<tiles>_<arch>`. Vector
-    rows keep the tile's slide id and level-0 location; under torchrun, slides are sharded over processes."""
+    rows keep the tile's slide id and level-0 location; under torchrun, slides are sharded over processes.
+    `plane` (parsed) overrides the plane each row records; the vector table's `dataset.plane` records the
+    setting (the tile table's own when None), and a table of another setting is refused."""
+    from functools import partial
+
+    from cytoretrieve.sources.slides.planes import EDF
     from cytoretrieve.sources.slides.reader import SlideReader
     from cytoretrieve.store.tiles import SHARED_COLUMNS, open_tile_table
 
     tile_table = open_tile_table(store, tiles)
-    rows = tile_table.rows([*SHARED_COLUMNS, "read_size"])
-    dataset_meta = {"name": tiles, "layout": "tiles", "tiles": tile_table.meta, "labels": None}
-    vector_table = store.create_or_open(table or table_name_for(tiles, backbone.arch), backbone.metadata(), dataset_meta)
-    description = f"tile table {tiles} ({len({r['slide'] for r in rows})} slides)"
-    return _Job(description, rows, vector_table, load=SlideReader().read_row, shard_key="slide")
+    extra = tile_table.extra_fields  # a cell table's measurements (and focus, plane) travel with its vectors
+    rows = tile_table.rows([*SHARED_COLUMNS, "read_size", *(f.name for f in extra)])
+    setting = tile_table.meta.get("plane") if plane is None else plane
+    if plane is not None:  # the row's plane column says what the vector was made from
+        for r in rows:
+            r["plane"] = EDF if plane == "edf" else (None if plane == "best" else plane)
+    dataset_meta = {"name": tiles, "layout": "cells" if tile_table.cells else "tiles", "tiles": tile_table.meta,
+                    "labels": None, "plane": setting}
+    vector_table = store.create_or_open(table or table_name_for(tiles, backbone.arch), backbone.metadata(), dataset_meta,
+                                        extra=extra)
+    have = vector_table.meta.get("dataset", {}).get("plane")
+    if have != setting:
+        vector_table.lease.release()
+        raise CytoError(f"table '{vector_table.name}' holds vectors read with focal plane setting {have or 'default'}, "
+                        f"not {setting or 'default'}: pass another `table`")
+    what = "cell table" if tile_table.cells else "tile table"
+    description = f"{what} {tiles} ({len({r['slide'] for r in rows})} slides)"
+    load = SlideReader().read_row if plane is None else partial(SlideReader().read_row, plane=plane)
+    return _Job(description, rows, vector_table, load=load, shard_key="slide")
 
 
-def tile_with_defaults(slide: Path, store: Store) -> str:
+def tile_with_defaults(slide: Path, store: Store, plane: int | str | None = None) -> str:
     """Tile one slide into `<slide>_tiles` through the one tiler, `cytoretrieve.jobs.tile.tile_slides`, with the
-    tiler's own defaults (what `cytoretrieve tile SLIDE` does), so the two cannot drift; that table's name."""
+    tiler's own defaults (what `cytoretrieve tile SLIDE` does; `plane`: its focal plane setting), so the two
+    cannot drift; that table's name."""
     from cytoretrieve.jobs.tile import tile_slides
 
     name = table_name_for(slide_id(slide), "tiles")
-    report = tile_slides([slide], store, table=name)
+    report = tile_slides([slide], store, table=name, plane=plane)
     skipped = [r for r in report.results if r.status == "skipped"]
     if skipped:
         raise CytoError(f"cannot tile {slide}: {skipped[0].reason} (use `cytoretrieve tile` for its options)")

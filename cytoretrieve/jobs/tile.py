@@ -34,13 +34,16 @@ from cytoretrieve.sources.slides.annotations import (
     read_geojson,
 )
 from cytoretrieve.sources.slides.backends import SlideReadError
+from cytoretrieve.sources.slides.backends.image import is_plane_folder
+from cytoretrieve.sources.slides.focus import METHOD as FOCUS_METHOD
 from cytoretrieve.sources.slides.grid import GridSpec
+from cytoretrieve.sources.slides.planes import PlaneSetting, parse_plane
 from cytoretrieve.sources.slides.reader import Slide
 from cytoretrieve.sources.slides.rules import Params, rule_params, table_settings
 from cytoretrieve.sources.slides.tiling import SLIDE_ERRORS, SlideResult, TiledSlide, tile_slide
 from cytoretrieve.store.overviews import make_overview, write_overviews
 from cytoretrieve.store.tables import Store
-from cytoretrieve.store.tiles import BagWriter, tile_table_meta
+from cytoretrieve.store.tiles import FOCUS_KEY, BagWriter, tile_table_meta
 from cytoretrieve.views.slide_preview import write_preview
 
 DEFAULT_TABLE = "tiles"
@@ -67,6 +70,19 @@ class TileReport:
                 "slides": [asdict(r) for r in self.results]}
 
 
+def quality_settings(focus: bool, plane: PlaneSetting, min_focus: float | None) -> dict[str, Any]:
+    """What a tile or cell table records of its image-quality settings: the focus score's method (`focus`,
+    which also gives the table its `focus` and `plane` columns), the plane setting and `min_focus` when given."""
+    if min_focus is not None and (not focus or not min_focus >= 0):
+        raise CytoError(f"`min_focus` must be a focus score >= 0 with focus scores on, not {min_focus}")
+    out: dict[str, Any] = {FOCUS_KEY: dict(FOCUS_METHOD)} if focus else {}
+    if plane is not None:
+        out["plane"] = plane
+    if min_focus is not None:
+        out["min_focus"] = float(min_focus)
+    return out
+
+
 def write_overview(store: Store, tiled: TiledSlide) -> None:
     """Store the slide's overview picture (the thumbnail its tile rule worked on) for the views."""
     info, d = tiled.info, tiled.decision
@@ -77,14 +93,20 @@ def preview_caption(result: SlideResult, spec: GridSpec, grid: Any) -> str:
     """The preview's caption: kept / region / grid tiles, their size and pixel size, the level read, the deposit
     area; then the rule, its threshold, the foreground and what was excluded."""
     c = grid.choice
+    if grid.blurred is not None:
+        median = "" if result.focus_median is None else f", median focus {result.focus_median:.2f}"
+        planes = f", {result.planes} focal planes" if result.planes > 1 else ""
+        focus = f"\nfocus: {result.blurred} blurred tiles{median}{planes}{', grey' if result.grey else ''}"
+    else:
+        focus = ""
     first = (f"{result.slide}: {grid.n_kept} kept / {grid.n_region} in the region / {grid.xs.size} tiles of "
              f"{spec.tile_size} px at {c.tile_mpp:.3g} um/px (level {c.level}, read {c.read_size} px), "
              f"deposit region {result.deposit_mm2:.3g} mm2")
     if spec.rule == "coverage":
-        return f"{first}\nrule coverage: keep >= {spec.min_coverage:g} of the tile in the deposit"
+        return f"{first}\nrule coverage: keep >= {spec.min_coverage:g} of the tile in the deposit{focus}"
     excluded = ", ".join(f"{k} {v:.3g}" for k, v in result.artefact_mm2.items() if v > 0) or "none"
     return (f"{first}\nrule cells: keep >= {spec.min_foreground_um2:g} um2 of cells per tile in the region; "
-            f"cells {result.foreground_mm2:.3g} mm2; excluded (mm2): {excluded}")
+            f"cells {result.foreground_mm2:.3g} mm2; excluded (mm2): {excluded}{focus}")
 
 
 def tile_slides(
@@ -102,22 +124,30 @@ def tile_slides(
     on_slide: Callable[[int, int, Path], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     on_result: Callable[[SlideResult], None] | None = None,
+    focus: bool = True,
+    plane: PlaneSetting | str = None,
+    min_focus: float | None = None,
 ) -> TileReport:
     """Tile slides into the tile table `table` of `store` (created on the first slide with tiles).
 
     `params` are the settings of `spec.rule` (its defaults when None). `slides` may be empty when every label has
-    a `path`. Callbacks: `on_slide(i, n, path)` before each slide,
+    a `path`. With `focus` (the default) every kept tile is scored (`sources.slides.focus`) and read from the
+    focal plane(s) `plane` names (None: plane 0; N; best; edf: see `sources.slides.planes`); tiles under
+    `min_focus` are dropped. Callbacks: `on_slide(i, n, path)` before each slide,
     `on_progress(done, total)` while its thumbnail is read, `on_result(result)` after it.
     """
     params = rule_params(spec, params)  # the rule's name, the grid and the rule's settings, before anything is read
+    plane = parse_plane(plane)
+    quality = quality_settings(focus, plane, min_focus)
     if mpp is not None and mpp <= 0:  # checked here for every slide: the reader looks at it only without metadata
         raise CytoError(f"`mpp` must be positive, not {mpp}")
     if objective is not None and objective <= 0:
         raise CytoError(f"`objective` must be positive, not {objective}")
-    meta = tile_table_meta("grid", table_settings(spec, params))  # checks `params` against the rule
+    meta = tile_table_meta("grid", {**table_settings(spec, params), **quality})  # checks `params` against the rule
     start = time.perf_counter()
-    if slides:
-        paths = expand_slides(slides)
+    if slides:  # with a plane setting, a folder of same-size images is one field of focal planes
+        planes = [Path(s) for s in slides if plane is not None and is_plane_folder(Path(s))]
+        paths = planes + (expand_slides([s for s in slides if Path(s) not in planes]) if len(planes) < len(slides) else [])
         matched = match_labels(paths, labels) if labels else {}
     elif labels:
         paths = expand_slides(slides_from_labels(labels))
@@ -143,7 +173,8 @@ def tile_slides(
         else:
             try:
                 tiled = tile_slide(path, spec, params, table=table, label=label, mpp=mpp, objective=objective,
-                                   cache_bytes=cache_bytes, on_progress=on_progress)
+                                   cache_bytes=cache_bytes, on_progress=on_progress, focus=focus, plane=plane,
+                                   min_focus=min_focus)
                 result = tiled.result
                 if preview is not None:
                     caption = preview_caption(result, spec, tiled.grid)

@@ -71,9 +71,10 @@ def row_key(row_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def table_schema(dim: int, meta: dict[str, Any]) -> pa.Schema:
-    """The Arrow schema of a table of `dim`-dimensional vectors, carrying `meta` as JSON."""
-    fields = [*BASE_FIELDS, pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)]
+def table_schema(dim: int, meta: dict[str, Any], extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The Arrow schema of a table of `dim`-dimensional vectors, carrying `meta` as JSON; `extra` columns (a cell
+    table's measurements) come after the base ones."""
+    fields = [*BASE_FIELDS, *extra, pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)]
     return pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
@@ -139,6 +140,10 @@ class TableInfo:
     bytes: int
     duplicates: int = 0  # rows beyond the first of each id
     state: str = ""  # '', 'writing (...)' or 'interrupted' (see Store.write_state)
+    weights: str = ""  # where the backbone's weights came from: random, timm, or the weights file's name
+    detector: str = ""  # cell tables (and their vector tables): the nucleus detector that found the cells
+    kind: str = ""  # what the rows are: cells (a cell dataset), tiles, cells on slides / fields (`cells`), overviews
+    internal: bool = False  # a table the store keeps for itself (slide overviews): listed only on request
 
 
 class Store:
@@ -185,9 +190,19 @@ class Store:
         writer was killed on this machine before finishing (rerun its command to add the rest)."""
         found = state(self._lease_folder(), name)
         if found is None:
-            return ""
+            return "interrupted" if (self._lease_folder() / f"{name}.interrupted").exists() else ""
         what, holder = found
         return "interrupted" if what == "interrupted" else f"writing (pid {holder.get('pid')} on {holder.get('host')})"
+
+    def mark_interrupted(self, name: str, interrupted: bool = True) -> None:
+        """Mark table `name` as left incomplete by a stopped job (Ctrl-C: its lease is released on the way out, so
+        only this mark says so), or clear the mark once a run of the job has finished."""
+        mark = self._lease_folder() / f"{name}.interrupted"
+        if interrupted:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text(datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+        else:
+            mark.unlink(missing_ok=True)
 
     def table_names(self) -> list[str]:
         if not self.exists():
@@ -213,11 +228,11 @@ class Store:
         return VectorTable(self, self.open_raw(name))
 
     def create_or_open(self, name: str, backbone: dict[str, Any], dataset: dict[str, Any],
-                       wait: float | None = None) -> VectorTable:
+                       wait: float | None = None, extra: Sequence[pa.Field] = ()) -> VectorTable:
         """Open `name` for appending vectors of `backbone`, creating it if needed; refuse another backbone's table.
 
         Takes the table's write lease (waiting up to `wait` s, default the store's, for another job's), released by
-        `finish` or at exit.
+        `finish` or at exit. `extra` columns are added to a new table's schema (rows copy them from their source).
         Safe when several processes of one job (torchrun) call it at once: the first creates, the others open.
         """
         lease = self.lease(name, wait)
@@ -230,7 +245,7 @@ class Store:
         if name in self.table_names():
             table = self.open(name)
         else:
-            table = VectorTable(self, self.db.create_table(name, schema=table_schema(int(backbone["dim"]), meta),
+            table = VectorTable(self, self.db.create_table(name, schema=table_schema(int(backbone["dim"]), meta, extra),
                                                            exist_ok=True))
         table.lease = lease
         have, want = table.fingerprint, backbone["fingerprint"]
@@ -259,8 +274,15 @@ class Store:
             meta = read_meta(tbl)
             backbone = meta.get("backbone") or {}
             stats = tbl.stats()
+            tiles = meta if meta.get("kind") == "tiles" else (meta.get("dataset") or {}).get("tiles") or {}
+            detector = (tiles.get("detector") or {}).get("name", "") if isinstance(tiles, dict) else ""
+            weights = str(backbone.get("weights") or "")
             infos.append(
                 TableInfo(
+                    weights=weights if weights in ("timm", "random", "") else Path(weights).name,
+                    detector=detector,
+                    kind=_table_kind(meta),
+                    internal=meta.get("kind") == "overviews",
                     name=name,
                     rows=int(stats["num_rows"]),
                     dim=int(backbone.get("dim", 0)),
@@ -273,6 +295,20 @@ class Store:
                 )
             )
         return infos
+
+
+def _table_kind(meta: dict[str, Any]) -> str:
+    """What a table's rows are, in a pathologist's words: cells (a cell dataset), tiles, cells (detected on slides or
+    fields), overviews; a tile or cell table without vectors says "(no vectors)"."""
+    dataset = meta.get("dataset") or {}
+    layout = dataset.get("layout") if isinstance(dataset, dict) else None
+    if meta.get("kind") == "overviews":
+        return "overviews"
+    if meta.get("kind") == "tiles":
+        return "cells" if meta.get("source") == "cells" else "tiles"
+    if layout in ("tiles", "cells"):
+        return "tiles" if layout == "tiles" else "cells on slides"
+    return "cells" if layout else ""
 
 
 class Table:
@@ -459,11 +495,11 @@ class VectorTable(Table):
         return table.to_pylist()[0]
 
     def make_rows(self, records: Sequence[dict[str, Any]], vectors: np.ndarray) -> pa.Table:
-        """Build an Arrow table in this table's schema from row dicts (any BASE_FIELDS) and their vectors."""
+        """Build an Arrow table in this table's schema from row dicts (its columns but the vector) and their vectors."""
         n = len(records)
         if vectors.shape != (n, self.dim):
             raise ValueError(f"vectors of shape {vectors.shape} for {n} rows of dimension {self.dim}")
-        cols = build_rows(BASE_FIELDS, records)
+        cols = build_rows([f for f in self.tbl.schema if f.name != "vector"], records)
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
         cols["vector"] = pa.FixedSizeListArray.from_arrays(flat, self.dim)
         return pa.Table.from_pydict(cols, schema=self.tbl.schema)

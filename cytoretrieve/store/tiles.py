@@ -16,13 +16,15 @@ vector rows as they are; the columns only tiles need follow:
 | `coverage` | cells rule: fraction of the tile covered by cell foreground; coverage rule: fraction inside the deposit (null for annotation rows) |
 | `source`, `annotation` | `grid` or `annotation`; the annotation's id (annotation rows) |
 | `label`, `binary` | the slide label (grid rows) or the annotation's class (annotation rows) |
+| `focus`, `plane`, `grey` | tables made with focus scores (metadata key `focus`, the score's method): the tile's focus score (`sources.slides.focus`; null: too little stain to judge), the focal plane read (-1: an EDF composite), a grey-level slide (cell tables have `grey` among their measurements) |
 
 Reading a tile: `SlideReader().read_row(row)` (see `reader.py`).
 
 The schema metadata (key `cytoretrieve`) is JSON with `"kind": "tiles"`, `source` (`grid` or `annotations`),
 `tile_size`, `target_mpp`, `stride`, the tile rule's settings (`rule`, `min_foreground_um2` and `cells`; or
 `min_coverage` and `deposit`: see `sources.slides.rules.table_settings`), the cytoretrieve version and the
-creation time. A table keeps the settings it was created with: writing other settings into it is refused.
+creation time. A table keeps the settings it was created with: writing other settings into it is refused, except
+that a table made before focus scores existed (no `focus` key, no `focus` column) takes new rows without them.
 
 Each slide's rows are written in one commit, so a slide is either entirely in the table or not at all: a rerun
 skips the slides the table holds and does the rest (resumable per slide).
@@ -54,11 +56,44 @@ TILE_FIELDS = [next(f for f in BASE_FIELDS if f.name == name) for name in _SHARE
 ]
 TILE_COLUMNS = [f.name for f in TILE_FIELDS]
 SHARED_COLUMNS = list(_SHARED)  # what a vector table row copies from a tile row
+CELLS_SOURCE = "cells"  # a tile table of detected cells (`cytoretrieve cells`): one crop per nucleus
+CELL_FIELDS = [  # the measurements a cell table adds to the tile columns; its vector table copies them
+    pa.field("nucleus_x", pa.int64()),  # the nucleus centre, level-0 px
+    pa.field("nucleus_y", pa.int64()),
+    pa.field("nucleus_area_um2", pa.float32()),
+    pa.field("cell_area_um2", pa.float32()),  # null where the cell's outline was not found
+    pa.field("nc_ratio", pa.float32()),  # nucleus area / cell area, null likewise
+    pa.field("darkness", pa.float32()),  # mean optical density inside the nucleus
+    pa.field("confidence", pa.float32()),  # the detector's, 0..1
+    pa.field("tile", pa.string()),  # id of the grid tile the nucleus lies in (whole slides; null for a field)
+    pa.field("grey", pa.bool_()),  # cut from a one-channel image (its RGB crop repeats the grey level)
+]
+CELL_COLUMNS = [f.name for f in CELL_FIELDS]
+FOCUS_KEY = "focus"  # metadata key of a table made with focus scores: the score's method (`sources.slides.focus`)
+FOCUS_FIELDS = [  # the image-quality columns of tables made with focus scores (their metadata has `focus`)
+    pa.field("focus", pa.float32()),  # focus score at the read resolution; null where too little stain to judge
+    pa.field("plane", pa.int16()),  # focal plane read (0 on single-plane slides; -1: an EDF composite)
+]
+GREY_FIELD = pa.field("grey", pa.bool_())  # tile tables with focus: the slide's pixels are grey levels
 _VOLATILE = ("cytoretrieve", "created")  # metadata that may differ between runs writing one table
+_OPTIONAL = (FOCUS_KEY,)  # settings a table made before them lacks: such a table stays appendable
+
+
+def table_fields(meta: dict[str, Any]) -> list[pa.Field]:
+    """The columns of a tile table made with `meta`: the tile columns, plus the cell measurements for cells,
+    plus `focus` and `plane` (and `grey` for tiles) for a table made with focus scores."""
+    return TILE_FIELDS + extra_fields(meta)
+
+
+def extra_fields(meta: dict[str, Any]) -> list[pa.Field]:
+    """The columns beyond the tile columns of a tile table made with `meta` (see `table_fields`)."""
+    cells = meta.get("source") == CELLS_SOURCE
+    quality = (FOCUS_FIELDS + ([] if cells else [GREY_FIELD])) if FOCUS_KEY in meta else []
+    return (CELL_FIELDS if cells else []) + quality
 
 
 def tile_schema(meta: dict[str, Any]) -> pa.Schema:
-    return pa.schema(TILE_FIELDS, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    return pa.schema(table_fields(meta), metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
 def tile_table_meta(source: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -72,9 +107,9 @@ def tile_table_meta(source: str, settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def make_rows(records: Sequence[dict[str, Any]]) -> pa.Table:
-    """An Arrow table in the tile schema (no metadata) from row dicts; `key` is derived from `id`."""
-    return pa.Table.from_pydict(build_rows(TILE_FIELDS, records), schema=pa.schema(TILE_FIELDS))
+def make_rows(records: Sequence[dict[str, Any]], fields: Sequence[pa.Field] = TILE_FIELDS) -> pa.Table:
+    """An Arrow table of `fields` (no metadata) from row dicts; `key` is derived from `id`."""
+    return pa.Table.from_pydict(build_rows(fields, records), schema=pa.schema(list(fields)))
 
 
 def _settings(meta: dict[str, Any]) -> dict[str, Any]:
@@ -91,8 +126,19 @@ class TileTable(Table):
         if self.meta.get("kind") != TILES_KIND:
             raise CytoError(f"table '{tbl.name}' is not a tile table (it holds vectors: embed writes those)")
 
+    @property
+    def cells(self) -> bool:
+        """A table of detected cells (with their measurements), not of grid tiles."""
+        return self.meta.get("source") == CELLS_SOURCE
+
+    @property
+    def extra_fields(self) -> list[pa.Field]:
+        """Columns beyond the tile columns that a vector table made from this one copies (cell measurements,
+        focus and plane)."""
+        return extra_fields(self.meta)
+
     def read(self, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table:
-        return super().read(list(columns or TILE_COLUMNS), where)
+        return super().read(list(columns or self.columns), where)
 
     def rows(self, columns: Sequence[str] | None = None, where: str | None = None) -> list[dict[str, Any]]:
         """Rows as dicts, ordered by slide then position (what the embed job iterates)."""
@@ -111,7 +157,7 @@ class TileTable(Table):
     def add_slide(self, rows: Sequence[dict[str, Any]]) -> None:
         """One slide's rows in one commit."""
         if rows:
-            self.add(make_rows(rows))
+            self.add(make_rows(rows, table_fields(self.meta)))
 
 
 def open_tile_table(store: Store, name: str) -> TileTable:
@@ -142,7 +188,7 @@ class BagWriter:
             self.done = self.table.slide_counts()
 
     def _check(self, have: dict[str, Any]) -> None:
-        want = _settings(self.meta)
+        want = {k: v for k, v in _settings(self.meta).items() if k in have or k not in _OPTIONAL}
         if _settings(have) != want:
             diff = sorted(k for k in set(want) | set(_settings(have)) if have.get(k) != want.get(k))
             shown = ", ".join(f"{k}={json.dumps(have.get(k))}" for k in diff)

@@ -3,7 +3,8 @@
 On the slide's thumbnail: the deposit region's outline (green), the kept tiles (blue squares), the tiles that
 touch the region but hold too little (cells rule: foreground under `min_foreground_um2`; coverage rule: coverage
 under `min_coverage`; orange), the other tiles of the region (light grey), and the artefacts the cells rule
-excluded (ink, debris, label, coverslip edge) tinted magenta. The caption gives the counts. One PNG per slide,
+excluded (ink, debris, label, coverslip edge) tinted magenta, and the blurred tiles in red: those under `min_focus`
+(dropped), or, without it, kept tiles under `focus.BLURRED`. The caption gives the counts. One PNG per slide,
 `<slide id>.png`.
 """
 
@@ -22,7 +23,9 @@ TILE = (30, 90, 255)
 TOO_SMALL = (255, 140, 0)
 GRID = (200, 200, 200)
 EXCLUDED = (255, 0, 255)
-LEGEND = "blue: kept, orange: too little to keep, grey: rest of the region, green: deposit region, magenta: excluded"
+BLURRED = (220, 0, 0)
+LEGEND = ("blue: kept, orange: too little to keep, grey: rest of the region, green: deposit region, magenta: excluded, "
+          "red: blurred")
 LINE_PX = 14
 
 
@@ -52,13 +55,15 @@ def _outline(decision: Decision, size: tuple[int, int]) -> np.ndarray:
 
 
 def _draw_tiles(draw: ImageDraw.ImageDraw, decision: Decision, f: float) -> None:
-    """Region tiles in grey, then too-small ones in orange, then kept ones in blue (on top)."""
+    """Region tiles in grey, then too-small ones in orange, then kept ones in blue, then blurred ones in red."""
     grid = decision.grid
     extent = grid.choice.extent * f
     width = 2 if extent >= 24 else 1
-    too_small = grid.in_region & ~grid.kept & (grid.coverage > 0)
-    for which, colour, w in ((grid.in_region & ~grid.kept & ~too_small, GRID, 1), (too_small, TOO_SMALL, 1),
-                             (grid.kept, TILE, width)):
+    blurred = grid.blurred if grid.blurred is not None else np.zeros(grid.xs.size, bool)
+    too_small = grid.in_region & ~grid.kept & (grid.coverage > 0) & ~blurred
+    for which, colour, w in ((grid.in_region & ~grid.kept & ~too_small & ~blurred, GRID, 1),
+                             (too_small, TOO_SMALL, 1), (grid.kept & ~blurred, TILE, width),
+                             (blurred, BLURRED, width)):
         for x, y in zip(grid.xs[which], grid.ys[which]):
             x0, y0 = x * f, y * f
             draw.rectangle([x0, y0, x0 + extent - 1, y0 + extent - 1], outline=colour, width=w)

@@ -48,7 +48,7 @@ def test_tile_rows_are_exact_and_readable(slides, tmp_path, capsys) -> None:
     table = open_tile_table(Store(store), "tiles")
     types = {f.name: f.type for f in table.tbl.schema}
     assert all(types[f.name] == f.type for f in BASE_FIELDS if f.name in SHARED_COLUMNS)
-    assert set(TILE_COLUMNS) == set(types) and "vector" not in types
+    assert set(TILE_COLUMNS) | {"focus", "plane", "grey"} == set(types) and "vector" not in types
     meta = json.loads(table.tbl.schema.metadata[META_KEY])
     assert meta["kind"] == "tiles" and meta["source"] == "grid"
     assert (meta["tile_size"], meta["target_mpp"], meta["stride"], meta["min_coverage"]) == (320, 0.5, 320, 0.05)

@@ -11,6 +11,8 @@ writes: the jobs (`cytoretrieve.jobs.tile`, `jobs.cells`) store what these modul
 | `smear.py` | the cells rule's detection: glass, cell foreground, artefacts (ink, debris, label, edge), region |
 | `deposit.py` | the tissue rule's deposit mask on a thumbnail, each tile's coverage; the chunked thumbnail reader |
 | `tiling.py` | one slide -> its tile rows, with the rule's decision they came from (`tile_slide`) |
+| `focus.py` | the focus score of a tile or crop (normalised variance of the Laplacian; None for glass) |
+| `planes.py` | focal planes: one plane, the sharpest per region (`best`) or an EDF composite (`edf`) |
 | `detectors/` | nucleus detectors, a registry: `classic` (no weights), point-trained models; scoring against points |
 | `cells.py` | one slide or field -> its nuclei -> cell rows (a crop per nucleus, with measurements) |
 | `synthetic_smears.py` | synthetic Pap smears made of real cells, every cell's place known (tests, benchmarks) |

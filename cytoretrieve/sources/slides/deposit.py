@@ -239,6 +239,9 @@ def deposit_mask(
 ) -> DepositMask:
     """The cell-deposit mask of an open slide (reads a thumbnail; OpenSlide errors propagate)."""
     params.validate()
+    if params.method == "saturation" and slide.info.grey:  # a grey image has no saturation: nothing would be found
+        raise CytoError("`deposit` saturation needs colour, and this slide's pixels are grey levels: "
+                        "use `deposit` grey")
     rgb, downsample = thumbnail(slide, params.mask_mpp, params.max_side, on_progress)
     pixel_um = slide.info.mpp * downsample
     mask, t = detect_deposit(rgb, pixel_um, params)

@@ -73,6 +73,9 @@ class Grid:
     in_region: np.ndarray  # bool
     kept: np.ndarray  # bool
     foreground_um2: np.ndarray | None = None  # cells rule: cell foreground per tile
+    focus: np.ndarray | None = None  # focus score per tile (NaN: not scored, or too little stain); see tiling
+    plane: np.ndarray | None = None  # focal plane each tile was read from (-1: EDF composite)
+    blurred: np.ndarray | None = None  # bool: tiles the rule kept whose focus is under the blur threshold
 
     @property
     def n_kept(self) -> int:

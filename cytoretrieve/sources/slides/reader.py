@@ -24,6 +24,8 @@ from PIL import Image
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import slide_id
 from cytoretrieve.sources.slides.backends import SlideBackend, SlideReadError, open_slide_file
+from cytoretrieve.sources.slides.planes import PlaneSetting
+from cytoretrieve.sources.slides.planes import read_region as read_planes_region
 
 PLAUSIBLE_MPP = (0.05, 20.0)  # um/px a slide scanner can produce; other metadata values are ignored
 MAX_UPSAMPLE = 4.0  # tiles are not made by enlarging a slide more than this
@@ -209,14 +211,21 @@ class Slide:
         return choose_level(self.info.level_downsamples, self.info.mpp, target_mpp, tile_size)
 
     def read_rgb(self, x: int, y: int, level: int, size: tuple[int, int], *, plane: int = 0) -> Image.Image:
-        """An RGB region: `size` px of `level`, its top-left at level-0 (`x`, `y`). Read errors propagate
-        (`SlideReadError` for damaged image data)."""
+        """An RGB region: `size` px of `level` (focal plane `plane`), its top-left at level-0 (`x`, `y`). Read
+        errors propagate (`SlideReadError` for damaged image data)."""
         return self.backend.read_region(int(x), int(y), int(level), (int(size[0]), int(size[1])), plane=plane)
 
-    def read_tile(self, x: int, y: int, level: int, read_size: int, tile_size: int, *, plane: int = 0) -> Image.Image:
-        """A `tile_size` px RGB tile: `read_size` px read at `level` from level-0 (`x`, `y`), resized if needed."""
-        im = self.read_rgb(x, y, level, (read_size, read_size), plane=plane)
-        return im if read_size == tile_size else im.resize((tile_size, tile_size), RESAMPLE)
+    def read_tile(self, x: int, y: int, level: int, read_size: int, tile_size: int, *,
+                  plane: PlaneSetting = None) -> Image.Image:
+        """A `tile_size` px RGB tile: `read_size` px read at `level` from level-0 (`x`, `y`), resized if needed;
+        `plane`: a focal plane setting (`planes.py`: None, N, best, edf)."""
+        return self.read_tile_plane(x, y, level, read_size, tile_size, plane=plane)[0]
+
+    def read_tile_plane(self, x: int, y: int, level: int, read_size: int, tile_size: int, *,
+                        plane: PlaneSetting = None) -> tuple[Image.Image, int]:
+        """`read_tile`, and the plane the tile came from (`planes.EDF` for a composite)."""
+        im, used = read_planes_region(self.backend, int(x), int(y), int(level), (int(read_size), int(read_size)), plane)
+        return (im if read_size == tile_size else im.resize((tile_size, tile_size), RESAMPLE)), used
 
     def close(self) -> None:
         self.backend.close()
@@ -278,7 +287,8 @@ class SlideReader:
         return found
 
     def read_tile(
-        self, path: str | Path, x: int, y: int, level: int, read_size: int, tile_size: int, *, plane: int = 0
+        self, path: str | Path, x: int, y: int, level: int, read_size: int, tile_size: int, *,
+        plane: PlaneSetting = None,
     ) -> Image.Image:
         """A `tile_size` px RGB tile: `read_size` px at `level` from level-0 (`x`, `y`) of `path`, resized if needed.
 
@@ -287,15 +297,19 @@ class SlideReader:
         """
         backend = self.handle(path)
         try:
-            im = backend.read_region(int(x), int(y), int(level), (int(read_size), int(read_size)), plane=plane)
+            im = read_planes_region(backend, int(x), int(y), int(level), (int(read_size), int(read_size)), plane)[0]
         except SlideReadError:
             self.discard(path)  # an OpenSlide handle in error state fails every later read
             raise
         return im if read_size == tile_size else im.resize((int(tile_size), int(tile_size)), RESAMPLE)
 
-    def read_row(self, row: Mapping[str, Any]) -> Image.Image:
-        """`read_tile` from a tile-table row (`path`, `x`, `y`, `level`, `read_size`, `tile_size`)."""
-        return self.read_tile(row["path"], row["x"], row["y"], row["level"], row["read_size"], row["tile_size"])
+    def read_row(self, row: Mapping[str, Any], plane: PlaneSetting = None) -> Image.Image:
+        """`read_tile` from a tile-table row (`path`, `x`, `y`, `level`, `read_size`, `tile_size`, and `plane`
+        where the table has it: the plane the row was read from, `planes.EDF` for a composite); `plane` given
+        here overrides the row's."""
+        chosen = row.get("plane") if plane is None else plane
+        return self.read_tile(row["path"], row["x"], row["y"], row["level"], row["read_size"], row["tile_size"],
+                              plane=chosen)
 
     def discard(self, path: str | Path) -> None:
         found = self._handles.pop(str(path), None)

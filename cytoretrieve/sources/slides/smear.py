@@ -21,6 +21,10 @@ as it is, else the level just finer is box-averaged to 4; never level 0 of a lar
 5. **region** (where cells were deposited): the foreground pooled to `region_mpp`, closed with a disc of radius
    `region_close_um` (bridging the glass between sparse cells), holes filled, pieces smaller than
    `min_region_mm2` dropped: the envelope of the spot, not the cells' outlines.
+
+Grey-level slides and fields (`SlideInfo.grey`: Cervix93, the ISBI stack) work on purpose: their saturation is 0,
+so the saturation tests (stain, ink) find nothing and the optical density test alone finds the cells; ink cannot
+be told from cells there. The `coverage` rule's `saturation` method, which has nothing else, refuses them.
 """
 
 from __future__ import annotations

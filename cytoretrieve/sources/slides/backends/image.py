@@ -110,6 +110,14 @@ class ImageBackend(SlideBackend):
         """Nothing stays open: planes are read whole, then cached."""
 
 
+def is_plane_folder(path: Path) -> bool:
+    """A folder of same-size images and nothing else: one field, an image per focal plane."""
+    try:
+        return path.is_dir() and not any(f.is_dir() for f in path.iterdir()) and probe(path)
+    except CytoError:
+        return False
+
+
 def open_slide(path: Path, cache_bytes: int | None = None) -> ImageBackend:
     return ImageBackend(path, cache_bytes)
 

@@ -1,0 +1,138 @@
+"""How fast `cells` is (issue 23): nuclei per CPU-second on real fields, a SurePath-sized smear end to end, and
+embedding cell crops against the bare forward pass.
+
+1. **Fields**: the `classic` detector on Cervix93 fields (`--fields`, grey 1280 x 960 at `--mpp`): nuclei per
+   CPU-second of the detector alone, and the whole `cells` job (reading, detecting, rows, previews off, commits)
+   into a fresh store, wall and CPU seconds.
+2. **A SurePath-sized smear**: the 13 mm deposit of `benchmarks/tile_detect.py` (`--cells` real cells, aperio
+   pyramid), written once to a temporary folder; the `cells` job on it (the `cells` tile rule, then the detector on
+   every kept tile): wall and CPU seconds. Target <= 30 s on 2 cores.
+3. **Embedding the crops**: the cell table of part 1 embedded by the real `embed` job (resnet18, random weights,
+   `--image-size`, 0 workers) against `forward` on the same crops read beforehand, measured right before and after
+   (CPU-time ratio too). Target >= 0.9.
+
+    .venv/bin/python benchmarks/cells_speed.py --json out/cells_speed.json
+    .venv/bin/python benchmarks/cells_speed.py --fields 6 --cells 20000   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common
+
+CERVIX93 = _common.ROOT.parent / "shared" / "data" / "cervix93"
+
+
+def fields_part(args: argparse.Namespace, store: Any) -> dict[str, Any]:
+    import numpy as np
+    from PIL import Image
+
+    from cytoretrieve.jobs.cells import expand_sources, find_cells_in
+    from cytoretrieve.sources.slides.detectors import get_detector
+
+    files = sorted((CERVIX93 / "EDF").glob("frame*.png"))[: args.fields]
+    detector = get_detector("classic")
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    detector(images[0], args.mpp)  # warm-up
+    cpu = time.process_time()
+    nuclei = sum(len(detector(im, args.mpp)) for im in images)
+    cpu = time.process_time() - cpu
+    wall, cpu_job = time.perf_counter(), time.process_time()
+    report = find_cells_in(expand_sources(files, mpp=args.mpp), store, table="fields")
+    wall, cpu_job = time.perf_counter() - wall, time.process_time() - cpu_job
+    out = {"fields": len(files), "nuclei": nuclei, "detector_cpu_s": cpu, "nuclei_per_cpu_s": nuclei / cpu,
+           "job_wall_s": wall, "job_cpu_s": cpu_job, "job_cells": report.cells_added}
+    print(f"fields: {len(files)} Cervix93 fields, {nuclei} nuclei, detector {nuclei / cpu:.0f} nuclei per CPU-s; "
+          f"the cells job {wall:.1f} s wall ({cpu_job:.1f} CPU-s) for {report.cells_added} cells", flush=True)
+    return out
+
+
+def smear_part(args: argparse.Namespace, folder: Path, store: Any) -> dict[str, Any]:
+    from tile_detect import PYRAMIDS, write_slide
+
+    from cytoretrieve.jobs.cells import Source, find_cells_in
+
+    try:
+        import imagecodecs  # noqa: F401
+        compression = "jpeg"
+    except ImportError:
+        compression = "zlib"
+    t = time.perf_counter()
+    path = write_slide(folder / "surepath.tiff", PYRAMIDS["aperio"], args.cells, compression)
+    print(f"smear: wrote {path.name} ({args.cells} cells, {compression}) in {time.perf_counter() - t:.0f} s", flush=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    report = find_cells_in([Source(path)], store, table="smear")
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    r = report.results[0]
+    print(f"smear: {r.cells} cells on {r.tiles} kept tiles in {wall:.1f} s wall ({cpu:.1f} CPU-s); target 30 s",
+          flush=True)
+    return {"cells_drawn": args.cells, "cells_found": r.cells, "tiles": r.tiles, "wall_s": wall, "cpu_s": cpu,
+            "status": r.status, "reason": r.reason}
+
+
+def embed_part(args: argparse.Namespace, store: Any) -> dict[str, Any]:
+    import torch
+
+    from cytoretrieve.jobs.embed import embed
+    from cytoretrieve.models.backbones import load_backbone
+    from cytoretrieve.models.inference import forward, prepare
+    from cytoretrieve.sources.slides.reader import SlideReader
+    from cytoretrieve.store.tiles import open_tile_table
+
+    backbone = load_backbone("resnet18", "random", image_size=args.image_size)
+    rows = open_tile_table(store, "fields").rows()
+    reader = SlideReader()
+    batch = torch.stack([backbone.preprocessing(reader.read_row(r)) for r in rows])
+    model = prepare(backbone, "cpu")
+    forward(model, batch[:64], "cpu")
+
+    def bare() -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
+        for i in range(0, len(batch), 64):
+            forward(model, batch[i: i + 64], "cpu")
+        return len(batch) / (time.perf_counter() - w), (time.process_time() - c) / len(batch)
+
+    before, before_cpu = bare()
+    w, c = time.perf_counter(), time.process_time()
+    report = embed("fields", backbone, store, table="fields_r18", workers=0, batch_size=64)
+    w, c = time.perf_counter() - w, time.process_time() - c
+    after, after_cpu = bare()
+    speed = report.added / w
+    ratio, cpu_ratio = speed / ((before + after) / 2), (before_cpu + after_cpu) / 2 / (c / report.added)
+    print(f"embed: {report.added} cell crops at {speed:.1f} img/s vs bare forward {before:.1f} / {after:.1f} img/s: "
+          f"ratio {ratio:.3f} (CPU-time ratio {cpu_ratio:.3f}); target 0.9", flush=True)
+    return {"crops": report.added, "embed_img_s": speed, "bare_before_img_s": before, "bare_after_img_s": after,
+            "ratio": ratio, "cpu_ratio": cpu_ratio}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fields", type=int, default=24, help="Cervix93 fields (the first N by name)")
+    ap.add_argument("--mpp", type=float, default=0.25, help="um/px assumed for the Cervix93 fields")
+    ap.add_argument("--cells", type=int, default=60_000, help="cells drawn on the SurePath-sized smear")
+    ap.add_argument("--image-size", type=int, default=128, help="embedding input side, px")
+    ap.add_argument("--skip-smear", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from cytoretrieve.store.tables import Store
+
+    info = _common.machine()
+    _common.print_machine(info)
+    results: dict[str, Any] = {"machine": info, "args": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="cytoretrieve-cells-") as tmp:
+        store = Store(Path(tmp) / "store")
+        results["fields"] = fields_part(args, store)
+        results["embed"] = embed_part(args, store)
+        if not args.skip_smear:
+            results["smear"] = smear_part(args, Path(tmp), store)
+    results["load_end"] = _common.print_load("at the end")
+    _common.write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
