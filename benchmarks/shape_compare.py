@@ -5,7 +5,7 @@ Each round runs, once per tree, in a fresh process with that tree first on PYTHO
 - embed: the real embedding job over `--images` Herlev cells (resnet18, random weights, 64 px, 0 workers) into a
   fresh store (seconds, inference included);
 - search: `--queries` searches by stored id on that table after one warm-up (median ms per search);
-- score: `cytoretrieve score --method mean` then `--method abmil --epochs 5` as whole CLI processes over the same
+- score: `cytoretrieve score --method mean` then `--method abmil`, 5 epochs each, as whole CLI processes over the same
   synthetic bag table (seconds each, imports included).
 Rounds alternate the order (old-new, new-old, ...). Reported: the median of each figure per tree and new/old.
 
@@ -27,7 +27,10 @@ import _common
 
 ROOT = _common.ROOT
 
-EMBED_SEARCH = r"""
+# An editable install's import hook comes before PYTHONPATH: drop it so that each run imports its own tree.
+OWN_TREE = "import sys; sys.meta_path = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+
+EMBED_SEARCH = OWN_TREE + r"""
 import json, sys, time, tempfile
 from pathlib import Path
 try:
@@ -131,9 +134,11 @@ def main() -> None:
                 raise SystemExit(f"the {name} run did not import its own tree ({tree}): check PYTHONPATH")
             for k, v in got.items():
                 figures[name].setdefault(k, []).append(v)
-            for method, extra in (("mean", []), ("abmil", ["--epochs", "5"])):
-                _, seconds = _run(tree, ["-m", "cytoretrieve", "score", "--tiles", "bags", "--store", bag_store,
-                                         "--labels", str(labels), "--split", str(split), "--method", method, *extra])
+            for method, extra in (("mean", ["--epochs", "5"]), ("abmil", ["--epochs", "5"])):
+                argv = ["cytoretrieve", "score", "--tiles", "bags", "--store", bag_store, "--labels", str(labels),
+                        "--split", str(split), "--method", method, *extra]
+                code = OWN_TREE + f"import runpy; sys.argv = {argv!r}; runpy.run_module('cytoretrieve', run_name='__main__')"
+                _, seconds = _run(tree, ["-c", code])
                 figures[name].setdefault(f"score_{method}_s", []).append(seconds)
             print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in figures[name].items()), flush=True)
     summary = {name: {k: statistics.median(v) for k, v in f.items()} for name, f in figures.items()}

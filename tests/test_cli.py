@@ -50,7 +50,8 @@ def test_usage_error_exits_2(capsys) -> None:
     assert "--runs" in capsys.readouterr().err
 
 
-def test_tables_lists_rows_dim_backbone(tmp_path, capsys) -> None:
+def test_tables_lists_rows_dim_backbone(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "160")  # wide enough for every column (at 80 the fingerprint is left out)
     store = Store(tmp_path / "s")
     assert run(["tables", "--store", store.uri]) == 0
     assert "no tables" in capsys.readouterr().out

@@ -14,12 +14,14 @@ import typer
 from cytoretrieve import __version__
 from cytoretrieve.cli import (
     annotate,
+    cells,
     classify,
     datasets,
     demo,
     embed,
     index,
     interop,
+    labels,
     score,
     search,
     serve,
@@ -53,12 +55,14 @@ app.command("train")(train.train)
 app.add_typer(interop.export_app, name="export")  # export weights CKPT (also: export CKPT) | export h5
 app.add_typer(interop.import_app, name="import")
 app.command("tile")(tile.tile)
+app.add_typer(cells.app, name="cells")
 app.command("split")(split.split)
 app.command("transfer")(transfer.transfer)
 app.command("score")(score.score)
 app.add_typer(annotate.app, name="annotations")
 app.add_typer(datasets.app, name="datasets")
 app.add_typer(index.app, name="index")
+app.add_typer(labels.app, name="labels")
 
 
 def _version(value: bool) -> None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
+from cytoretrieve.cli.messages import incomplete_tables
 from cytoretrieve.queries.knn import votes_help
 
 
@@ -27,6 +28,7 @@ def classify(
     vote: Annotated[str, typer.Option("--vote", help=f"{votes_help()}.")] = "majority",
     temperature: Annotated[float, typer.Option("--temperature", help="T of the weighted vote.")] = 0.07,
     seed: Annotated[int, typer.Option("--seed", help="Seed of run 0; run r uses seed + r.")] = 0,
+    labels: options.Labels = "stored",
     json_out: options.JsonOut = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: weighted F1 vs k and the confusion matrix at k*.")] = None,
 ) -> None:
@@ -39,14 +41,16 @@ def classify(
 
     Example: cytoretrieve classify --table herlev_resnet50 --table herlev_dino_vits --vote weighted --json out.json
     """
-    from cytoretrieve.queries.knn import classify_table, parse_ks
-    from cytoretrieve.store.tables import Store
+    with Console(stderr=True).status("loading the store and the k-NN protocol", spinner="dots"):
+        from cytoretrieve.queries.knn import classify_table, parse_ks
+        from cytoretrieve.store.tables import Store
 
     ks = parse_ks(k)
     st = Store(store)
     tables = [st.open(name) for name in table]
-    results = [classify_table(t, runs=runs, train_fraction=train_fraction, ks=ks, vote=vote,
-                              temperature=temperature, seed=seed) for t in tables]
+    with incomplete_tables(store, table), Console(stderr=True).status(f"k-NN over {', '.join(table)}", spinner="dots"):
+        results = [classify_table(t, runs=runs, train_fraction=train_fraction, ks=ks, vote=vote,
+                                  temperature=temperature, seed=seed, labels=labels) for t in tables]
 
     classes = list(dict.fromkeys(c for r in results for c in r.classes))
     view = RichTable(title=f"k-NN F1, mean ± std over {runs} runs ({vote} vote, k in {k})", box=box.SIMPLE_HEAD)
@@ -63,7 +67,8 @@ def classify(
     console.print(view)
     for t, r in zip(tables, results):
         console.print(f"{t.name}: {r.n_train} train / {r.n_test} test vectors per run, "
-                      f"backbone {t.meta['backbone']['arch']} {t.fingerprint[:12]}")
+                      f"backbone {t.meta['backbone']['arch']} {t.fingerprint[:12]}; {r.labels} labels, "
+                      f"{r.reviewed_rows} row(s) carry a review")
 
     if json_out:
         options.write_json({"results": [{"table": t.name, "backbone": t.meta["backbone"], **r.to_dict()}

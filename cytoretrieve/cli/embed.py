@@ -30,11 +30,12 @@ def embed(
     label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON or CSV (class,binary[,name]) mapping classes to positive (1) / negative (0).")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help="Input side in px; default the model's.")] = None,
     resize: Annotated[str | None, typer.Option("--resize", help="letterbox (keep aspect, pad with background), stretch, or center-crop.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
-    workers: Annotated[int | None, typer.Option("--workers", min=0, help="DataLoader worker processes; default half the cores (at most 8), or 0 (decode in-process) for a CPU run on 2 or fewer cores.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")] = 64,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, metavar="N", help="DataLoader worker processes; default half the cores (at most 8), or 0 (decode in-process) for a CPU run on 2 or fewer cores.")] = None,
     device: options.Device = "auto",
-    commit_rows: Annotated[int, typer.Option("--commit-rows", min=1, help="Rows per store commit (a killed job loses at most one commit's work).")] = 2048,
-    wait: Annotated[float, typer.Option("--wait", min=0, help="If another job is writing the table, wait up to this many seconds for it (default: stop at once with who holds it). torchrun processes of one job write together.")] = 0.0,
+    commit_rows: Annotated[int, typer.Option("--commit-rows", min=1, metavar="ROWS", help="Rows per store commit (a killed job loses at most one commit's work).")] = 2048,
+    wait: Annotated[float, typer.Option("--wait", min=0, metavar="SECONDS", help="If another job is writing the table, wait up to this many seconds for it (default: stop at once with who holds it). torchrun processes of one job write together.")] = 0.0,
+    plane: Annotated[str | None, typer.Option("--plane", help="Slides and tile tables of multi-plane scans: read every tile from focal plane N, its sharpest plane (best) or an extended-depth-of-field composite (edf) instead of the plane its row records. Recorded in the table; never mixed.", show_default=False)] = None,
 ) -> None:
     """Embed every image of SOURCE with a backbone into a store table.
 
@@ -45,17 +46,20 @@ def embed(
     Example: cytoretrieve embed data/herlev --backbone resnet50 --weights dino_teacher.safetensors
     """
     from cytoretrieve.sources.resolve import resolve_source
+    from cytoretrieve.sources.slides.planes import parse_plane
 
     resolve_source(source)  # a bad path fails here, in well under a second, before torch and timm load
-
-    from cytoretrieve.jobs.embed import embed as run_embed
-    from cytoretrieve.models.backbones import load_backbone
-    from cytoretrieve.store.tables import Store
+    parse_plane(plane)  # as a bad --plane does
 
     console = Console(stderr=True)
     if backbone is None and weights in ("timm", "random"):
         backbone = "resnet50"
-    bb = load_backbone(backbone, weights, image_size=image_size, resize=resize)
+    with console.status(f"loading torch, timm and {backbone or 'the backbone'} ({weights} weights)", spinner="dots"):
+        from cytoretrieve.jobs.embed import embed as run_embed
+        from cytoretrieve.models.backbones import load_backbone
+        from cytoretrieve.store.tables import Store
+
+        bb = load_backbone(backbone, weights, image_size=image_size, resize=resize)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
         TextColumn("{task.fields[failed]} failed"), TimeRemainingColumn(), console=console,
@@ -76,7 +80,7 @@ def embed(
     try:
         report = run_embed(source, bb, Store(store, wait=wait), table=table, layout=layout, label_map=label_map,
                            batch_size=batch_size, workers=workers, device=device, commit_rows=commit_rows,
-                           on_progress=on_progress, on_start=on_start)
+                           on_progress=on_progress, on_start=on_start, plane=plane)
     finally:
         if task is not None:  # a progress bar never started would print an empty line on stop
             progress.stop()

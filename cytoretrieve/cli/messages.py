@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterable, Iterator
 
 import typer
 
+from cytoretrieve.errors import CytoError
+
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")
+_LIBRARY = re.compile(r"Schema error|No field named|Valid fields are|Invalid input")
 
 
 def _option_names() -> tuple[set[str], set[str]]:
@@ -37,4 +42,25 @@ def flag_message(message: str) -> str:
             return f"--{name}"
         return m.group(1).upper() if m.group(1) in arguments else m.group(0)
 
-    return _PARAM.sub(flag, message)
+    # a library's own words quoted in a message (LanceDB's "No field named labl. Valid fields are `id`, ...")
+    # name columns, not parameters: they are left as they are
+    quoted = _LIBRARY.search(message)
+    head, tail = (message[:quoted.start()], message[quoted.start():]) if quoted else (message, "")
+    return _PARAM.sub(flag, head) + tail
+
+
+@contextlib.contextmanager
+def incomplete_tables(store: str, names: Iterable[str]) -> Iterator[None]:
+    """Inside: a CytoError of a protocol says when one of its tables is incomplete (interrupted, or being written),
+    since a table missing rows fails in puzzling ways ("needs at least 2 classes, found 1")."""
+    try:
+        yield
+    except CytoError as e:
+        from cytoretrieve.store.tables import Store
+
+        st = Store(store)
+        notes = [f"table '{n}' is {state}" for n in dict.fromkeys(names) if (state := st.write_state(n))]
+        if not notes:
+            raise
+        raise CytoError(f"{e} ({'; '.join(notes)}: it misses the rows its job had not stored yet; rerun that job's "
+                        "command to finish it)") from None

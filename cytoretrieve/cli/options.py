@@ -17,6 +17,7 @@ Store = Annotated[
 ]
 Table = Annotated[str, typer.Option("--table", "-t", help="Table name in the store (see `cytoretrieve tables`).")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+Labels = Annotated[str, typer.Option("--labels", help="stored: the labels rows were embedded with; reviewed: a row's latest expert review where it has one (`cytoretrieve labels`), else its stored label.")]
 JsonOut = Annotated[str | None, typer.Option("--json", help="Also write the results as JSON to this file ('-' = stdout).")]
 
 DEFAULT_STORE = "indexes"

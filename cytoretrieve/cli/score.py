@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cytoretrieve.cli import options
+from cytoretrieve.cli.messages import incomplete_tables
 from cytoretrieve.queries.mil.methods import DEFAULT_METHOD, methods_help
 
 _SHORT = {"auc": "AUC", "balanced_accuracy": "bal. acc.", "sensitivity": "sens.", "specificity": "spec.", "f1": "F1",
@@ -28,6 +29,7 @@ def score(
     instance_negatives: Annotated[float, typer.Option("--instance-negatives", help="Weight of the loss making every tile of a negative slide a negative instance (0 = off).")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", help="k of top-k instance pooling (--method topk).")] = 4,
     positives: Annotated[str | None, typer.Option("--positives", help="Table of annotated cells / tiles (e.g. an embedded `annotations import` table); its binary = 1 rows are the retrieval positives (default: tiles of positive training slides) and the cells --augment-positives inserts. A fold never uses those of its own validation / test slides.")] = None,
+    row_labels: Annotated[str, typer.Option("--row-labels", help="Which labels of the rows pick the --positives (--labels is the slide labels file): stored, or reviewed (a row's latest expert review where it has one, `cytoretrieve labels`).")] = "stored",
     augment_positives: Annotated[float, typer.Option("--augment-positives", min=0.0, max=1.0, help="Positive-bag augmentation (trained methods, needs --positives): each epoch, each negative training slide is, with this probability, also trained on as a positive holding 1..--augment-max annotated positives (0 = off).")] = 0.0,
     augment_max: Annotated[int, typer.Option("--augment-max", min=1, help="Most annotated positives inserted into one augmented bag.")] = 4,
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Read each slide's vectors from the store when needed instead of holding all bags in memory (default: stream only when they would take over half the available memory).", show_default=False)] = None,
@@ -81,9 +83,10 @@ def score(
                                augment_positives=augment_positives, augment_max=augment_max, seed=seed,
                                device=resolve_device(device))  # the method's record sets its pooling
     ret_cfg = RetrievalConfig(k=neighbours, top_m=top_m, references=references)
-    result, bags, table = score_table(store, tiles, labels, split, method, group_column=group_column,
-                                      train_config=train_cfg, retrieval_config=ret_cfg, positives_table=positives,
-                                      stream=stream)
+    with incomplete_tables(store, [tiles, *([positives] if positives else [])]):
+        result, bags, table = score_table(store, tiles, labels, split, method, group_column=group_column,
+                                          train_config=train_cfg, retrieval_config=ret_cfg, positives_table=positives,
+                                          stream=stream, row_labels=row_labels)
 
     console = Console()
     view = RichTable(title=f"{method}: slide scores, {len(result.folds)} folds of {split.name}", box=box.SIMPLE_HEAD)

@@ -36,6 +36,9 @@ def search(
     png: Annotated[Path | None, typer.Option("--png", help="Write a contact sheet PNG: the query, then the hits with their captions.")] = None,
     geojson: Annotated[Path | None, typer.Option("--geojson", help="Write the tile hits as QuPath GeoJSON objects (classification = label, similarity measured).")] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Leave-one-out over the labelled rows: top-k accuracy and mMV@k, per class and overall, labels and binary classes.")] = False,
+    labels: Annotated[str, typer.Option("--labels", help="With --evaluate: stored labels, or reviewed (a row's latest expert review where it has one, `cytoretrieve labels`).")] = "stored",
+    slide: Annotated[str | None, typer.Option("--slide", help="Slides like this slide: the nearest slides (or fields) of a tile or cell table to SLIDE, with their labels (its own group left out); with --evaluate, slide retrieval judged leave-one-slide-out.", show_default=False)] = None,
+    signature: Annotated[str, typer.Option("--signature", help="With --slide: how a slide is summarised: mosaic (k-means representatives, median of minimum distances, Yottixel) or mean (the mean vector).")] = "mosaic",
 ) -> None:
     """Find the k stored cells most similar to IMAGE (or to --id ROW_ID), or judge the table's search (--evaluate).
 
@@ -49,28 +52,67 @@ def search(
 
     Search as classification: cytoretrieve search --evaluate --table herlev_resnet50 --k 1,3,5 --json eval.json
     (for tables with a group or slide column, each query's own group is left out of its hits).
+
+    Slides like this slide: cytoretrieve search --slide case-017 --table cohort_resnet50 -k 5 (add --evaluate for
+    Top-1, Top-3 and majority vote at 5 over every slide).
     """
-    from cytoretrieve.store.tables import Store
+    console = Console(stderr=json_out == "-")
+    status = Console(stderr=True).status("opening the store", spinner="dots")
+    status.start()
+    try:
+        from cytoretrieve.store.tables import Store
+    finally:
+        status.stop()
 
     if geojson is not None and not geojson.parent.is_dir():
         raise CytoError(f"folder {geojson.parent} of `geojson` does not exist: create it, or give another path")
     t = Store(store).open(table)
+    if slide is not None:
+        if image is not None or row_id is not None or where or html or png or geojson:
+            raise CytoError("`slide` searches whole slides: give no query image, `id`, `where`, `html`, `png` or `geojson`")
+        _slides(console, t, slide, signature, _int_k(k), evaluate, json_out)
+        return
     if evaluate:
         if image is not None or row_id is not None or where or html or png or geojson:
             raise CytoError("`evaluate` scores the whole table: give no query image, `id`, `where`, `html`, `png` or `geojson`")
-        _evaluate(t, k or DEFAULT_EVAL_KS, json_out)
+        _evaluate(t, k or DEFAULT_EVAL_KS, json_out, labels)
         return
-    from cytoretrieve.queries.search import search as run_search
-
     n = _int_k(k)
-    result = run_search(t, image=image, row_id=row_id, k=n, where=where, device=device)
-    console = Console(stderr=json_out == "-")
+    what = f"loading {t.meta['backbone']['arch']} and embedding {image}" if image is not None else f"searching {t.name}"
+    with Console(stderr=True).status(what, spinner="dots"):
+        from cytoretrieve.queries.search import search as run_search
+
+        result = run_search(t, image=image, row_id=row_id, k=n, where=where, device=device)
     if json_out is not None:
         options.write_json(result.to_dict(), json_out)
     if json_out != "-":
         _print_hits(console, result)
     for written in _write_views(t, result, image, row_id, html, png, geojson):
         console.print(f"wrote {written}")
+
+
+def _slides(console: Console, t: VectorTable, slide: str, signature: str, k: int, evaluate: bool,
+            json_out: str | None) -> None:
+    """`--slide`: the nearest slides by signature, or (with --evaluate) retrieval judged leave-one-slide-out."""
+    from cytoretrieve.queries.slides import evaluate_slide_retrieval, similar_slides, slide_signatures
+
+    with Console(stderr=True).status(f"slide signatures ({signature}) of {t.name}", spinner="dots"):
+        found = similar_slides(t, slide, kind=signature, k=k)
+        judged = evaluate_slide_retrieval(slide_signatures(t, signature)).to_dict() if evaluate else None
+    if json_out is not None:
+        options.write_json({**found.to_dict(), **({"evaluation": judged} if judged else {})}, json_out)
+    if json_out == "-":
+        return
+    view = RichTable(title=f"slides like {slide} ({found.label or 'no label'}) in {t.name}, by {signature} signature",
+                     box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("#", "slide", "similarity", "label"):
+        view.add_column(col, justify="right" if col in ("#", "similarity") else "left", no_wrap=col == "slide")
+    for i, h in enumerate(found.hits, 1):
+        view.add_row(str(i), h.slide, f"{h.score:.4f}", h.label or "")
+    console.print(view)
+    if judged:
+        console.print(f"leave-one-slide-out over {judged['slides']} labelled slides: Top-1 {judged['top1']:.3f}, "
+                      f"Top-3 {judged['top3']:.3f}, majority vote at 5 {judged['mv5']:.3f}", soft_wrap=True)
 
 
 def _int_k(k: str | None) -> int:
@@ -83,25 +125,33 @@ def _int_k(k: str | None) -> int:
 
 
 def _print_hits(console: Console, result: SearchResult) -> None:
+    """The hits as a table that stays whole at the terminal's width (the source path wraps, then goes first)."""
+    from cytoretrieve.cli.fit import Column, fitted_table
+    from cytoretrieve.views.hits import SIMILARITY_MEANING, counts_line, majority_words
+
     if not result.hits:  # a filter that matches nothing is said, not an empty table
         console.print(f"no rows of {result.table} match the filter: no hits", markup=False, highlight=False)
         return
     tiles = any(h.slide is not None for h in result.hits)
-    view = RichTable(title=f"{len(result.hits)} nearest to {result.query} in {result.table}", box=box.SIMPLE_HEAD)
     labelled = any(h.label for h in result.hits)
-    columns = ("#", "score", *(("label",) if labelled else ()), "id", *(("x", "y") if tiles else ("group", "source")))
-    for col in columns:
-        view.add_column(col, justify="right" if col in ("#", "score", "x", "y") else "left",
-                        no_wrap=col != "source", overflow="fold")
+    scaled = any(h.percentile is not None for h in result.hits)
+    columns = [Column("#", "right"), Column("sim", "right"), *([Column("pct", "right", drop=2)] if scaled else []),
+               *([Column("label")] if labelled else []), Column("id"),
+               *((Column("x", "right", drop=1), Column("y", "right", drop=1)) if tiles else
+                 (Column("group", wrap=True, min_width=8, drop=3), Column("source", wrap=True, min_width=16, drop=4)))]
+    rows = []
     for rank, h in enumerate(result.hits, 1):
-        cells = {"#": str(rank), "score": f"{h.score:.4f}", "label": h.label or "", "id": h.id, "group": h.group or "",
-                 "source": h.path or "", "slide": h.slide or "", "x": str(h.x), "y": str(h.y)}
-        view.add_row(*[cells[c] for c in columns])
-    console.print(view)
-    if result.majority_label is not None:
-        from cytoretrieve.views.hits import counts_line
-
-        console.print(f"majority label of the neighbours: [bold]{result.majority_label}[/] (labels: {counts_line(result)})")
+        cells = {"#": str(rank), "sim": f"{h.score:.4f}", "pct": "" if h.percentile is None else f"{h.percentile:.0f}",
+                 "label": h.label or "", "id": h.id, "group": h.group or "", "source": h.path or "",
+                 "x": str(h.x), "y": str(h.y)}
+        rows.append([cells[c.name] for c in columns])
+    title = f"{len(result.hits)} nearest to {result.query} in {result.table}"
+    console.print(fitted_table(console, title, columns, rows), markup=False, highlight=False)
+    if scaled:
+        console.print(SIMILARITY_MEANING, markup=False, highlight=False)
+    words = majority_words(result)
+    if words is not None:
+        console.print(f"neighbours' labels: {counts_line(result)}; {words}", markup=False, highlight=False)
 
 
 def _write_views(t: VectorTable, result: SearchResult, image: Path | None, row_id: str | None,
@@ -132,11 +182,11 @@ def _write_views(t: VectorTable, result: SearchResult, image: Path | None, row_i
     return written
 
 
-def _evaluate(t: VectorTable, k: str, json_out: str | None) -> None:
+def _evaluate(t: VectorTable, k: str, json_out: str | None, labels: str = "stored") -> None:
     from cytoretrieve.queries.knn import parse_ks
     from cytoretrieve.queries.search_eval import evaluate_search
 
-    result = evaluate_search(t, parse_ks(k))
+    result = evaluate_search(t, parse_ks(k), labels)
     if json_out is not None:
         options.write_json(result.to_dict(), json_out)
     if json_out != "-":
@@ -157,3 +207,4 @@ def _print_evaluation(console: Console, result: SearchEvaluation) -> None:
         if ev.queries_without_hits:
             console.print(f"{ev.queries_without_hits} queries had no hit outside their own group (counted as wrong)")
     console.print(f"left out of each query's hits: {result.exclusion}")
+    console.print(f"{result.labels} labels; {result.reviewed_rows} row(s) carry a review")

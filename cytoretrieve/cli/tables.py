@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from rich import box
+from typing import Annotated
+
+import typer
 from rich.console import Console
-from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
 
@@ -17,34 +18,50 @@ def _size(n: int) -> str:
     return ""
 
 
-def tables(store: options.Store = options.DEFAULT_STORE) -> None:
-    """List the store's tables: rows, vector dimension, backbone (architecture and fingerprint) and size on disk."""
+def tables(
+    store: options.Store = options.DEFAULT_STORE,
+    all_tables: Annotated[bool, typer.Option("--all", help="Also list the store's internal tables (slide overviews).")] = False,
+) -> None:
+    """List the store's tables: what their rows are, rows, vector dimension, backbone and where its weights came
+    from (random, timm, or the weights file), the nucleus detector of cell tables, fingerprint, size, and whether a
+    job left the table incomplete (interrupted: rerun its command to finish it).
+
+    Example: cytoretrieve tables --store indexes
+    """
+    from cytoretrieve.cli.fit import Column, fitted_table
     from cytoretrieve.store.tables import Store
 
-    infos = Store(store).describe()
+    console = Console()
+    with Console(stderr=True).status(f"reading {store}", spinner="dots"):
+        infos = Store(store).describe()
+    hidden = [i for i in infos if i.internal and not all_tables]
+    infos = [i for i in infos if all_tables or not i.internal]
     if not infos:
-        Console().print(f"no tables in {store} yet: `cytoretrieve embed SOURCE` creates one")
+        console.print(f"no tables in {store} yet: `cytoretrieve embed SOURCE` creates one", markup=False)
         return
-    view = RichTable(title=f"tables in {store}", box=box.SIMPLE_HEAD)
     dups = any(i.duplicates for i in infos)
     states = any(i.state for i in infos)
-    longest = max(len(i.name) for i in infos)
-    columns = ["table", "rows", *(["duplicated"] if dups else []), "dim", "backbone", "fingerprint", "size",
-               *(["state"] if states else [])]
-    for col in columns:
-        # names stay whole (they are copied into other commands); the backbone column folds when space is short
-        view.add_column(col, justify="right" if col in ("rows", "duplicated", "dim", "size") else "left",
-                        no_wrap=col not in ("backbone", "state"), overflow="fold",
-                        min_width=longest if col == "table" else 12 if col == "fingerprint" else len(col))
+    detectors = any(i.detector for i in infos)
+    columns = [Column("table"), Column("rows", "right"), Column("kind", wrap=True, min_width=5, drop=3),
+               *([Column("duplicated", "right")] if dups else []), Column("dim", "right", drop=2),
+               Column("backbone", wrap=True, min_width=8), Column("weights", wrap=True, min_width=7),
+               *([Column("detector", drop=4)] if detectors else []), Column("fingerprint", drop=6),
+               Column("size", "right", drop=5), *([Column("state", wrap=True, min_width=11)] if states else [])]
+    rows = []
     for i in infos:
-        cells = [i.name, str(i.rows), *([str(i.duplicates or "")] if dups else []), str(i.dim), i.arch,
-                 i.fingerprint[:12], _size(i.bytes), *([i.state] if states else [])]
-        view.add_row(*cells)
-    Console().print(view)
+        cells = {"table": i.name, "rows": str(i.rows), "kind": i.kind, "duplicated": str(i.duplicates or ""),
+                 "dim": str(i.dim) if i.dim else "-", "backbone": i.arch if i.dim else "-",
+                 "weights": i.weights or "-", "detector": i.detector, "fingerprint": i.fingerprint[:12],
+                 "size": _size(i.bytes), "state": i.state or "complete"}
+        rows.append([cells[c.name] for c in columns])
+    console.print(fitted_table(console, f"tables in {store}", columns, rows), markup=False, highlight=False)
+    err = Console(stderr=True)
+    if hidden:
+        err.print(f"{len(hidden)} internal table(s) not shown ({', '.join(i.name for i in hidden)}): --all lists them",
+                  markup=False, highlight=False)
     if any(i.state == "interrupted" for i in infos):
-        Console(stderr=True).print("an interrupted table misses the rows its job had not stored yet: rerun that "
-                                   "job's command to add them (nothing is stored twice)", markup=False,
-                                   highlight=False)
+        err.print("an interrupted table misses the rows its job had not stored yet: rerun that job's command to add "
+                  "them (nothing is stored twice)", markup=False, highlight=False)
     if dups:
-        Console(stderr=True).print("some tables hold an id more than once: `cytoretrieve dedupe --table NAME` keeps "
-                                   "one row per id", markup=False, highlight=False)
+        err.print("some tables hold an id more than once: `cytoretrieve dedupe --table NAME` keeps one row per id",
+                  markup=False, highlight=False)

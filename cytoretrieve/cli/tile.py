@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
 from cytoretrieve.cli.messages import flag_message
@@ -39,7 +37,10 @@ def tile(
     min_foreground_um2: Annotated[float | None, typer.Option("--min-foreground-um2", help="Cells rule: um2 of cell foreground a tile needs (default 100, about one small cell; 0 keeps every tile of the deposit region).", show_default=False)] = None,
     min_coverage: Annotated[float | None, typer.Option("--min-coverage", help="Coverage rule: keep a tile when at least this fraction of it is deposit (default 0.05: thin strands and tissue edges are kept).", show_default=False)] = None,
     deposit: Annotated[str | None, typer.Option("--deposit", help="Coverage rule: deposit detection, saturation (HSV, default) or grey (Otsu on grey level).", show_default=False)] = None,
-    preview: Annotated[Path | None, typer.Option("--preview", help="Write one PNG per slide here: deposit region, kept tiles, tiles with too little to keep, excluded artefacts.")] = None,
+    preview: Annotated[Path | None, typer.Option("--preview", help="Write one PNG per slide here: deposit region, kept tiles, tiles with too little to keep, excluded artefacts, blurred tiles.")] = None,
+    plane: Annotated[str | None, typer.Option("--plane", help="Focal plane of multi-plane scans (z-stacks, a folder of plane images): a number, best (the sharpest plane per tile) or edf (extended depth of field: the sharpest plane per pixel). Default: plane 0.", show_default=False)] = None,
+    min_focus: Annotated[float | None, typer.Option("--min-focus", help="Drop tiles whose focus score is below this (sharp Pap tiles score ~0.5-2, blurred ones under 0.3); tiles with too little stain to score are kept.", show_default=False)] = None,
+    focus: Annotated[bool, typer.Option("--focus/--no-focus", help="Score every kept tile's focus (one read per tile; stored as the focus column).")] = True,
     json_out: options.JsonOut = None,
 ) -> None:
     """Cut whole slides into tiles: lay a grid of 320 px tiles at 0.5 um/px (20x) over the slide, keep the
@@ -88,31 +89,37 @@ def tile(
     try:
         report = tile_slides(slides or [], Store(store), table=table, spec=spec, params=params, labels=slide_labels,
                              mpp=mpp, objective=objective, preview=preview, on_slide=on_slide,
-                             on_progress=on_progress, on_result=on_result)
+                             on_progress=on_progress, on_result=on_result, focus=focus, plane=plane,
+                             min_focus=min_focus)
     finally:
         progress.stop()
 
     out = Console()
-    view = RichTable(title=f"table {report.table} in {report.store} (region: tiles touching the deposit region; "
-                           "mm2: its area; read: px read at level)",
-                     box=box.SIMPLE_HEAD)
-    longest = max((len(r.slide) for r in report.results), default=5)
+    from cytoretrieve.cli.fit import Column, fitted_table
+
     labelled = any(r.label for r in report.results)
-    for col in ("slide", "status", "tiles", "region", "grid", "mm2", "level", "read", "um/px") + (("label",) if labelled else ()):
-        width = min(longest, 28) if col == "slide" else (7 if col == "status" else len(col))
-        view.add_column(col, justify="left" if col in ("slide", "status", "label") else "right",
-                        no_wrap=col != "label", min_width=width)
-    for r in report.results:
-        view.add_row(
-            r.slide, r.status, str(r.tiles), str(r.region_tiles) if r.grid_tiles else "", str(r.grid_tiles) if r.grid_tiles else "",
-            f"{r.deposit_mm2:.3f}" if r.deposit_mm2 is not None else "", "" if r.level is None else str(r.level),
-            "" if r.read_size is None else str(r.read_size), f"{r.tile_mpp:.3f}" if r.tile_mpp else "",
-            *((r.label or "",) if labelled else ()),
-        )
-    out.print(view)
+    drops = {"blurred": 9, "focus": 8, "read": 7, "level": 6, "grid": 5, "region": 4, "mm2": 3}
+    columns = [Column(c, "left" if c in ("slide", "status", "label") else "right", wrap=c == "label",
+                      drop=drops.get(c, 0))
+               for c in ("slide", "status", "tiles", "region", "grid", "mm2", "level", "read", "um/px", "focus",
+                         "blurred", *(("label",) if labelled else ()))]
+    rows = [[r.slide, r.status, str(r.tiles), str(r.region_tiles) if r.grid_tiles else "",
+             str(r.grid_tiles) if r.grid_tiles else "",
+             f"{r.deposit_mm2:.3f}" if r.deposit_mm2 is not None else "", "" if r.level is None else str(r.level),
+             "" if r.read_size is None else str(r.read_size), f"{r.tile_mpp:.3f}" if r.tile_mpp else "",
+             "" if r.focus_median is None else f"{r.focus_median:.2f}", str(r.blurred) if r.grid_tiles else "",
+             *((r.label or "",) if labelled else ())] for r in report.results]
+    view = fitted_table(out, f"table {report.table} in {report.store}", columns, rows)
+    shown = {c.header for c in view.columns}
+    legend = [text for name, text in (("region", "region: tiles touching the deposit region"),
+                                      ("grid", "grid: tiles on the slide's grid"), ("mm2", "mm2: the region's area"),
+                                      ("read", "read: px read at level"), ("um/px", "um/px: the tiles' pixel size"))
+              if name in shown]
+    out.print(view, markup=False, highlight=False)
+    out.print("; ".join(legend), markup=False, highlight=False)
     out.print(f"{len(report.results)} slides: {report.count('tiled')} tiled ({report.tiles_added} tiles added), "
               f"{report.count('empty')} empty, {report.count('done')} already in the table, "
-              f"{report.count('skipped')} skipped; {report.seconds:.1f} s", soft_wrap=True)
+              f"{report.count('skipped')} skipped; {report.seconds:.1f} s", markup=False, highlight=False)
     for r in report.results:  # why: one line each
         if r.status in ("empty", "skipped") or (r.status == "tiled" and r.reason):
             word = "skipped" if r.status == "skipped" else "warning:"

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from cytoretrieve.cli import options
+from cytoretrieve.cli.messages import incomplete_tables
 from cytoretrieve.queries.knn import votes_help
 
 
@@ -70,6 +71,7 @@ def transfer(
     vote: Annotated[str, typer.Option("--vote", help=f"{votes_help()}.")] = "majority",
     temperature: Annotated[float, typer.Option("--temperature", help="T of the weighted vote.")] = 0.07,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the cross-validation folds.")] = 0,
+    labels: options.Labels = "stored",
     json_out: options.JsonOut = None,
 ) -> None:
     """Cross-dataset transfer, as in the paper (Table 3): fit k-NN on support tables, evaluate on a target table.
@@ -99,8 +101,9 @@ def transfer(
     target_table = st.open(target)
     check_fingerprints([*opened.values(), target_table])  # every column at once: one error names them all
     groups = [[opened[name] for name in spec] for spec in specs]
-    results = [run_transfer(group, target_table, k, ks=k_values, folds=folds, vote=vote, temperature=temperature,
-                            seed=seed) for group in groups]
+    with incomplete_tables(store, [*opened, target]):
+        results = [run_transfer(group, target_table, k, ks=k_values, folds=folds, vote=vote, temperature=temperature,
+                                seed=seed, labels=labels) for group in groups]
     columns = _column_names(groups)
 
     first = results[0]
@@ -120,6 +123,8 @@ def transfer(
             (tn, fp), (fn, tp) = r.confusion
             line += f"; confusion TN {tn} FP {fp} FN {fn} TP {tp}"
         console.print(line, soft_wrap=True)
+    reviews = ", ".join(f"{name} {n}" for name, n in first.reviewed_rows.items())
+    console.print(f"{first.labels} labels; rows carrying a review: {reviews}", soft_wrap=True)
     if first.n_target_unlabelled:
         console.print(f"{target}: {first.n_target_unlabelled} rows without a binary label left out", soft_wrap=True)
 

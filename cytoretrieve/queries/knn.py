@@ -18,6 +18,7 @@ call it. Light to import (numpy; FAISS is loaded by the searches), so the CLI li
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -57,6 +58,8 @@ class ClassifyResult:
     n_test: int
     n_unlabelled: int = 0
     weighted_f1_runs: list[float] = field(default_factory=list)  # at k*, one per split: for paired comparisons
+    labels: str = "stored"  # stored or reviewed (`queries.labels`) ...
+    reviewed_rows: int = 0  # ... and how many of the table's rows carry a review
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict with the same numbers as the attributes."""
@@ -92,19 +95,25 @@ def parse_ks(spec: str) -> list[int]:
 VoteFn = Callable[[np.ndarray, np.ndarray, int, float], np.ndarray]
 
 
+# the same inputs -> (n, C) class scores of the vote over all k_max neighbours (its argmax is the vote's last
+# column): how sure the vote is, for `labels suggest` (None: the vote gives no scores)
+ScoreFn = Callable[[np.ndarray, np.ndarray, int, float], np.ndarray]
+
+
 @dataclass(frozen=True)
 class Vote:
     name: str
     fn: VoteFn
     help: str  # one phrase, shown by the CLI's --vote help
+    scores: ScoreFn | None = None
 
 
 VOTES: dict[str, Vote] = {}
 
 
-def register_vote(name: str, fn: VoteFn, help: str) -> Vote:
+def register_vote(name: str, fn: VoteFn, help: str, scores: ScoreFn | None = None) -> Vote:
     """Add (or replace) the vote `name`; returns its record."""
-    VOTES[name] = Vote(name, fn, help)
+    VOTES[name] = Vote(name, fn, help, scores)
     return VOTES[name]
 
 
@@ -135,8 +144,32 @@ def _weighted(codes: np.ndarray, sims: np.ndarray, n_classes: int, temperature: 
     return cumulative_scores(codes, np.exp(shifted), n_classes).argmax(axis=2)
 
 
-register_vote("majority", _majority, "one vote per neighbour")
-register_vote("weighted", _weighted, "DINO, each neighbour votes exp(sim/T)")
+def _majority_scores(codes: np.ndarray, sims: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
+    return cumulative_scores(codes, np.ones_like(sims), n_classes)[:, -1]
+
+
+def _weighted_scores(codes: np.ndarray, sims: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
+    shifted = (sims - sims.max(axis=1, keepdims=True)) / temperature
+    return cumulative_scores(codes, np.exp(shifted), n_classes)[:, -1]
+
+
+register_vote("majority", _majority, "one vote per neighbour", _majority_scores)
+register_vote("weighted", _weighted, "DINO, each neighbour votes exp(sim/T)", _weighted_scores)
+
+
+def vote_margin(neighbour_codes: np.ndarray, sims: np.ndarray, n_classes: int, vote: str,
+                temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(winning class code, margin) per query of the vote over all its neighbours: margin = the winner's share of
+    the vote minus the runner-up's (0 = a tie, 1 = unanimous), by the vote's `scores`."""
+    _check_vote(vote, temperature)
+    if VOTES[vote].scores is None:
+        raise CytoError(f"vote {vote!r} gives no scores, so no margin: use one of "
+                        f"{', '.join(v.name for v in VOTES.values() if v.scores)}")
+    scores = VOTES[vote].scores(np.asarray(neighbour_codes, np.int64), np.asarray(sims, np.float64), n_classes,
+                                temperature)
+    share = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-300)
+    top2 = -np.sort(-share, axis=1)[:, :2] if n_classes > 1 else np.c_[share, np.zeros(len(share))]
+    return share.argmax(axis=1), top2[:, 0] - top2[:, 1]
 
 
 def _check_vote(vote: str, temperature: float) -> None:
@@ -352,11 +385,28 @@ def majority_label(neighbours: Sequence[tuple[str, float]]) -> str:
     return classes[int(vote_all_k(codes, sims, len(classes), "majority", 0.07)[0, -1])]
 
 
-def classify_table(table, **kwargs) -> ClassifyResult:  # noqa: ANN001 - a store.VectorTable; kept untyped to stay light
-    """`classify` over a store table's vectors and labels, with the class order and binary mapping it records."""
+def tied_labels(neighbours: Sequence[tuple[str, float]]) -> list[str]:
+    """The labels that share the most votes among (label, similarity) neighbours: one label when a majority (or
+    plurality) leads, several when they tie, the one `majority_label` picks by its tie rule first."""
+    counts = Counter(label for label, _ in neighbours)
+    if not counts:
+        return []
+    top = max(counts.values())
+    tied = [label for label, n in counts.items() if n == top]
+    if len(tied) == 1:
+        return tied
+    pick = majority_label(neighbours)
+    summed = {label: sum(s for lab, s in neighbours if lab == label) for label in tied}
+    return sorted(tied, key=lambda label: (label != pick, -summed[label]))
+
+
+def classify_table(table, labels: str = "stored", **kwargs) -> ClassifyResult:  # noqa: ANN001 - a store.VectorTable
+    """`classify` over a store table's vectors and labels (`labels`: stored or reviewed, see `queries.labels`), with
+    the class order and binary mapping it records."""
+    from cytoretrieve.queries.labels import labelled_vectors
     from cytoretrieve.store.tables import require_unique
 
-    vectors, meta = table.vectors(["id", "label"])
+    vectors, meta, used = labelled_vectors(table, ["id", "label"], labels)
     require_unique(table.name, meta.column("id"))
     labels = meta.column("label").to_pylist()
     label_map = table.labels or {}
@@ -366,4 +416,6 @@ def classify_table(table, **kwargs) -> ClassifyResult:  # noqa: ANN001 - a store
         classes += sorted(c for c in present - set(classes) if c)
     mapping = label_map.get("binary")
     binary = {c: mapping.get(c) for c in classes or sorted(c for c in present if c)} if mapping else None
-    return classify(vectors, labels, classes=classes, binary=binary, **kwargs)
+    result = classify(vectors, labels, classes=classes, binary=binary, **kwargs)
+    result.labels, result.reviewed_rows = used.labels, used.reviewed_rows
+    return result

@@ -4,11 +4,20 @@ The query image may be a file, raw bytes (an upload: decoded here under a pixel 
 user error, not a crash) or a PIL image. The backbone of each table is built once per process and kept
 (`BACKBONE_CACHE` of them), so a long-lived server embeds an upload without rebuilding its model. Filters are the
 SQL `where` of the table's columns, or structured `Filters` turned into one (values quoted, never raw SQL).
+
+A cosine similarity alone says little (a random backbone gives 0.99 to every pair), so each hit also carries its
+**percentile**: where its similarity falls among the similarities of the table's rows to their own nearest
+neighbour (up to `SCALE_SAMPLE` rows sampled, computed once per table version and cached beside the index as
+`<table>.nnsim.json`). 50 means "as close as a typical stored row is to its nearest neighbour", 95 "closer than
+95% of those", 5 "further apart than nearly every such pair". Ties among the neighbours' labels are reported as
+ties (`SearchResult.tied`), never as a majority.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import threading
 import warnings
 from collections import Counter, OrderedDict
@@ -22,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import parse_tile_id
-from cytoretrieve.queries.knn import majority_label
+from cytoretrieve.queries.knn import majority_label, tied_labels
 from cytoretrieve.store.ann import l2_normalise
 from cytoretrieve.store.filters import Filters
 from cytoretrieve.store.index import ROW_COLUMNS, TableIndex, table_index
@@ -34,6 +43,7 @@ if TYPE_CHECKING:
 HIT_COLUMNS = ROW_COLUMNS  # a hit's metadata: the columns a table's index keeps beside it
 MAX_PIXELS = 50_000_000  # a query image larger than this (w x h) is refused: PIL's decompression-bomb guard
 BACKBONE_CACHE = 4  # backbones kept built per process (one per table fingerprint)
+SCALE_SAMPLE = 2000  # rows whose nearest-neighbour similarity makes a table's similarity scale
 
 
 class UnknownRow(CytoError):
@@ -56,6 +66,7 @@ class Hit:
     dataset: str | None = None
     tile_size: int | None = None
     side: int | None = None  # tiles: the tile's level-0 side (from its id), for drawing it on its slide
+    percentile: float | None = None  # the score's percentile among the table's nearest-neighbour similarities
 
     def __post_init__(self) -> None:
         parsed = parse_tile_id(self.id) if self.slide is not None else None
@@ -82,6 +93,12 @@ class SearchResult:
     majority_label: str | None
     query_id: str | None = None
     where: str | None = None
+    tied: list[str] | None = None  # labels sharing the most votes, best first; more than one = a tie, no majority
+
+    @property
+    def is_tie(self) -> bool:
+        """True when several labels share the most votes (then `majority_label` is only the tie rule's pick)."""
+        return bool(self.tied) and len(self.tied) > 1
 
     def label_counts(self) -> dict[str, int]:
         """How many hits carry each label, most common first (unlabelled hits under "(none)")."""
@@ -238,8 +255,78 @@ def search(
         pairs = [(float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key != -1 and key != exclude][:k]
         rows = _hit_rows(table, index, [key for _, key in pairs])
         hits = [Hit(score=s, **rows[key]) for s, key in pairs if key in rows]
+    scale = similarity_scale(table, index)
+    for h in hits:
+        h.percentile = percentile_of(scale, h.score)
     labelled = [(h.label, h.score) for h in hits if h.label is not None]
-    return SearchResult(table.name, label, hits, majority_label(labelled) if labelled else None, row_id, where)
+    return SearchResult(table.name, label, hits, majority_label(labelled) if labelled else None, row_id, where,
+                        tied_labels(labelled) if labelled else None)
+
+
+_SCALES: dict[tuple[str, str, int], np.ndarray] = {}
+_SCALES_LOCK = threading.Lock()
+
+
+def _scale_path(table: VectorTable) -> Path:
+    return table.store.index_dir() / f"{table.name}.nnsim.json"
+
+
+def similarity_scale(table: VectorTable, index: TableIndex) -> np.ndarray | None:
+    """The 101 percentiles (0..100) of the table's nearest-neighbour similarities: for up to `SCALE_SAMPLE` rows
+    drawn with a fixed seed, the cosine similarity to the most similar other row. Computed once per table version
+    (kept in memory and in `<table>.nnsim.json` beside the index); None for a table of fewer than 3 rows."""
+    version = table.version
+    key = (table.store.uri, table.name, version)
+    with _SCALES_LOCK:
+        if key in _SCALES:
+            return _SCALES[key]
+    path = _scale_path(table)
+    scale: np.ndarray | None = None
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("version") == version and len(saved.get("percentiles", [])) == 101:
+            scale = np.asarray(saved["percentiles"], dtype=np.float64)
+    except (OSError, ValueError):
+        pass
+    if scale is None:
+        scale = _compute_scale(table, index)
+        if scale is None:
+            return None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({"version": version, "sample": min(SCALE_SAMPLE, index.rows),
+                                       "percentiles": [round(float(v), 6) for v in scale]}))
+            os.replace(tmp, path)
+        except OSError:  # a read-only store: the scale stays in memory only
+            tmp.unlink(missing_ok=True)
+    with _SCALES_LOCK:
+        _SCALES[key] = scale
+    return scale
+
+
+def _compute_scale(table: VectorTable, index: TableIndex) -> np.ndarray | None:
+    rows = table.scan(["key"], row_id=True).read_all()
+    if rows.num_rows < 3:
+        return None
+    pick = np.sort(np.random.default_rng(0).choice(rows.num_rows, min(SCALE_SAMPLE, rows.num_rows), replace=False))
+    row_ids = rows.column("_rowid").to_numpy()[pick]
+    keys = rows.column("key").to_numpy()[pick]
+    order = np.argsort(row_ids, kind="stable")  # take_vectors answers in ascending row-id order
+    vectors = l2_normalise(table.take_vectors(row_ids[order]))
+    scores, found = index.search(vectors, 2)
+    own = keys[order][:, None]
+    best = np.where((found != own) & (found != -1), scores, -np.inf).max(axis=1)
+    best = best[np.isfinite(best)]
+    return np.percentile(best, np.arange(101)) if len(best) else None
+
+
+def percentile_of(scale: np.ndarray | None, score: float) -> float | None:
+    """`score`'s percentile (0-100) on a table's similarity scale (None without one)."""
+    if scale is None:
+        return None
+    lo = np.searchsorted(scale, score, side="left")
+    hi = np.searchsorted(scale, score, side="right")
+    return float(np.clip((lo + hi) / 2, 0, 100))
 
 
 def query_picture(table: VectorTable, *, image: str | Path | bytes | Image.Image | None = None,

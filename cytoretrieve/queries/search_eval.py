@@ -58,6 +58,8 @@ class SearchEvaluation:
     mv_k: int
     exclusion: str  # what was left out of each query's hits, in words
     evaluations: list[LabelEvaluation] = field(default_factory=list)
+    labels: str = "stored"  # stored or reviewed (`queries.labels`) ...
+    reviewed_rows: int = 0  # ... and how many of the table's rows carry a review
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,16 +150,19 @@ def _kind_codes(values: Sequence[Any], kind: str, order: Sequence[str]) -> tuple
     return np.array([lookup[v] for v in named if v is not None], dtype=np.int64), names, mask
 
 
-def evaluate_search(table: VectorTable, ks: Sequence[int] = DEFAULT_KS) -> SearchEvaluation:
-    """Leave-one-out top-k accuracy and mMV@max(ks) of the table's labelled rows, for labels and binary classes."""
+def evaluate_search(table: VectorTable, ks: Sequence[int] = DEFAULT_KS, labels: str = "stored") -> SearchEvaluation:
+    """Leave-one-out top-k accuracy and mMV@max(ks) of the table's labelled rows, for labels and binary classes
+    (`labels`: the stored or the reviewed ones, see `queries.labels`)."""
+    from cytoretrieve.queries.labels import labelled_vectors
+
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise CytoError(f"`k` values must be at least 1, not {ks}")
-    vectors, meta_table = table.vectors(["key", "label", "binary", "group", "slide"])
+    vectors, meta_table, used = labelled_vectors(table, ["key", "label", "binary", "group", "slide"], labels)
     meta = {c: np.array(meta_table.column(c).to_pylist(), dtype=object) for c in meta_table.column_names}
     groups, exclusion = _groups(meta)
     order = (table.labels or {}).get("classes", [])
-    result = SearchEvaluation(table.name, ks, ks[-1], exclusion)
+    result = SearchEvaluation(table.name, ks, ks[-1], exclusion, labels=used.labels, reviewed_rows=used.reviewed_rows)
     for kind in ("label", "binary"):
         codes, names, mask = _kind_codes(list(meta[kind]), kind, order)
         if len(names) < 2 or mask.sum() < 2:

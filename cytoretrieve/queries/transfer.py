@@ -14,7 +14,7 @@ No image is opened and no model is loaded; every table must hold vectors of one 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,6 +68,8 @@ class TransferResult:
     f1: float | None
     balanced_accuracy: float | None
     confusion: list[list[int]] | None
+    labels: str = "stored"  # stored or reviewed (`queries.labels`), for support and target alike ...
+    reviewed_rows: dict[str, int] = field(default_factory=dict)  # ... and each table's rows carrying a review
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict with the same numbers as the attributes."""
@@ -84,11 +86,13 @@ def check_fingerprints(tables: Sequence[VectorTable]) -> str:
     return next(iter(prints))
 
 
-def binary_vectors(table: VectorTable) -> tuple[np.ndarray, np.ndarray, int]:
-    """(vectors, binary code 0/1 per row, number of rows left out because their `binary` is null)."""
+def binary_vectors(table: VectorTable, labels: str = "stored") -> tuple[np.ndarray, np.ndarray, int]:
+    """(vectors, binary code 0/1 per row, number of rows left out because their `binary` is null), under `labels`
+    (stored or reviewed)."""
+    from cytoretrieve.queries.labels import labelled_vectors
     from cytoretrieve.store.tables import require_unique
 
-    vectors, meta = table.vectors(["id", "binary"])
+    vectors, meta, _ = labelled_vectors(table, ["id", "binary"], labels)
     require_unique(table.name, meta.column("id"))
     binary = meta.column("binary").to_pylist()
     keep = np.array([b is not None for b in binary], dtype=bool)
@@ -146,9 +150,13 @@ def _ratio(num: int, den: int) -> float:
 
 def transfer(support: Sequence[VectorTable], target: VectorTable, k: int | None = None, *,
              ks: Sequence[int] | None = None, folds: int = DEFAULT_FOLDS, vote: str = "majority",
-             temperature: float = 0.07, seed: int = 0) -> TransferResult:
-    """k-NN fitted on the merged binary labels of `support`, evaluated on `target` (see the module docstring)."""
+             temperature: float = 0.07, seed: int = 0, labels: str = "stored") -> TransferResult:
+    """k-NN fitted on the merged binary labels of `support`, evaluated on `target` (see the module docstring);
+    `labels`: the stored or the reviewed labels (`queries.labels`) of every table."""
+    from cytoretrieve.queries.labels import check_labels, reviewed_count
+
     _check_vote(vote, temperature)
+    check_labels(labels)
     if not support:
         raise CytoError("give at least one support table")
     names = [t.name for t in support]
@@ -159,7 +167,7 @@ def transfer(support: Sequence[VectorTable], target: VectorTable, k: int | None 
                         "(use `cytoretrieve classify` to evaluate a table on itself)")
     fingerprint = check_fingerprints([*support, target])
 
-    parts = [binary_vectors(t) for t in support]
+    parts = [binary_vectors(t, labels) for t in support]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     n_pos = int(y.sum())
@@ -168,7 +176,7 @@ def transfer(support: Sequence[VectorTable], target: VectorTable, k: int | None 
         raise CytoError(f"the support ({'+'.join(names)}) has no {missing} vectors with a binary label; "
                         "k-NN transfer needs both")
 
-    tx, ty, t_unlabelled = binary_vectors(target)
+    tx, ty, t_unlabelled = binary_vectors(target, labels)
     if len(ty) == 0:
         raise CytoError(f"target table '{target.name}' has no binary labels (every row's binary is null): "
                         "nothing to measure; embed it with a label map giving positives and negatives")
@@ -204,5 +212,6 @@ def transfer(support: Sequence[VectorTable], target: VectorTable, k: int | None 
         n_support=len(y), n_support_positive=n_pos, n_support_unlabelled=sum(p[2] for p in parts),
         n_target=len(ty), n_target_positive=t_pos, n_target_unlabelled=t_unlabelled,
         positives_only=positives_only, sensitivity=sensitivity, specificity=specificity, f1=f1,
-        balanced_accuracy=balanced, confusion=confusion,
+        balanced_accuracy=balanced, confusion=confusion, labels=labels,
+        reviewed_rows={t.name: reviewed_count(t.store, t.name) for t in [*support, target]},
     )

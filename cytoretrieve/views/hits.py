@@ -24,12 +24,32 @@ def hex_color(rgb: Sequence[int]) -> str:
 
 def caption(hit: Hit, rank: int) -> list[str]:
     """Caption lines under a hit's picture: rank + similarity, label + binary class, and where it comes from."""
-    lines = [f"#{rank}  sim {hit.score:.3f}", f"{hit.label or '(no label)'} - {hit.binary_name}"]
+    lines = [f"#{rank}  sim {hit.score:.4f}{percentile_words(hit)}", f"{hit.label or '(no label)'} - {hit.binary_name}"]
     if hit.slide is not None:
-        lines.append(f"{hit.slide} @ {hit.x},{hit.y}")
-    elif hit.dataset:
-        lines.append(hit.dataset)
+        lines += [hit.slide, f"at x {hit.x}, y {hit.y}"]
+    else:
+        lines.append(hit.id)
     return lines
+
+
+def percentile_words(hit: Hit) -> str:
+    """" (pct 62)": the similarity's percentile among the table's nearest-neighbour similarities ("" without)."""
+    return "" if hit.percentile is None else f" (pct {hit.percentile:.0f})"
+
+
+SIMILARITY_MEANING = ("pct: the similarity's percentile among the table's nearest-neighbour similarities "
+                      "(50 = as close as a typical stored row to its own nearest neighbour)")
+
+
+def majority_words(result: SearchResult) -> str | None:
+    """The neighbours' vote in words: "majority CIS (4 of 5)", or "no majority: LD, MD, SD tied (1 each)" for a
+    tie; None when no hit is labelled."""
+    if result.majority_label is None:
+        return None
+    counts = result.label_counts()
+    if result.is_tie:
+        return f"no majority: {', '.join(result.tied or [])} tied ({counts[result.majority_label]} each)"
+    return f"majority {result.majority_label} ({counts[result.majority_label]} of {len(result.hits)})"
 
 
 def counts_line(result: SearchResult) -> str:

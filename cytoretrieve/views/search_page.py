@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cytoretrieve.views.hits import BINARY_COLORS, counts_line, hex_color
+from cytoretrieve.views.hits import (
+    BINARY_COLORS,
+    SIMILARITY_MEANING,
+    counts_line,
+    hex_color,
+    majority_words,
+    percentile_words,
+)
 
 if TYPE_CHECKING:
     from cytoretrieve.queries.search import Hit, SearchResult
@@ -47,7 +54,7 @@ def _hit_card(rank: int, hit: Hit, thumb: bytes | None) -> str:
     e = html.escape
     where = (f"{e(hit.slide)} @ {hit.x}, {hit.y}" if hit.slide is not None else e(hit.group or ""))
     return (f'<div class="hit" data-id="{e(hit.id)}">{_img(thumb, hit.id)}'
-            f"<div><b>#{rank}</b> similarity <b>{hit.score:.3f}</b></div>"
+            f"<div><b>#{rank}</b> similarity <b>{hit.score:.3f}</b>{e(percentile_words(hit))}</div>"
             f"<div><b>{e(hit.label or '(no label)')}</b> {_pill(hit.binary_name)}</div>"
             f'<div class="muted">{e(hit.dataset or "")} {where}</div><div class="id">{e(hit.id)}</div></div>')
 
@@ -56,14 +63,17 @@ def render_search_page(result: SearchResult, thumbnails: Mapping[str, bytes], qu
     """The page's HTML text; `thumbnails` {hit id: JPEG}, `query_picture` a JPEG of the query (or None)."""
     e = html.escape
     cards = "\n".join(_hit_card(r, h, thumbnails.get(h.id)) for r, h in enumerate(result.hits, 1))
-    majority = f" — majority <b>{e(result.majority_label)}</b>" if result.majority_label else ""
+    words = majority_words(result)
+    majority = f" — <b>{e(words)}</b>" if words else ""
+    meaning = (f'<div class="muted">{e(SIMILARITY_MEANING)}</div>'
+               if any(h.percentile is not None for h in result.hits) else "")
     filt = f'<div class="muted">filter: {e(result.where)}</div>' if result.where else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cytoretrieve search: {e(result.query)}</title>
 <style>{STYLE}</style></head><body>
 <h1>{len(result.hits)} nearest in <code>{e(result.table)}</code></h1>
 <div class="query">{_img(query_picture, "query")}<div><div>query: <b>{e(result.query)}</b></div>{filt}</div></div>
-<div class="counts">neighbours' labels: {e(counts_line(result))}{majority}</div>
+<div class="counts">neighbours' labels: {e(counts_line(result))}{majority}</div>{meaning}
 <div class="grid">
 {cards}
 </div></body></html>

@@ -106,7 +106,7 @@ def test_cli_writes_html_png_and_json_to_a_path(store: Store, tmp_path: Path, ca
               "--png", str(out / "s.png"), "--json", str(out / "r.json")])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "majority label" in printed and "wrote" in printed
+    assert "neighbours' labels:" in printed and "majority" in printed and "wrote" in printed
     data = json.loads((out / "r.json").read_text())
     assert len(data["hits"]) == 6 and sum(data["label_counts"].values()) == 6 and data["query_id"] == QUERY
     page = (out / "h.html").read_text()

@@ -232,9 +232,17 @@ class Positives:
         return Positives(self.vectors[keep], [s for s, k in zip(self.slides, keep) if k])
 
 
-def load_positives(table: VectorTable) -> Positives:
-    """The binary = 1 rows of an annotation (or any) vector table, with their slide (else group) column."""
-    x, meta = table.vectors(["slide", "group"], where="binary = 1")
+def load_positives(table: VectorTable, labels: str = "stored") -> Positives:
+    """The binary = 1 rows of an annotation (or any) vector table, with their slide (else group) column; `labels`:
+    the stored or the reviewed binary labels (`queries.labels`)."""
+    if labels == "stored":
+        x, meta = table.vectors(["slide", "group"], where="binary = 1")
+    else:
+        from cytoretrieve.queries.labels import labelled_vectors
+
+        x, meta, _ = labelled_vectors(table, ["slide", "group", "binary"], labels)
+        keep = np.array([b == 1 for b in meta.column("binary").to_pylist()], dtype=bool)
+        x, meta = x[keep], meta.filter(keep)
     if not len(x):
         raise CytoError(f"table '{table.name}' has no positive rows (binary = 1)")
     slides = [s if s is not None else g for s, g in zip(meta.column("slide").to_pylist(), meta.column("group").to_pylist())]

@@ -30,11 +30,13 @@ class Scored(NamedTuple):
 def score_table(store: Store | str | Path, tiles: str, labels: str | Path, split: Split | str | Path,
                 method: str = DEFAULT_METHOD, *, group_column: str = "slide", train_config: Any = None,  # noqa: ANN401
                 retrieval_config: Any = None, positives_table: str | None = None,  # noqa: ANN401
-                stream: bool | None = None) -> Scored:
+                stream: bool | None = None, row_labels: str = "stored") -> Scored:
     """Bags of table `tiles` (grouped by `group_column`, labelled by the labels CSV `labels`), cross-validated
     with `method` (a name of `methods.METHODS`) over `split` (a split file path or a `Split`). `positives_table`:
     annotated cells / tiles (rows with binary = 1, same backbone) for a method that scores against them and for
-    positive-bag augmentation. `stream`: see `load_bags` (None: hold the bags in memory when they fit)."""
+    positive-bag augmentation. `stream`: see `load_bags` (None: hold the bags in memory when they fit).
+    `row_labels`: the stored or the reviewed labels of the rows (`queries.labels`; `labels` is the slide labels
+    file): which of `positives_table`'s rows are positive."""
     from cytoretrieve.queries.mil.bags import load_bags, load_positives
     from cytoretrieve.sources.cohort.split import load_split
     from cytoretrieve.store.tables import Store
@@ -59,11 +61,19 @@ def score_table(store: Store | str | Path, tiles: str, labels: str | Path, split
             raise CytoError(f"tables '{tiles}' and '{positives_table}' hold vectors of different backbones "
                             f"({table.meta['backbone'].get('arch')} {table.fingerprint[:12]} vs "
                             f"{pt.meta['backbone'].get('arch')} {pt.fingerprint[:12]})")
-        positives = load_positives(pt)
+        positives = load_positives(pt, row_labels)
     bags = load_bags(table, labels, group_column=group_column, stream=stream)
     result = cross_validate(bags, split, method, train_config=train_config, retrieval_config=retrieval_config,
                             positives=positives)
     result.notes = bags.notes + result.notes
+    if positives_table:
+        from cytoretrieve.queries.labels import check_labels, reviewed_count
+
+        used = {"labels": check_labels(row_labels), "table": positives_table,
+                "reviewed_rows": reviewed_count(st, positives_table), "positives": len(positives.vectors)}
+        result.config["positives_labels"] = used
+        result.notes.append(f"positives: {used['positives']} rows of {positives_table} by their {row_labels} labels "
+                            f"({used['reviewed_rows']} row(s) carry a review)")
     return Scored(result, bags, table)
 
 
