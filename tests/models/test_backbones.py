@@ -14,9 +14,9 @@ import timm
 import torch
 from PIL import Image
 
+from cytoretrieve.errors import CytoError
 from cytoretrieve.models import backbones
 from cytoretrieve.models.backbones import Backbone, backbone_from_metadata, fingerprint, load_backbone
-from cytoretrieve.errors import CytoError
 from cytoretrieve.models.preprocess import Preprocessing
 from cytoretrieve.runtime import resolve_device
 
@@ -350,8 +350,8 @@ def test_resolve_device() -> None:
 
 def test_one_device_resolver_and_worker_rule_for_every_job(monkeypatch) -> None:
     from cytoretrieve import runtime
-    from cytoretrieve.jobs import embed
     from cytoretrieve.distributed import setup
+    from cytoretrieve.jobs import embed
     from cytoretrieve.queries.mil import train as mil_train
 
     assert mil_train.resolve_device is runtime.resolve_device is embed.resolve_device

@@ -14,11 +14,11 @@ import timm
 import torch
 from PIL import Image
 
+from cytoretrieve.cli import run
+from cytoretrieve.errors import CytoError
 from cytoretrieve.models import backbones, foundation
 from cytoretrieve.models.backbones import backbone_from_metadata, load_backbone
 from helpers.cli_lines import one_line_exit_2
-from cytoretrieve.cli import run
-from cytoretrieve.errors import CytoError
 from helpers.paths import README
 
 MEAN, STD = (0.7, 0.6, 0.7), (0.2, 0.25, 0.15)  # not ImageNet's: they can only come from config.json
@@ -99,7 +99,6 @@ def test_registry_names_the_kwargs_of_the_models_cards() -> None:
 
 
 def test_readme_table_lists_the_registry(tmp_path) -> None:
-    from pathlib import Path
 
     readme = README.read_text()
     for entry in foundation.REGISTRY.values():

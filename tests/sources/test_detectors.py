@@ -150,6 +150,36 @@ def test_point_detector_trains_saves_loads_same_predictions(tmp_path: Path) -> N
         load(path, no_such_setting=1)
 
 
+def test_point_detector_options_deeper_net_contrast_channel_bce_flips(tmp_path: Path) -> None:
+    """Four levels, a local-contrast second channel, cross-entropy and averaged flips: trains, keeps its settings
+    through a file, and the flip-averaged map is symmetric under a flip of the field."""
+    torch = pytest.importorskip("torch")
+    from cytoretrieve.sources.slides.detectors.learned import HeatNet, PointSettings, load, train_point_detector
+
+    torch.set_num_threads(1)
+    mpp = 0.5
+    image = draw_field(mpp)
+    kwargs = dict(steps=3, batch=2, patch_px=64, widths=(4, 8, 8, 8), seed=1, tune_threshold=False, threshold=0.3,
+                  contrast_um=4.0, loss="bce", tta=True, sigma_um=2.5)
+    detector = train_point_detector([(image, truth_px(mpp), mpp)], **kwargs)
+    assert detector.net.enc0[0].in_channels == 2 and detector.net.levels == 4
+    odd = darkness(image)[:250, :246]  # sides not multiples of 8: padded inside
+    assert detector.heat_map(odd).shape == odd.shape
+    od = darkness(image)[:256, :248]
+    heat = detector.heat_map(od)
+    assert heat.shape == od.shape and np.all((heat >= 0) & (heat <= 1))
+    np.testing.assert_allclose(detector.heat_map(od[:, ::-1].copy())[:, ::-1], heat, atol=1e-5)
+    loaded = load(detector.save(tmp_path / "deep.pt"))
+    assert loaded.params == detector.params
+    np.testing.assert_array_equal(loaded.heat_map(od), heat)
+    np.testing.assert_array_equal(loaded(image, mpp).xy, detector(image, mpp).xy)
+    assert sum(p.numel() for p in HeatNet((16, 32, 48, 64)).parameters()) < 300_000  # about 1 MB of float32
+    with pytest.raises(ValueError):
+        train_point_detector([(image, truth_px(mpp), mpp)], **{**kwargs, "loss": "l1"})
+    with pytest.raises(ValueError):
+        PointSettings(widths=(8,)).validate()
+
+
 def test_registry_returns_a_registered_toy_detector() -> None:
     class Toy:
         name = "toy"

@@ -5,14 +5,18 @@ around each point, 0 elsewhere. Everything happens at a fixed working resolution
 scans of any pixel size, and on the same darkness map as the classic detector (`darkness`: optical density
 against the glass), so grey and RGB fields look alike to it.
 
-- **model**: a three-level U-Net of 3x3 convolutions (`widths` channels; tens of thousands of weights), which sees
-  about 20 um around each pixel: enough to tell a nucleus from a fold or a speck by its shape and surroundings;
+- **model**: a U-Net of 3x3 convolutions, one level per entry of `widths` (three by default; tens of thousands of
+  weights), which sees about 20 um around each pixel: enough to tell a nucleus from a fold or a speck by its shape
+  and surroundings; its input is the darkness, plus with `contrast_um` > 0 a second channel of local contrast
+  (the darkness minus its blur at that scale);
 - **training** (`train_point_detector`): random `patch_px` crops with flips, 90-degree turns, brightness /
-  contrast changes of the darkness, blur and noise; a weighted squared error (pixels near a point weigh more, so
-  the few positives are not drowned by the background); Adam with a cosine schedule; one torch thread, seeded;
-- **detection**: local maxima of the predicted map at least `min_separation_um` apart and at least `threshold`
-  high (the threshold with the best F1 on the training fields unless given) are the nuclei; `confidence` is the
-  map's value there; area, darkness and the cell around it are measured as the classic detector measures its
+  contrast changes of the darkness, blur and noise; a weighted squared error (`loss="mse"`) or cross-entropy
+  (`"bce"`), pixels near a point weighing more so the few positives are not drowned by the background; Adam with a
+  one-cycle schedule; one torch thread, seeded;
+- **detection**: the predicted map (with `tta`, the mean of the maps of the field's eight flips and turns: eight
+  times the work); its local maxima at least `min_separation_um` apart and at least `threshold` high (the
+  threshold with the best F1 on the training fields unless given) are the nuclei; `confidence` is the map's value
+  there; area, darkness and the cell around it are measured as the classic detector measures its
   regions (watershed on the background-removed darkness, from these seeds);
 - **file** (`save` / `load`): one torch file with the weights, the settings, the working mpp, a JSON-able record
   of the training data (names, counts of fields and points) and the library versions.
@@ -53,7 +57,7 @@ class PointSettings:
     """Settings of the point-trained detector (training and detection); lengths in um."""
 
     work_mpp: float = 0.75
-    sigma_um: float = 1.5
+    sigma_um: float = 2.5  # chosen on 15 held-out Cervix93 training fields (BENCHMARKS.md, "Cells")
     widths: tuple[int, ...] = (16, 32, 48)
     patch_px: int = 96
     batch: int = 8
@@ -316,7 +320,7 @@ Sample = tuple[np.ndarray, np.ndarray, float]  # image, points (n, 2) x y in its
 
 def choose_threshold(detector: PointDetector, samples: Sequence[Sample], grid: Sequence[float] | None = None) -> tuple[float, Counts]:
     """The map threshold with the best F1 on `samples` (matched within `match_radius_um`), and its counts."""
-    grid = list(grid or np.round(np.arange(0.15, 0.86, 0.05), 2))
+    grid = list(grid or np.round(np.arange(0.15, 0.96, 0.05), 2))
     totals = {t: Counts() for t in grid}
     for image, points, mpp in samples:
         od, scale = to_working(darkness(image), _check_mpp(mpp), detector.params.work_mpp)
