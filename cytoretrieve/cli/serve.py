@@ -17,6 +17,8 @@ def serve(
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve a non-loopback address without a token (anyone who can reach it can search).")] = False,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest accepted upload.")] = 20.0,
     device: options.Device = "cpu",
+    read_only: Annotated[bool, typer.Option("--read-only", help="Refuse every write (labels cannot be recorded).")] = False,
+    tile_quality: Annotated[int, typer.Option("--tile-quality", min=1, max=95, help="JPEG quality of the slide viewer's tiles.")] = 80,
 ) -> None:
     """Open the similar-cell viewer in a browser: pick a table, drop a cell image or click a stored cell, see its
     nearest labelled cells with their pictures, filter them, see tile hits on their slide, export CSV / GeoJSON.
@@ -25,11 +27,15 @@ def serve(
     """
     import uvicorn
 
+    from cytoretrieve.sources.slides.backends import open_slide_file
+    from cytoretrieve.sources.slides.reader import SlideReader
     from cytoretrieve.views.web.app import create_app
     from cytoretrieve.views.web.security import resolve_token
 
     required = resolve_token(host, token, no_auth)
-    app = create_app(store, token=required, max_upload_bytes=int(max_upload_mb * 2**20), device=device)
+    app = create_app(store, token=required, max_upload_bytes=int(max_upload_mb * 2**20), device=device,
+                     read_only=read_only, reader=SlideReader().read_row,  # tiles open large from their slide
+                     slide_opener=open_slide_file, tile_quality=tile_quality)  # the slide viewer's Deep Zoom tiles
     shown = f"[{host}]" if ":" in host else host
     suffix = f"/?token={required}" if required else "/"
     typer.echo(f"cytoretrieve viewer on http://{shown}:{port}{suffix}  (API: /docs; Ctrl-C stops)")

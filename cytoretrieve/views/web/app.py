@@ -26,8 +26,11 @@ from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.search import MAX_PIXELS, SearchResult
 from cytoretrieve.store.filters import Filters
+from cytoretrieve.views.web.labels_api import add_label_routes
 from cytoretrieve.views.web.security import COOKIE, token_ok
-from cytoretrieve.views.web.service import NotFound, SearchRequest, Viewer
+from cytoretrieve.views.web.service import NotFound, RowReader, SearchRequest, Viewer
+from cytoretrieve.views.web.slides import DEFAULT_QUALITY, SlideOpener, SlideTiles
+from cytoretrieve.views.web.slides_api import add_slide_routes
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -124,18 +127,39 @@ class Guard:
 
 
 def create_app(store_uri: str, *, token: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS, device: str = "cpu") -> FastAPI:
-    """The viewer app over the store at `store_uri`; `token` (when set) is required on every request."""
+               max_pixels: int = MAX_PIXELS, device: str = "cpu", read_only: bool = False,
+               reader: RowReader | None = None, slide_opener: SlideOpener | None = None,
+               tile_quality: int = DEFAULT_QUALITY) -> FastAPI:
+    """The viewer app over the store at `store_uri`; `token` (when set) is required on every request; `read_only`
+    refuses label writes. `reader` reads a tile-table row at full resolution (`SlideReader().read_row`, passed in
+    by `cli/serve.py`: views open no slide) for the large view; `slide_opener` opens a recorded slide path
+    (`open_slide_file`, passed in likewise) for the Deep Zoom routes, whose JPEG tiles have `tile_quality`."""
     from cytoretrieve.store.tables import Store
 
-    viewer = Viewer(Store(store_uri), max_pixels, device)
+    viewer = Viewer(Store(store_uri), max_pixels, device, reader)
     app = FastAPI(title="cytoretrieve viewer", version=__version__,
-                  description="Similar-cell search over a cytoretrieve store: the page at / and its JSON endpoints.")
+                  description="Similar-cell search over a cytoretrieve store: the page at / and its JSON endpoints.",
+                  docs_url=None, redoc_url=None)  # /docs is served from the vendored Swagger UI (offline)
     _install_errors(app)
     app.add_middleware(Guard, token=token, max_upload_bytes=max_upload_bytes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_routes(app, viewer, max_upload_bytes)
+    add_label_routes(app, viewer.store, read_only=read_only)
+    add_slide_routes(app, SlideTiles(viewer.store, slide_opener, quality=tile_quality))
+    _add_docs(app)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """The Swagger page from the vendored files (static/vendor/swagger-ui, see scripts/vendor_openseadragon.sh)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - API",
+                                   swagger_js_url="/static/vendor/swagger-ui/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/vendor/swagger-ui/swagger-ui.css",
+                                   swagger_favicon_url="data:,", swagger_ui_parameters={"validatorUrl": None})
 
 
 def _add_routes(app: FastAPI, viewer: Viewer, max_upload_bytes: int) -> None:
@@ -180,6 +204,11 @@ def _add_routes(app: FastAPI, viewer: Viewer, max_upload_bytes: int) -> None:
     @app.get("/api/tables/{name}/thumbnail", summary="The stored thumbnail (JPEG) of a row")
     def thumbnail(name: str, id: str) -> Response:
         return Response(viewer.thumbnail(name, id), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/tables/{name}/picture", summary="A row large (JPEG): a cell's source image, a tile read at full resolution")
+    def picture(name: str, id: str) -> Response:
+        return Response(viewer.picture(name, id), media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/overview", summary="A slide's stored overview picture (JPEG)")

@@ -7,9 +7,12 @@ table is a `NotFound`. No request names a file: tables by name, rows by id, slid
 
 from __future__ import annotations
 
+import io
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -22,6 +25,8 @@ from cytoretrieve.store.tables import Store, VectorTable
 FACET_COLUMNS = ("label", "binary", "dataset", "slide")
 MAX_K = 200
 MAX_ROWS_PAGE = 500
+LARGE_SIDE = 1024  # px: the longest side of a picture opened large
+RowReader = Callable[[dict[str, Any]], Any]  # a tile-table row -> its full-resolution PIL image (SlideReader.read_row)
 
 
 class NotFound(Exception):
@@ -42,10 +47,14 @@ class SearchRequest:
 class Viewer:
     """The store behind the web app, with small per-table-version caches (facets)."""
 
-    def __init__(self, store: Store, max_pixels: int = MAX_PIXELS, device: str = "cpu") -> None:
+    def __init__(self, store: Store, max_pixels: int = MAX_PIXELS, device: str = "cpu",
+                 reader: RowReader | None = None) -> None:
+        """`reader` reads a tile or cell crop at full resolution from its slide (passed in by `cli/serve.py`:
+        views do not open slides); without one, tiles open large as their stored thumbnail."""
         self.store = store
         self.max_pixels = max_pixels
         self.device = device
+        self.reader = reader
         self._facets: dict[tuple[str, int], dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -74,6 +83,7 @@ class Viewer:
             counts = Counter(v for v in data.column(column).to_pylist() if v is not None)
             out[column] = [{"value": v, "count": n} for v, n in sorted(counts.items(), key=lambda vn: str(vn[0]))]
         out["tiles"] = bool(out["slide"])
+        out["kind"] = table_kind(table.meta)
         with self._lock:
             self._facets = {k: v for k, v in self._facets.items() if k[0] != name}
             self._facets[key] = out
@@ -87,6 +97,7 @@ class Viewer:
         page = data.slice(max(0, offset), limit).to_pylist()
         for row in page:
             row["thumbnail"] = thumbnail_url(name, row["id"])
+            row["picture"] = picture_url(name, row["id"])
         return {"table": name, "total": data.num_rows, "offset": offset, "rows": page}
 
     def search(self, name: str, request: SearchRequest) -> SearchResult:
@@ -118,13 +129,49 @@ class Viewer:
         for rank, h in enumerate(result.hits, 1):
             hits.append({"rank": rank, "id": h.id, "score": round(h.score, 6), "label": h.label, "binary": h.binary,
                          "binary_name": h.binary_name, "dataset": h.dataset, "group": h.group, "slide": h.slide,
-                         "x": h.x, "y": h.y, "side": h.side or h.tile_size, "thumbnail": thumbnail_url(result.table, h.id)})
-        slides = sorted({h.slide for h in result.hits if h.slide is not None})
+                         "x": h.x, "y": h.y, "side": h.side or h.tile_size, "thumbnail": thumbnail_url(result.table, h.id),
+                         "picture": picture_url(result.table, h.id), "percentile": h.percentile})
+        query = self._query_place(result)
+        self._add_nuclei(result, hits, query)
+        slides = sorted({h.slide for h in result.hits if h.slide is not None} | ({query["slide"]} if query else set()))
         overviews = {s: {"url": "/api/overview?" + urlencode({"slide": s}), "width": o.width, "height": o.height}
                      for s, o in read_overviews(self.store, slides).items()}
         return {"table": result.table, "query": result.query, "query_id": result.query_id, "where": result.where,
                 "majority_label": result.majority_label, "label_counts": result.label_counts(),
-                "binary_counts": result.binary_counts(), "hits": hits, "overviews": overviews}
+                "binary_counts": result.binary_counts(), "hits": hits, "overviews": overviews,
+                "tied": result.tied, "is_tie": result.is_tie, "query_place": query}
+
+    def _add_nuclei(self, result: SearchResult, hits: list[dict[str, Any]], query: dict[str, Any] | None) -> None:
+        """Each cell hit's (and a stored query cell's) nucleus centre, level-0 px, for marking it on its slide
+        (`nucleus`: [x, y], null for tiles and cell datasets)."""
+        from cytoretrieve.views.web.slides import nuclei
+
+        wanted = [h["id"] for h in hits if h["slide"] is not None] + ([result.query_id] if query else [])
+        found = nuclei(self.store, result.table, wanted) if wanted else {}
+        for h in hits:
+            h["nucleus"] = found.get(h["id"])
+        if query is not None:
+            query["nucleus"] = found.get(result.query_id)
+
+    def _query_place(self, result: SearchResult) -> dict[str, Any] | None:
+        """Where the query row sits on its slide (slide, x, y, side), for marking it on the overview; None for an
+        upload or a cell dataset."""
+        if result.query_id is None:
+            return None
+        from cytoretrieve.store.filters import equals
+
+        try:
+            rows = self.open(result.table).read(["slide", "x", "y", "tile_size"], equals("id", result.query_id))
+        except (NotFound, CytoError):
+            return None
+        row = rows.to_pylist()[0] if rows.num_rows else None
+        if row is None or row["slide"] is None or row["x"] is None:
+            return None
+        from cytoretrieve.ids import parse_tile_id
+
+        parsed = parse_tile_id(result.query_id)
+        side = parsed[3] if parsed is not None and (parsed[1], parsed[2]) == (row["x"], row["y"]) else row["tile_size"]
+        return {"slide": row["slide"], "x": row["x"], "y": row["y"], "side": side}
 
     def thumbnail(self, name: str, row_id: str) -> bytes:
         found = thumbnails(self.open(name), [row_id]).get(row_id)
@@ -132,11 +179,69 @@ class Viewer:
             raise NotFound(f"no picture of row '{row_id}' in table '{name}'")
         return found
 
+    def picture(self, name: str, row_id: str) -> bytes:
+        """A stored row large, as JPEG: a cell dataset's source image, a tile or cell crop read at full resolution
+        from its slide. The row is looked up by id; its file comes from the table, never from the request."""
+        from PIL import Image
+
+        from cytoretrieve.store.filters import equals
+
+        table = self.open(name)
+        rows = table.read(["id", "path", "slide"], equals("id", row_id)).to_pylist()
+        if not rows:
+            raise NotFound(f"no row '{row_id}' in table '{name}'")
+        image = None
+        if rows[0]["slide"] is None and rows[0]["path"] and Path(rows[0]["path"]).is_file():
+            with Image.open(rows[0]["path"]) as im:
+                image = im.convert("RGB")
+        elif rows[0]["slide"] is not None and self.reader is not None:
+            image = self._read_crop(table, row_id)
+        if image is None:  # the source is gone (or no reader): the stored thumbnail is what there is
+            return self.thumbnail(name, row_id)
+        image.thumbnail((LARGE_SIDE, LARGE_SIDE))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    def _read_crop(self, table: VectorTable, row_id: str) -> Any:
+        """The tile (or cell crop) of `row_id` read through `self.reader` from the row of its tile table."""
+        from cytoretrieve.store.filters import equals
+        from cytoretrieve.store.tiles import open_tile_table
+
+        source = (table.meta.get("dataset") or {}).get("name")
+        try:
+            tiles = open_tile_table(self.store, source)
+            found = tiles.rows(None, equals("id", row_id))
+        except (CytoError, ValueError, FileNotFoundError):
+            return None
+        if not found:
+            return None
+        try:
+            return self.reader(found[0])  # type: ignore[misc]
+        except (CytoError, OSError, ValueError):  # the slide moved or cannot be read: fall back to the thumbnail
+            return None
+
     def overview(self, slide: str) -> bytes:
         found = read_overviews(self.store, [slide]).get(slide)
         if found is None:
             raise NotFound(f"no overview of slide '{slide}' in this store")
         return found.image
+
+
+def table_kind(meta: dict[str, Any]) -> str:
+    """What the table's rows are, for the page's words: "tiles", "cells" (cell datasets and cells detected on
+    slides) or "fields" (microscope fields)."""
+    dataset = meta.get("dataset") or {}
+    layout = dataset.get("layout") if isinstance(dataset, dict) else None
+    if layout == "tiles":
+        return "tiles"
+    if layout == "fields":
+        return "fields"
+    return "cells"
+
+
+def picture_url(table: str, row_id: str) -> str:
+    return f"/api/tables/{quote(table, safe='')}/picture?" + urlencode({"id": row_id})
 
 
 def thumbnail_url(table: str, row_id: str) -> str:

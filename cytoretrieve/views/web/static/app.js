@@ -2,7 +2,10 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 // query: {id} or {file}; seq numbers each search so a slow, older answer never overwrites a newer one
-const state = { table: null, facets: null, query: null, seq: 0 };
+// offset: the first stored row shown; kind: what the table's rows are (cells, tiles, fields), for the page's words
+const state = { table: null, facets: null, query: null, seq: 0, offset: 0, kind: "cells", large: null };
+const PAGE = 60;
+const WORDS = { cells: ["cell", "cells"], tiles: ["tile", "tiles"], fields: ["field", "fields"] };
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -46,34 +49,61 @@ async function loadTables() {
   await chooseTable(tables[0].name);
 }
 
-async function chooseTable(name) {
-  state.table = name;
+function resetQuery() {
+  // nothing of the previous table's query may stay on screen: its picture, name, counts, hits, large view
   state.query = null;
-  state.seq += 1;
-  $("table").value = name;
+  state.large = null;
+  $("query-picture").hidden = true;
+  $("query-picture").removeAttribute("src");
+  $("query-name").textContent = "";
+  $("file").value = "";
+  $("counts").innerHTML = "";
   $("results").innerHTML = "";
   $("overviews").innerHTML = "";
-  $("browse").innerHTML = "";  // the previous table's cells must not be clicked while this one's load
   $("summary").hidden = true;
+  $("compare").hidden = true;
+  if (window.slideView) window.slideView.close();
+}
+
+function setWords(kind) {
+  state.kind = WORDS[kind] ? kind : "cells";
+  const [one, many] = WORDS[state.kind];
+  for (const el of document.querySelectorAll(".kind-one")) el.textContent = one;
+  for (const el of document.querySelectorAll(".kind-many")) el.textContent = many;
+}
+
+async function chooseTable(name) {
+  state.table = name;
+  state.seq += 1;
+  state.offset = 0;
+  resetQuery();
+  $("table").value = name;
+  $("browse").innerHTML = "";  // the previous table's cells must not be clicked while this one's load
   const f = await (await api(`/api/tables/${encodeURIComponent(name)}/facets`)).json();
   if (state.table !== name) return;  // another table was chosen while this one's facets loaded
   state.facets = f;
+  setWords(f.kind);
   $("table-info").textContent = `${f.rows} rows${f.tiles ? ", tiles on " + f.slide.length + " slide(s)" : ""}`;
   fillSelect($("filter-label"), f.label);
   fillSelect($("filter-dataset"), f.dataset);
   fillSelect($("filter-slide"), f.slide);
   $("export-geojson").disabled = !f.tiles;
   $("export-geojson").title = f.tiles ? "" : "cells have no slide position: QuPath objects need tiles";
-  status("Drop a cell image or click a stored cell.");
+  const [one] = WORDS[state.kind];
+  status(`Drop a ${one} image or click a stored ${one}; click a hit to see it large.`);
   await loadBrowse();
 }
 
 async function loadBrowse() {
   const table = state.table;
-  const params = new URLSearchParams({ ...filters(), limit: "60" });
+  const offset = state.offset;
+  const params = new URLSearchParams({ ...filters(), limit: String(PAGE), offset: String(offset) });
   const page = await (await api(`/api/tables/${encodeURIComponent(table)}/rows?${params}`)).json();
-  if (table !== state.table) return;  // another table was chosen meanwhile
-  $("browse-total").textContent = `(${page.rows.length} of ${page.total})`;
+  if (table !== state.table || offset !== state.offset) return;  // another table or page was chosen meanwhile
+  const last = offset + page.rows.length;
+  $("browse-total").textContent = page.total ? `(${offset + 1}–${last} of ${page.total})` : "(none)";
+  $("page-prev").disabled = offset === 0;
+  $("page-next").disabled = last >= page.total;
   $("browse").innerHTML = page.rows.map((r) =>
     `<img class="cell" loading="lazy" src="${esc(r.thumbnail)}" data-id="${esc(r.id)}" title="${esc(r.label ?? "")} ${esc(r.id)}" alt="${esc(r.id)}">`).join("");
 }
@@ -105,36 +135,69 @@ async function runSearch() {
 
 function counts(result) {
   const parts = Object.entries(result.label_counts).map(([label, n]) => `<b>${esc(label)}</b> ${n}`);
-  const majority = result.majority_label ? ` — majority <b>${esc(result.majority_label)}</b>` : "";
-  return `neighbours' labels: ${parts.join(" · ") || "none"}${majority}`;
+  let vote = "";
+  if (result.majority_label && result.is_tie) {
+    vote = ` — no majority: <b>${result.tied.map(esc).join(", ")}</b> tied`;
+  } else if (result.majority_label) {
+    vote = ` — majority <b>${esc(result.majority_label)}</b>`;
+  }
+  return `neighbours' labels: ${parts.join(" · ") || "none"}${vote}`;
 }
 
 function card(h) {
   const where = h.slide !== null ? `${esc(h.slide)} @ ${h.x}, ${h.y}` : esc(h.dataset ?? "");
-  return `<div class="hit" data-id="${esc(h.id)}" title="click: search by this cell">
+  const pct = h.percentile === null || h.percentile === undefined ? "" :
+    ` <span class="muted" title="percentile among this table's nearest-neighbour similarities (50 = as close as typical neighbours)">pct ${h.percentile.toFixed(0)}</span>`;
+  return `<div class="hit" data-id="${esc(h.id)}" title="click: see it large beside the query">
     <img src="${esc(h.thumbnail)}" alt="${esc(h.id)}">
-    <div>#${h.rank} similarity <b class="score">${h.score.toFixed(3)}</b></div>
+    <div>#${h.rank} similarity <b class="score">${h.score.toFixed(3)}</b>${pct}</div>
     <div><b class="label">${esc(h.label ?? "(no label)")}</b> <span class="pill ${h.binary_name}">${h.binary_name}</span></div>
-    <div class="muted">${where}</div><div class="id">${esc(h.id)}</div></div>`;
+    <div class="muted where">${where}</div><div class="id">${esc(h.id)}</div></div>`;
 }
 
-function overview(slide, o, hits) {
-  const marks = hits.filter((h) => h.slide === slide && h.side).map((h) =>
-    `<div class="mark" style="left:${100 * h.x / o.width}%;top:${100 * h.y / o.height}%;` +
-    `width:${100 * h.side / o.width}%;height:${100 * h.side / o.height}%"><span>${h.rank}</span></div>`).join("");
-  return `<div class="overview"><div><b>${esc(slide)}</b> <span class="muted">hits marked by rank</span></div>
+function mark(o, place, cls, text) {
+  return `<div class="${cls}" style="left:${100 * place.x / o.width}%;top:${100 * place.y / o.height}%;` +
+    `width:${100 * place.side / o.width}%;height:${100 * place.side / o.height}%"><span>${text}</span></div>`;
+}
+
+function overview(slide, o, hits, query) {
+  let marks = hits.filter((h) => h.slide === slide && h.side).map((h) => mark(o, h, "mark", h.rank)).join("");
+  const here = query && query.slide === slide && query.side;
+  if (here) marks += mark(o, query, "mark query", "query");
+  const legend = here ? "hits marked by rank, the query in blue" : "hits marked by rank";
+  return `<div class="overview"><div><b>${esc(slide)}</b> <span class="muted">${legend}</span></div>
     <div class="frame"><img src="${esc(o.url)}" alt="overview of ${esc(slide)}">${marks}</div></div>`;
 }
 
 function render(result) {
+  state.lastHits = result.hits;
+  state.lastResult = result;
   $("summary").hidden = false;
   $("counts").innerHTML = counts(result);
   $("results").innerHTML = result.hits.map(card).join("");
-  $("overviews").innerHTML = Object.entries(result.overviews).map(([s, o]) => overview(s, o, result.hits)).join("");
+  $("overviews").innerHTML = Object.entries(result.overviews).map(([s, o]) => overview(s, o, result.hits, result.query_place)).join("");
+}
+
+function openLarge(id) {
+  // a stored row large (a cell's source image, a tile read at full resolution) beside the query
+  const hit = (state.lastHits || []).find((h) => h.id === id);
+  state.large = id;
+  $("large-picture").src = `/api/tables/${encodeURIComponent(state.table)}/picture?${new URLSearchParams({ id })}`;
+  const where = hit && hit.slide !== null ? ` — ${hit.slide} @ ${hit.x}, ${hit.y}` : "";
+  $("large-caption").textContent = hit ? `#${hit.rank} ${hit.label ?? "(no label)"} (${hit.binary_name}), similarity ${hit.score.toFixed(3)}${where} — ${id}` : id;
+  const picture = $("query-picture");
+  const byId = state.query && state.query.id !== undefined;  // a stored query: its large picture too
+  $("compare-query").src = byId ? `/api/tables/${encodeURIComponent(state.table)}/picture?${new URLSearchParams({ id: state.query.id })}`
+    : (picture.hidden ? "" : picture.src);
+  $("compare-query-name").textContent = $("query-name").textContent;
+  $("compare").hidden = false;
+  // a tile or cell on a slide: its slide at full resolution, centred on it (the query's slide beside it)
+  if (hit && hit.slide !== null && window.slideView) window.slideView.open(hit, state.lastResult);
 }
 
 function queryById(id) {
   state.query = { id };
+  $("compare").hidden = true;
   const picture = $("query-picture");
   picture.src = `/api/tables/${encodeURIComponent(state.table)}/thumbnail?${new URLSearchParams({ id })}`;
   picture.hidden = false;
@@ -145,6 +208,7 @@ function queryById(id) {
 function queryByFile(file) {
   if (!file) return;
   state.query = { file };
+  $("compare").hidden = true;
   const picture = $("query-picture");
   picture.src = URL.createObjectURL(file);
   picture.hidden = false;
@@ -176,10 +240,15 @@ function wire() {
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); queryByFile(e.dataTransfer.files[0]); });
   for (const id of ["filter-label", "filter-binary", "filter-dataset", "filter-slide"]) {
-    $(id).addEventListener("change", () => { loadBrowse().catch((err) => status(err.message, true)); runSearch(); });
+    $(id).addEventListener("change", () => { state.offset = 0; loadBrowse().catch((err) => status(err.message, true)); runSearch(); });
   }
   $("k").addEventListener("change", runSearch);
-  $("results").addEventListener("click", (e) => { const hit = e.target.closest(".hit"); if (hit) queryById(hit.dataset.id); });
+  $("results").addEventListener("click", (e) => { const hit = e.target.closest(".hit"); if (hit) openLarge(hit.dataset.id); });
+  $("large-search").addEventListener("click", () => { if (state.large) { $("compare").hidden = true; queryById(state.large); } });
+  $("large-close").addEventListener("click", () => { $("compare").hidden = true; state.large = null; });
+  const page = (step) => { state.offset = Math.max(0, state.offset + step * PAGE); loadBrowse().catch((err) => status(err.message, true)); };
+  $("page-prev").addEventListener("click", () => page(-1));
+  $("page-next").addEventListener("click", () => page(1));
   $("browse").addEventListener("click", (e) => { const cell = e.target.closest(".cell"); if (cell) queryById(cell.dataset.id); });
   $("export-csv").addEventListener("click", () => exportHits("csv"));
   $("export-geojson").addEventListener("click", () => exportHits("geojson"));
