@@ -3,7 +3,7 @@
 The 93 real fields (grey EDF, 1280 x 960, `--mpp` assumed) get their grade as the label (N negative, L and H
 positive). Each field becomes two bags:
 - **cells**: the `cells` job (classic detector), one `--crop-um` crop per nucleus;
-- **tiles**: the `tile` job's grid of squares of the same size and pixel size (`cells` tile rule), as many as fit.
+- **tiles**: the `tile` job's grid of squares of the same size and pixel size, every grid tile of the field.
 Both tables are embedded by the same backbone (`--arch`, `--weights`: random by default, the only weights an
 offline machine has) and scored by `score` (`--methods`) under stratified 4-fold CV over the fields, for each of
 `--seeds` split seeds. Printed: AUC mean +- std over seeds per (bags, method), and the paired difference.
@@ -58,6 +58,7 @@ def main() -> None:
     from cytoretrieve.sources.cohort.labels import read_labels
     from cytoretrieve.sources.cohort.split import make_split, write_split
     from cytoretrieve.sources.slides.cells import CellSpec
+    from cytoretrieve.sources.slides.deposit import DepositParams
     from cytoretrieve.sources.slides.grid import GridSpec
     from cytoretrieve.store.tables import Store
 
@@ -69,8 +70,10 @@ def main() -> None:
     fields = sorted((DATA / "EDF").glob("frame*.png"))
     spec = CellSpec(crop_um=args.crop_um, cell_size=args.size)
     cells = find_cells_in(expand_sources(fields, mpp=args.mpp, labels=labels), store, table="c93_cells", spec=spec)
+    # a field is smaller than the cells rule's smallest deposit region: every grid tile of the field is kept
     tiles = tile_slides(fields, store, table="c93_tiles", labels=labels, mpp=args.mpp,
-                        spec=GridSpec(tile_size=args.size, target_mpp=spec.crop_mpp, min_foreground_um2=0))
+                        spec=GridSpec(tile_size=args.size, target_mpp=spec.crop_mpp, rule="coverage", min_coverage=0.0),
+                        params=DepositParams(method="grey"))
     n_cells, n_tiles = cells.cells_added, tiles.tiles_added
     print(f"{len(fields)} fields: {n_cells} cells, {n_tiles} tiles ({time.perf_counter() - start:.0f} s)", flush=True)
     backbone = load_backbone(args.arch, args.weights, image_size=args.image_size)
