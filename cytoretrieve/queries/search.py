@@ -275,7 +275,7 @@ def similarity_scale(table: VectorTable, index: TableIndex) -> np.ndarray | None
     """The 101 percentiles (0..100) of the table's nearest-neighbour similarities: for up to `SCALE_SAMPLE` rows
     drawn with a fixed seed, the cosine similarity to the most similar other row. Computed once per table version
     (kept in memory and in `<table>.nnsim.json` beside the index); None for a table of fewer than 3 rows."""
-    version = table.version
+    version = index.version  # the version the index was brought to: asking LanceDB again costs a round trip
     key = (table.store.uri, table.name, version)
     with _SCALES_LOCK:
         if key in _SCALES:
