@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -120,17 +121,30 @@ def _log_table(store: Store, create: bool) -> Any:  # noqa: ANN401 - a lancedb t
     lease between processes (a remote store: between the processes of one machine), and the name checked again.
     """
     if LABELS_TABLE in store.table_names():
-        return store.db.open_table(LABELS_TABLE)
+        return _open_log(store)
     if not create:
         return None
     with _creating:
         lease = store.lease(LABELS_TABLE, wait=60.0)
         try:
             if LABELS_TABLE in store.table_names():
-                return store.db.open_table(LABELS_TABLE)
+                return _open_log(store)
             return store.db.create_table(LABELS_TABLE, schema=SCHEMA)
         finally:
             lease.release()
+
+
+def _open_log(store: Store, attempts: int = 40) -> Any:  # noqa: ANN401 - a lancedb table
+    """Open the log, waiting while another writer is still creating it: its folder is listed before its first
+    version is committed, and opening it in between says "not found"."""
+    for attempt in range(attempts):
+        try:
+            return store.db.open_table(LABELS_TABLE)
+        except ValueError as e:
+            if "not found" not in str(e).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(min(0.02 * 2 ** attempt, 0.5))
+    raise AssertionError("unreachable")
 
 
 def append_events(store: Store, events: Sequence[LabelEvent]) -> list[LabelEvent]:
