@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from cytoretrieve.version import __version__ as __version__  # re-exported: `cytoretrieve.__version__`
 
 _API = ("open_store", "load_backbone", "embed", "classify", "transfer", "search", "score")
 

@@ -139,7 +139,8 @@ def _runtime_nodes(tree: ast.Module, top_level: bool) -> list[ast.AST]:
 
 def _graph(top_level: bool = False) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """(package module -> package modules it imports, package module -> outside top-level packages it imports).
-    A module's own parent packages are not edges: Python imports them first whatever the module says."""
+    An import that names a package (`from cytoretrieve import x`, `from cytoretrieve.store import Store`) is an edge
+    to that package's `__init__`, whatever the importer."""
     inner: dict[str, set[str]] = {}
     outer: dict[str, set[str]] = {}
     for name, path in NAMES.items():
@@ -154,7 +155,7 @@ def _graph(top_level: bool = False) -> tuple[dict[str, set[str]], dict[str, set[
             for full in imported:
                 if full.startswith("cytoretrieve"):
                     own = _own(full)
-                    if own and own != name and not name.startswith(own + "."):
+                    if own and own != name:
                         deps.add(own)
                 else:
                     ext.add(full.split(".")[0])

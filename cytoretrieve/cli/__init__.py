@@ -11,7 +11,6 @@ import sys
 
 import typer
 
-from cytoretrieve import __version__
 from cytoretrieve.cli import (
     annotate,
     cells,
@@ -33,6 +32,7 @@ from cytoretrieve.cli import (
 )
 from cytoretrieve.cli.messages import flag_message
 from cytoretrieve.errors import CytoError
+from cytoretrieve.version import __version__
 
 app = typer.Typer(
     name="cytoretrieve",

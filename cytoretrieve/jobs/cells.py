@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from cytoretrieve import __version__
 from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import SLIDE_EXTENSIONS, slide_id
@@ -36,6 +35,7 @@ from cytoretrieve.sources.slides.tiling import SLIDE_ERRORS
 from cytoretrieve.store.overviews import make_overview, write_overviews
 from cytoretrieve.store.tables import Store
 from cytoretrieve.store.tiles import CELLS_SOURCE, TILES_KIND, BagWriter
+from cytoretrieve.version import __version__
 from cytoretrieve.views.cells_preview import write_cells_preview
 from cytoretrieve.views.geojson import write_cells_geojson
 

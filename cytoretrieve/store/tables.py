@@ -27,11 +27,11 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import BTree
 
-from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
 from cytoretrieve.faults import failpoint
 from cytoretrieve.store.filters import equals
 from cytoretrieve.store.lease import Lease, acquire, state
+from cytoretrieve.version import __version__
 
 DEFAULT_STORE = "indexes"
 META_KEY = b"cytoretrieve"

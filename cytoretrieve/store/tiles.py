@@ -40,10 +40,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import parse_tile_id, tile_id  # noqa: F401 - re-exported: the tile table's id rule
 from cytoretrieve.store.tables import BASE_FIELDS, META_KEY, Store, Table, build_rows
+from cytoretrieve.version import __version__
 
 TILES_KIND = "tiles"
 _SHARED = ["id", "key", "dataset", "path", "label", "binary", "group", "slide", "x", "y", "level", "tile_size", "mpp"]

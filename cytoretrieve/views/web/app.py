@@ -22,10 +22,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from cytoretrieve import __version__
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.search import MAX_PIXELS, SearchResult
 from cytoretrieve.store.filters import Filters
+from cytoretrieve.version import __version__
 from cytoretrieve.views.web.labels_api import add_label_routes
 from cytoretrieve.views.web.security import COOKIE, token_ok
 from cytoretrieve.views.web.service import NotFound, RowReader, SearchRequest, Viewer

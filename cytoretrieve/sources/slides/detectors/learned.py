@@ -290,7 +290,7 @@ class PointDetector:
 def _versions() -> dict[str, str]:
     import scipy
 
-    from cytoretrieve import __version__ as ours
+    from cytoretrieve.version import __version__ as ours
 
     return {"cytoretrieve": str(ours), "torch": str(torch.__version__), "numpy": str(np.__version__),
             "scipy": str(scipy.__version__), "python": platform.python_version()}
