@@ -26,6 +26,7 @@ from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.search import MAX_PIXELS, SearchResult
 from cytoretrieve.store.filters import Filters
 from cytoretrieve.version import __version__
+from cytoretrieve.views.web.errors import answer_errors, one_line
 from cytoretrieve.views.web.labels_api import add_label_routes
 from cytoretrieve.views.web.security import COOKIE, token_ok
 from cytoretrieve.views.web.service import NotFound, RowReader, SearchRequest, Viewer
@@ -60,24 +61,14 @@ def _respond(viewer: Viewer, result: SearchResult, fmt: str) -> Response:
     return JSONResponse(viewer.payload(result))
 
 
-def _one_line(message: str) -> str:
-    return " ".join(str(message).split())[:500]
-
-
 def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(NotFound)
-    async def not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(str(exc))}, status_code=404)
-
-    @app.exception_handler(CytoError)
-    async def user_error(_: Request, exc: CytoError) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(str(exc))}, status_code=400)
+    answer_errors(app, {NotFound: 404, CytoError: 400})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return JSONResponse({"detail": _one_line(f"`{where}`: {first.get('msg', 'invalid')}")}, status_code=422)
+        return JSONResponse({"detail": one_line(f"`{where}`: {first.get('msg', 'invalid')}")}, status_code=422)
 
 
 class Guard:

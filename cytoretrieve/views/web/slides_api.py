@@ -20,25 +20,16 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from cytoretrieve.views.web.errors import answer_errors
 from cytoretrieve.views.web.slides import TILE_CACHE_CONTROL, SlideTiles, SlideUnavailable, UnknownSlide
 
 _INDEX = re.compile(r"^[0-9]{1,9}$")
 
 
-def _one_line(message: str) -> str:
-    return " ".join(str(message).split())[:500]
-
-
 def add_slide_routes(app: FastAPI, tiles: SlideTiles) -> None:
     """Mount the slide routes over `tiles` and their error answers."""
 
-    @app.exception_handler(UnknownSlide)
-    async def unknown(_: Request, exc: UnknownSlide) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(str(exc))}, status_code=404)
-
-    @app.exception_handler(SlideUnavailable)
-    async def gone(_: Request, exc: SlideUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(str(exc))}, status_code=410)
+    answer_errors(app, {UnknownSlide: 404, SlideUnavailable: 410})
 
     @app.get("/api/slides/{slide}", summary="A slide's size, pixel size (mpp), focal planes and Deep Zoom layout")
     def slide_info(slide: str) -> dict[str, Any]:
