@@ -39,7 +39,7 @@ from cytoretrieve.sources.slides.focus import METHOD as FOCUS_METHOD
 from cytoretrieve.sources.slides.grid import GridSpec
 from cytoretrieve.sources.slides.planes import PlaneSetting, parse_plane
 from cytoretrieve.sources.slides.reader import Slide
-from cytoretrieve.sources.slides.rules import Params, rule_params, table_settings
+from cytoretrieve.sources.slides.rules import Params, table_settings
 from cytoretrieve.sources.slides.tiling import SLIDE_ERRORS, SlideResult, TiledSlide, tile_slide
 from cytoretrieve.store.overviews import make_overview, write_overviews
 from cytoretrieve.store.tables import Store
@@ -136,14 +136,14 @@ def tile_slides(
     `min_focus` are dropped. Callbacks: `on_slide(i, n, path)` before each slide,
     `on_progress(done, total)` while its thumbnail is read, `on_result(result)` after it.
     """
-    params = rule_params(spec, params)  # the rule's name, the grid and the rule's settings, before anything is read
+    settings = table_settings(spec, params)  # the rule's name, the grid and the rule's settings, before anything else
     plane = parse_plane(plane)
     quality = quality_settings(focus, plane, min_focus)
     if mpp is not None and mpp <= 0:  # checked here for every slide: the reader looks at it only without metadata
         raise CytoError(f"`mpp` must be positive, not {mpp}")
     if objective is not None and objective <= 0:
         raise CytoError(f"`objective` must be positive, not {objective}")
-    meta = tile_table_meta("grid", {**table_settings(spec, params), **quality})  # checks `params` against the rule
+    meta = tile_table_meta("grid", {**settings, **quality})
     start = time.perf_counter()
     if slides:  # with a plane setting, a folder of same-size images is one field of focal planes
         planes = [Path(s) for s in slides if plane is not None and is_plane_folder(Path(s))]
