@@ -75,16 +75,24 @@ def _mosaic(x: np.ndarray) -> np.ndarray:
     return l2_normalise(np.asarray(centroids, dtype=np.float32))
 
 
-def _median_min_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Yottixel's rule: the median over `a`'s rows of the cosine distance to the nearest row of `b`."""
-    return float(np.median(1.0 - (a @ b.T).max(axis=1)))
-
-
 def _mosaic_similarity(queries: list[np.ndarray], refs: list[np.ndarray]) -> np.ndarray:
+    """1 - the mean of both directions' median minimum distance, for every (query, reference) pair.
+
+    Yottixel's rule: the median minimum distance from a to b is the median over a's rows of the cosine distance
+    to the nearest row of b.
+
+    One matrix product per query against all references' rows stacked; the per-reference maxima come from
+    `maximum.reduceat` over the stacked columns, so the cost is numpy's, not a Python loop over pairs.
+    """
+    stacked = np.concatenate(refs)
+    starts = np.cumsum([0] + [len(r) for r in refs[:-1]])
     out = np.empty((len(queries), len(refs)), np.float32)
     for i, q in enumerate(queries):
-        for j, r in enumerate(refs):
-            out[i, j] = 1.0 - (_median_min_distance(q, r) + _median_min_distance(r, q)) / 2
+        sims = q @ stacked.T  # (query rows, all reference rows)
+        q_to_r = np.median(1.0 - np.maximum.reduceat(sims, starts, axis=1), axis=0)
+        nearest_q = 1.0 - sims.max(axis=0)
+        r_to_q = np.array([np.median(part) for part in np.split(nearest_q, starts[1:])])
+        out[i] = 1.0 - (q_to_r + r_to_q) / 2
     return out
 
 

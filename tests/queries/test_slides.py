@@ -44,6 +44,22 @@ def test_mosaic_tells_apart_populations_that_share_a_mean(tmp_path: Path) -> Non
     assert mosaic.top1 > mean.top1 and mosaic.top1 >= 0.9
 
 
+def test_mosaic_similarity_is_yottixels_rule_pair_by_pair() -> None:
+    """The stacked computation gives, for every pair, 1 - the mean of both directions' median minimum distance."""
+    rng = np.random.default_rng(3)
+
+    def unit(n: int) -> np.ndarray:
+        x = rng.normal(size=(n, 16)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def median_min(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.median(1.0 - (a @ b.T).max(axis=1)))
+
+    queries, refs = [unit(n) for n in (1, 4, 7)], [unit(n) for n in (3, 1, 8, 2)]
+    expected = [[1 - (median_min(q, r) + median_min(r, q)) / 2 for r in refs] for q in queries]
+    np.testing.assert_allclose(slides._mosaic_similarity(queries, refs), expected, atol=1e-5)
+
+
 def test_similar_slides_leave_out_the_own_group_and_cache(tmp_path: Path, monkeypatch) -> None:
     table = _cohort(Store(tmp_path))
     found = similar_slides(table, "s1", kind="mosaic", k=4)
