@@ -35,6 +35,8 @@ def embed(
     device: options.Device = "auto",
     commit_rows: Annotated[int, typer.Option("--commit-rows", min=1, metavar="ROWS", help="Rows per store commit (a killed job loses at most one commit's work).")] = 2048,
     wait: Annotated[float, typer.Option("--wait", min=0, metavar="SECONDS", help="If another job is writing the table, wait up to this many seconds for it (default: stop at once with who holds it). torchrun processes of one job write together.")] = 0.0,
+    stain: Annotated[str, typer.Option("--stain", help="Stain normalisation before the model: none, macenko or reinhard (onto a target fitted on Herlev cells, or --stain-target). Recorded in the table and its fingerprint; never mixed; refused for grey images.")] = "none",
+    stain_target: Annotated[Path | None, typer.Option("--stain-target", metavar="IMAGE", help="Reference image whose stain --stain maps every image onto (default: the shipped Herlev target).", show_default=False)] = None,
     plane: Annotated[str | None, typer.Option("--plane", help="Slides and tile tables of multi-plane scans: read every tile from focal plane N, its sharpest plane (best) or an extended-depth-of-field composite (edf) instead of the plane its row records. Recorded in the table; never mixed.", show_default=False)] = None,
 ) -> None:
     """Embed every image of SOURCE with a backbone into a store table.
@@ -45,16 +47,24 @@ def embed(
 
     Example: cytoretrieve embed data/herlev --backbone resnet50 --weights dino_teacher.safetensors
     """
-    from cytoretrieve.sources.resolve import resolve_source
-    from cytoretrieve.sources.slides.planes import parse_plane
-
-    resolve_source(source)  # a bad path fails here, in well under a second, before torch and timm load
-    parse_plane(plane)  # as a bad --plane does
-
     console = Console(stderr=True)
     if backbone is None and weights in ("timm", "random"):
         backbone = "resnet50"
-    with console.status(f"loading torch, timm and {backbone or 'the backbone'} ({weights} weights)", spinner="dots"):
+    with console.status(f"checking {source}", spinner="dots") as status:  # a first line before any heavy import
+        from cytoretrieve.errors import CytoError
+        from cytoretrieve.sources.resolve import resolve_source
+        from cytoretrieve.sources.slides.planes import parse_plane
+
+        resolve_source(source)  # a bad path fails here, in well under a second, before torch and timm load
+        parse_plane(plane)  # as a bad --plane does
+        from cytoretrieve.models.stain import NONE, check_stain
+
+        stain = check_stain(stain)  # as a bad --stain or --stain-target does
+        if stain_target is not None and stain == NONE:
+            raise CytoError("`stain_target` needs a `stain` normaliser (macenko, reinhard), not none")
+        if stain_target is not None and not stain_target.is_file():
+            raise CytoError(f"`stain_target` image not found: {stain_target}")
+        status.update(f"loading torch, timm and {backbone or 'the backbone'} ({weights} weights)")
         from cytoretrieve.jobs.embed import embed as run_embed
         from cytoretrieve.models.backbones import load_backbone
         from cytoretrieve.store.tables import Store
@@ -67,8 +77,9 @@ def embed(
     task = None
 
     def on_start(what: str, images: int, cell_table) -> None:  # noqa: ANN001
+        normalised = "" if stain == NONE else f", stain {stain}"
         console.print(f"{what}, {images} images -> table [bold]{cell_table.name}[/] in {store}; "
-                      f"backbone {bb.arch} {bb.fingerprint[:12]} ({bb.dim}-d)")
+                      f"backbone {bb.arch} {cell_table.fingerprint[:12]} ({bb.dim}-d){normalised}")
 
     def on_progress(done: int, todo: int, failed: int) -> None:
         nonlocal task
@@ -80,7 +91,8 @@ def embed(
     try:
         report = run_embed(source, bb, Store(store, wait=wait), table=table, layout=layout, label_map=label_map,
                            batch_size=batch_size, workers=workers, device=device, commit_rows=commit_rows,
-                           on_progress=on_progress, on_start=on_start, plane=plane)
+                           on_progress=on_progress, on_start=on_start, plane=plane, stain=stain,
+                           stain_target=stain_target)
     finally:
         if task is not None:  # a progress bar never started would print an empty line on stop
             progress.stop()

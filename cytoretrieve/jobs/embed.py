@@ -20,9 +20,10 @@ from PIL import Image
 from cytoretrieve.distributed import barrier, rank_world, shard
 from cytoretrieve.errors import CytoError
 from cytoretrieve.ids import slide_id
-from cytoretrieve.models.backbones import Backbone
+from cytoretrieve.models.backbones import Backbone, with_stain
 from cytoretrieve.models.inference import forward, prepare
 from cytoretrieve.models.preprocess import ImageFiles, collate_images
+from cytoretrieve.models.stain import NONE
 from cytoretrieve.runtime import default_workers, resolve_device
 from cytoretrieve.sources.cells import CellRecord, open_dataset
 from cytoretrieve.sources.resolve import Source, not_a_table, resolve_source
@@ -167,6 +168,8 @@ def embed(
     on_progress: Callable[[int, int, int], None] | None = None,
     on_start: Callable[[str, int, VectorTable], None] | None = None,
     plane: int | str | None = None,
+    stain: str | None = None,
+    stain_target: str | Path | Sequence[float] | None = None,
 ) -> EmbedReport:
     """Embed a cell dataset (Herlev, SIPaKMeD, class folders, CSV manifest) or slide tiles into a store table.
 
@@ -179,8 +182,16 @@ def embed(
     `plane` (slides and tile tables of multi-plane scans: N, best, edf; see `sources.slides.planes`) reads every
     tile from that focal plane setting instead of the plane its row records; the vector table records it, and
     vectors of another plane setting are never appended to it.
+
+    `stain` (none, macenko, reinhard: `models.stain`; None keeps the backbone's) normalises every image's stain
+    before the model sees it, onto `stain_target` (numbers, an image file to fit on, or None for the shipped
+    default). It enters the backbone's preprocessing and fingerprint, so a table holds one normalisation, the
+    default table name gets the normaliser as a suffix (`herlev_resnet18_macenko`), and `search` normalises a
+    query image the same way. Grey images are refused with a normaliser (embed them with `stain` none).
     """
     store = store or Store()
+    if stain is not None or stain_target is not None:
+        backbone = with_stain(backbone, stain if stain is not None else backbone.preprocessing.stain, stain_target)
     job = _job(resolve_source(source), backbone, store, table, layout, label_map, plane)
     if on_start:
         on_start(job.description, len(job.rows), job.table)
@@ -224,8 +235,11 @@ def _cells_job(path: Path, backbone: Backbone, store: Store, table: str | None, 
         "root": str(dataset.root),
         "labels": dataset.labels.to_dict() if dataset.labels else None,
     }
-    cell_table = store.create_or_open(table or table_name_for(dataset.name, backbone.arch), backbone.metadata(),
-                                      dataset_meta)
+    name = table or default_table_name(dataset.name, backbone)
+    check_stain_of(store, name, backbone)
+    if backbone.preprocessing.stain != NONE and dataset.records:
+        refuse_grey(dataset.records[0].path, backbone)
+    cell_table = store.create_or_open(name, backbone.metadata(), dataset_meta)
     return _Job(f"{dataset.name} ({dataset.layout})", [_cell_row(r, dataset.name) for r in dataset.records], cell_table)
 
 
@@ -249,8 +263,13 @@ def _tiles_job(tiles: str, backbone: Backbone, store: Store, table: str | None, 
             r["plane"] = EDF if plane == "edf" else (None if plane == "best" else plane)
     dataset_meta = {"name": tiles, "layout": "cells" if tile_table.cells else "tiles", "tiles": tile_table.meta,
                     "labels": None, "plane": setting}
-    vector_table = store.create_or_open(table or table_name_for(tiles, backbone.arch), backbone.metadata(), dataset_meta,
-                                        extra=extra)
+    name = table or default_table_name(tiles, backbone)
+    check_stain_of(store, name, backbone)
+    grey = sum(1 for r in rows if r.get("grey"))
+    if grey and backbone.preprocessing.stain != NONE:
+        raise CytoError(f"`stain` {backbone.preprocessing.stain} needs colour, and {grey} of the {len(rows)} rows of "
+                        f"'{tiles}' come from grey images: embed grey tiles with `stain` none")
+    vector_table = store.create_or_open(name, backbone.metadata(), dataset_meta, extra=extra)
     have = vector_table.meta.get("dataset", {}).get("plane")
     if have != setting:
         vector_table.lease.release()
@@ -260,6 +279,51 @@ def _tiles_job(tiles: str, backbone: Backbone, store: Store, table: str | None, 
     description = f"{what} {tiles} ({len({r['slide'] for r in rows})} slides)"
     load = SlideReader().read_row if plane is None else partial(SlideReader().read_row, plane=plane)
     return _Job(description, rows, vector_table, load=load, shard_key="slide")
+
+
+def default_table_name(dataset: str, backbone: Backbone) -> str:
+    """`<dataset>_<arch>`, plus `_<stain>` when the backbone normalises stain (`herlev_resnet18_macenko`)."""
+    stain = backbone.preprocessing.stain
+    return table_name_for(dataset, backbone.arch if stain == NONE else f"{backbone.arch}_{stain}")
+
+
+def stain_of(preprocessing: dict[str, Any] | None) -> str:
+    """The stain normaliser a table's stored preprocessing names (none when it has none)."""
+    stain = (preprocessing or {}).get("stain")
+    return str(stain.get("method", NONE)) if isinstance(stain, dict) else NONE
+
+
+def check_stain_of(store: Store, name: str, backbone: Backbone) -> None:
+    """Refuse, in one line, to append vectors of one stain normalisation to a table of another (the fingerprint
+    check would refuse too, but only by hash)."""
+    if name not in store.table_names():
+        return
+    stored = store.open(name).meta.get("backbone") or {}
+    have, want = stain_of(stored.get("preprocessing")), backbone.preprocessing.stain
+    if have != want:
+        raise CytoError(f"table '{name}' holds vectors embedded with `stain` {have}, not {want}: "
+                        f"embed with `stain` {have} or pass another `table`")
+    target = (stored.get("preprocessing") or {}).get("stain", {}).get("target") if have != NONE else None
+    if target is not None and tuple(float(v) for v in target) != backbone.preprocessing.stain_target:
+        raise CytoError(f"table '{name}' holds vectors normalised with `stain` {have} onto another target: "
+                        "use the table's `stain_target` or pass another `table`")
+
+
+def refuse_grey(path: str | Path, backbone: Backbone) -> None:
+    """A CytoError before any work when the dataset's first image is grey and the backbone normalises stain."""
+    from cytoretrieve.models.preprocess import to_rgb
+    from cytoretrieve.models.stain import GreyImageError, cached_normaliser
+
+    pre = backbone.preprocessing
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(to_rgb(im))
+    except OSError:
+        return  # an unreadable image is reported by the job, with the others
+    try:
+        cached_normaliser(pre.stain, pre.stain_target).apply(rgb)
+    except GreyImageError as e:
+        raise CytoError(f"{path}: {e}") from e
 
 
 def tile_with_defaults(slide: Path, store: Store, plane: int | str | None = None) -> str:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from cytoretrieve.models.foundation import encoder_kwargs, external_message, hub
 from cytoretrieve.models.preprocess import INTERPOLATIONS, Preprocessing
 from cytoretrieve.runtime import resolve_device
 
-__all__ = ["Backbone", "Preprocessing", "backbone_from_metadata", "create_model", "fingerprint", "load_backbone"]
+__all__ = ["Backbone", "Preprocessing", "backbone_from_metadata", "create_model", "fingerprint", "load_backbone",
+           "with_stain"]
 
 KEYWORD_WEIGHTS = ("timm", "random")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -98,8 +99,33 @@ def backbone_from_metadata(meta: Mapping[str, Any], device: str = "cpu") -> Back
     return backbone
 
 
+def with_stain(backbone: Backbone, stain: str | None, target: str | Path | Sequence[float] | None = None) -> Backbone:
+    """`backbone` with stain normaliser `stain` (`models.stain`; none: without one) in its preprocessing and its
+    fingerprint recomputed, so tables of differently normalised vectors never mix. `target`: the normaliser's
+    target numbers, an image file to fit them on, or None for its shipped default. The same backbone when
+    nothing changes."""
+    from dataclasses import replace
+
+    from cytoretrieve.models.stain import NONE, check_stain, fit_target
+
+    name = check_stain(stain)
+    if target is not None and name == NONE:
+        raise CytoError("`stain_target` needs a `stain` normaliser (macenko, reinhard), not none")
+    if isinstance(target, str | Path):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise CytoError(f"`stain_target` image not found: {path}")
+        target = fit_target(name, str(path))
+    preprocessing = replace(backbone.preprocessing, stain=name, stain_target=tuple(target or ()))
+    if preprocessing == backbone.preprocessing:
+        return backbone
+    return replace(backbone, preprocessing=preprocessing,
+                   fingerprint=fingerprint(backbone.model, backbone.arch, preprocessing))
+
+
 def fingerprint(model: torch.nn.Module, arch: str, preprocessing: Preprocessing) -> str:
-    """sha256 (hex) of arch, preprocessing and every state-dict tensor (name, dtype, shape, raw bytes)."""
+    """sha256 (hex) of arch, preprocessing and every state-dict tensor (name, dtype, shape, raw bytes). A stain
+    normaliser enters through the preprocessing; without one the header is what it was before stains existed."""
     digest = hashlib.sha256()
     header = {"arch": arch, "preprocessing": preprocessing.to_dict()}
     digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())

@@ -20,11 +20,14 @@ import torch.utils.data
 from PIL import Image
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.models.stain import NONE, cached_normaliser, check_stain, make_normaliser
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 RESIZES = ("letterbox", "stretch", "center-crop")
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-THUMBNAIL_SIZE = 96  # px, side of the JPEG thumbnails stored with each row
+# px, side of the JPEG thumbnail stored with each row: large enough to judge chromatin, and the input side of most
+# backbones, so that the picture shown is the model's own frame, not resampled (tables made before keep 96 px ones)
+THUMBNAIL_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     resize: str = "letterbox"
+    stain: str = "none"  # a stain normaliser of `models.stain` applied to the framed image, or none
+    stain_target: tuple[float, ...] = ()  # its target (empty: the normaliser's shipped default)
 
     def __post_init__(self) -> None:
         try:
@@ -53,11 +58,29 @@ class Preprocessing:
             raise CytoError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
         if self.resize not in RESIZES:
             raise CytoError(f"unknown resize policy {self.resize!r}: use one of {', '.join(RESIZES)}")
+        self._check_stain()
+
+    def _check_stain(self) -> None:
+        """Resolve `stain` (a known normaliser, its default target filled in), so the recorded target is explicit."""
+        name = check_stain(self.stain)
+        object.__setattr__(self, "stain", name)
+        if name == NONE:
+            if self.stain_target:
+                raise CytoError("a `stain_target` needs a `stain` normaliser (macenko, reinhard), not none")
+            object.__setattr__(self, "stain_target", ())
+            return
+        target = make_normaliser(name, self.stain_target or None).target
+        object.__setattr__(self, "stain_target", target)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (tuples become lists)."""
+        """JSON-able form (tuples become lists). The stain appears only when there is one, as
+        `{"stain": {"method": name, "target": [...]}}`, so preprocessing without one (and its fingerprint) reads
+        as before stain normalisation existed."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        stain, target = d.pop("stain"), d.pop("stain_target")
+        if stain != NONE:
+            d["stain"] = {"method": stain, "target": list(target)}
         return d
 
     @classmethod
@@ -65,10 +88,16 @@ class Preprocessing:
         """Inverse of `to_dict`; a missing size/mean/std or an unknown key is a CytoError."""
         if not isinstance(d, dict):
             raise CytoError(f"preprocessing must be a mapping, got {type(d).__name__}")
-        fields = {"size", "mean", "std", "interpolation", "resize"}
+        fields = {"size", "mean", "std", "interpolation", "resize", "stain"}
         unknown, missing = set(d) - fields, {"size", "mean", "std"} - set(d)
         if unknown or missing:
             raise CytoError(f"bad preprocessing config {d}: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        d = dict(d)
+        stain = d.pop("stain", None)
+        if stain is not None:
+            if not isinstance(stain, dict) or "method" not in stain:
+                raise CytoError(f"bad preprocessing stain {stain!r}: expected {{'method': name, 'target': [numbers]}}")
+            d["stain"], d["stain_target"] = stain["method"], tuple(stain.get("target") or ())
         return cls(**d)
 
     def frame(self, image: Image.Image, size: int | None = None) -> Image.Image:
@@ -104,32 +133,39 @@ class Preprocessing:
         float32 operations the arithmetic would do per pixel, so the values are identical; a table lookup written
         straight into channel-first order is ~10x cheaper than four float passes and a transpose. numpy, not torch:
         small torch ops fan out to OpenMP threads, which on a busy 2-core machine made them ~10x slower still.
+        A `stain` normaliser maps the framed pixels first (so thumbnails keep the scanner's colours, and a grey
+        image raises `models.stain.GreyImageError`).
         """
         pixels = np.asarray(to_rgb(framed))
+        if self.stain != NONE:
+            pixels = cached_normaliser(self.stain, self.stain_target).apply(pixels)
         table = _normalise_table(self.mean, self.std)
         out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
         for c in range(3):
             np.take(table[c], pixels[..., c], out=out[c])
         return torch.from_numpy(out)
 
-    def thumbnail(self, image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
-        """Small JPEG (quality 85) with the model's framing, for the store and search results."""
+    def thumbnail(self, image: Image.Image, size: int | None = None) -> bytes:
+        """JPEG (quality 85) with the model's framing, `size` px (default `THUMBNAIL_SIZE`), for the store and views."""
+        size = size or THUMBNAIL_SIZE
         return self.thumbnail_of(self.frame(image, max(size, self.size)), size)
 
-    def inputs(self, image: Image.Image, thumbnail_size: int = THUMBNAIL_SIZE) -> tuple[torch.Tensor, bytes]:
+    def inputs(self, image: Image.Image, thumbnail_size: int | None = None) -> tuple[torch.Tensor, bytes]:
         """(model tensor, thumbnail JPEG) of one image, framing it once: what the embedding job stores."""
+        thumbnail_size = thumbnail_size or THUMBNAIL_SIZE
         framed = self.frame(image)
         if self.size < thumbnail_size:  # a small model input would make a blurry thumbnail: frame the source
             return self.to_tensor(framed), self.thumbnail(image, thumbnail_size)
         return self.to_tensor(framed), self.thumbnail_of(framed, thumbnail_size)
 
     @staticmethod
-    def thumbnail_of(framed: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
-        """JPEG (quality 85) of a framed square image scaled down to `size` px.
+    def thumbnail_of(framed: Image.Image, size: int | None = None) -> bytes:
+        """JPEG (quality 85) of a framed square image scaled to `size` px (default `THUMBNAIL_SIZE`).
 
         Bilinear (PIL's antialiased triangle filter) rather than bicubic: about half the cost for a picture that
         is only ever displayed; the framing is the model's, taken from the frame the model gets.
         """
+        size = size or THUMBNAIL_SIZE
         if framed.size != (size, size):
             framed = framed.resize((size, size), Image.Resampling.BILINEAR)
         buffer = io.BytesIO()

@@ -76,13 +76,20 @@ class TransferResult:
         return asdict(self)
 
 
+def _encoder(table: VectorTable) -> str:
+    """The table's arch, and its stain normaliser when it has one (a fingerprint difference a person can read)."""
+    backbone = table.meta["backbone"]
+    stain = ((backbone.get("preprocessing") or {}).get("stain") or {}).get("method")
+    return f"{backbone.get('arch', '?')}" + (f", stain {stain}" if stain else "")
+
+
 def check_fingerprints(tables: Sequence[VectorTable]) -> str:
     """The one backbone fingerprint every table shares; otherwise a CytoError naming each table and its fingerprint."""
     prints = {t.fingerprint for t in tables}
     if len(prints) > 1:
-        listed = ", ".join(f"{t.name} ({t.meta['backbone'].get('arch', '?')} {t.fingerprint[:12]})" for t in tables)
-        raise CytoError(f"tables hold vectors of different backbones, so they cannot be compared: {listed}; "
-                        "embed them all with one backbone")
+        listed = ", ".join(f"{t.name} ({_encoder(t)} {t.fingerprint[:12]})" for t in tables)
+        raise CytoError(f"tables hold vectors of different backbones or preprocessing, so they cannot be compared: "
+                        f"{listed}; embed them all with one backbone and one --stain")
     return next(iter(prints))
 
 
