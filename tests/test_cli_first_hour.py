@@ -111,6 +111,102 @@ def test_tables_shows_weights_and_kind_and_hides_internal_tables(store: Store, c
     assert "slide_overviews" in capsys.readouterr().out
 
 
+def _tables_in_subprocess(store: str) -> tuple[str, bool]:
+    """`cytoretrieve tables` in a fresh interpreter at 80 columns: (its output, whether it imported lancedb)."""
+    code = ("import sys; from cytoretrieve.cli import run; code = run(['tables', '--store', sys.argv[1]]); "
+            "print('LANCEDB', 'lancedb' in sys.modules); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, store], capture_output=True, text=True, check=True,
+                          env={**os.environ, "COLUMNS": str(WIDTH)})
+    out, _, flag = done.stdout.rpartition("LANCEDB ")
+    return out, flag.strip() == "True"
+
+
+def _row(out: str, table: str) -> list[str]:
+    return next(line for line in out.splitlines() if f" {table} " in line).split()
+
+
+def test_tables_answers_from_summaries_without_lancedb_and_never_from_a_stale_one(herlev_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    from cytoretrieve.jobs.embed import embed
+    from cytoretrieve.models.backbones import load_backbone
+    from cytoretrieve.store.summary import FOLDER, describe_local
+
+    store = Store(tmp_path / "store")
+    data = link_subset(herlev_root, tmp_path / "cells", 2)
+    embed(data, load_backbone("resnet18", "random", image_size=32), store, batch_size=8, workers=0)
+    assert describe_local(store.uri)[1] == []  # the job's finish left an up-to-date summary
+    out, imported = _tables_in_subprocess(store.uri)
+    assert not imported and _row(out, TABLE)[:3] == [TABLE, "14", "cells"]
+    _lines_fit(out)
+
+    summary = tmp_path / "store" / FOLDER / f"{TABLE}.json"
+    saved = json.loads(summary.read_text())
+    saved["info"]["rows"] = 999  # a summary is read as it is while it names the table's newest version ...
+    summary.write_text(json.dumps(saved))
+    assert _row(_tables_in_subprocess(store.uri)[0], TABLE)[1] == "999"
+    table = store.open(TABLE)
+    table.tbl.delete(f"id = '{table.read(['id']).column('id')[0].as_py()}'")  # ... and not after a commit
+    out, imported = _tables_in_subprocess(store.uri)
+    assert imported and _row(out, TABLE)[1] == "13"
+    assert json.loads(summary.read_text())["info"]["rows"] == 13  # rewritten: the next one is fast again
+    summary.write_text("{not json")
+    assert _row(_tables_in_subprocess(store.uri)[0], TABLE)[1] == "13"
+    summary.unlink()
+    assert _row(_tables_in_subprocess(store.uri)[0], TABLE)[1] == "13"
+
+
+def test_a_summary_is_keyed_by_the_newest_manifest_in_either_naming(tmp_path: Path) -> None:
+    from cytoretrieve.store.summary import TableInfo, read_summary, version_key, write_summary
+
+    versions = tmp_path / "t.lance" / "_versions"
+    versions.mkdir(parents=True)
+    for name in ("1.manifest", "2.manifest", "_latest.manifest", "latest_version_hint.json"):
+        (versions / name).write_text(name)
+    assert version_key(tmp_path, "t")["version"] == 2
+    for v in (3, 4):  # Lance's newer naming: u64::MAX - version, zero-padded, so the newest sorts first
+        (versions / f"{2**64 - 1 - v:020d}.manifest").write_text(str(v))
+    key = version_key(tmp_path, "t")
+    assert key["version"] == 4 and key["manifest"] == f"{2**64 - 5:020d}.manifest"
+    info = TableInfo("t", 5, 8, "resnet18", "f" * 64, "d", 100, state="writing (pid 1 on h)")
+    write_summary(tmp_path, info, key)
+    assert read_summary(tmp_path, "t") == TableInfo("t", 5, 8, "resnet18", "f" * 64, "d", 100)  # no state kept
+    (versions / f"{2**64 - 1 - 5:020d}.manifest").write_text("5")  # a commit: the summary no longer answers
+    assert read_summary(tmp_path, "t") is None and version_key(tmp_path, "missing") is None
+
+
+def test_tables_shows_the_stain_normaliser_only_when_a_table_has_one(store: Store, tmp_path: Path, capsys,
+                                                                     narrow) -> None:  # noqa: ANN001
+    import shutil
+
+    from cytoretrieve.store.summary import FOLDER, describe_local, local_table_names
+    from cytoretrieve.store.tables import stain_normaliser
+
+    assert stain_normaliser({"backbone": {"preprocessing": {"stain": {"method": "macenko", "target": [1.0]}}}}) == \
+        "macenko"
+    assert stain_normaliser({"backbone": {"preprocessing": {"stain": "reinhard"}}}) == "reinhard"
+    assert stain_normaliser({"stain": "macenko", "backbone": {}}) == "macenko"
+    assert stain_normaliser({"backbone": {"preprocessing": {"stain": "none"}}}) == ""
+    assert stain_normaliser({"backbone": "odd", "stain": None}) == ""
+    assert run(["tables", "--store", store.uri]) == 0
+    assert "normaliser" not in capsys.readouterr().out
+    assert local_table_names(Path(store.uri)) == store.table_names()  # the folders LanceDB lists as tables
+    copy = Path(shutil.copytree(store.uri, tmp_path / "copy"))
+    assert TABLE in describe_local(str(copy))[1]  # a copied manifest is another file: its summary is not trusted
+    assert run(["tables", "--store", str(copy)]) == 0  # ... until `tables` has read the copy through LanceDB
+    capsys.readouterr()
+    assert describe_local(str(copy))[1] == []
+    summary = copy / FOLDER / f"{TABLE}.json"
+    saved = json.loads(summary.read_text())
+    saved["info"]["normaliser"] = "macenko"
+    summary.write_text(json.dumps(saved))
+    assert run(["tables", "--store", str(copy)]) == 0
+    out = capsys.readouterr().out
+    _lines_fit(out)
+    assert any(" rows " in line and " normaliser " in line + " " for line in out.splitlines())
+    assert " macenko " in next(line for line in out.splitlines() if f" {TABLE} " in line)
+    assert " none " in next(line for line in out.splitlines() if f" {TILE_TABLE} " in line)
+
+
 def test_ctrl_c_marks_the_table_interrupted_until_a_run_finishes_it(herlev_root: Path, tmp_path: Path, capsys,
                                                                    narrow) -> None:  # noqa: ANN001
     from cytoretrieve.jobs.embed import embed
@@ -199,11 +295,39 @@ def test_contact_sheet_title_says_what_was_searched(store: Store, tmp_path: Path
     assert all(draw.textlength(t, font=font) <= CELL for t in lines) and not any("…" in t for t in lines)
 
 
+def test_thumbnails_are_stored_large_enough_to_judge_and_old_small_ones_still_show(store: Store) -> None:
+    import io
+
+    from PIL import Image
+
+    from cytoretrieve.models.preprocess import THUMBNAIL_SIZE
+    from cytoretrieve.queries.search import thumbnails
+    from cytoretrieve.views.contact_sheet import CELL, _picture
+
+    assert 192 <= THUMBNAIL_SIZE <= 256
+    for name in (TABLE, TILE_TABLE):  # cells framed from their source (a 64 px model input), tiles alike
+        stored = store.open(name).read(["thumbnail"]).column("thumbnail")[0].as_py()
+        with Image.open(io.BytesIO(stored)) as im:
+            assert im.format == "JPEG" and im.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+    assert thumbnails(store.open(TABLE), [QUERY])[QUERY][:2] == b"\xff\xd8"
+    old = io.BytesIO()  # a table made before: 96 px thumbnails fill the contact sheet's picture all the same
+    Image.new("RGB", (96, 96), (200, 30, 30)).save(old, format="JPEG")
+    for jpeg in (old.getvalue(), stored):
+        picture = np.asarray(_picture(jpeg))
+        assert picture.shape == (CELL, CELL, 3) and not (picture == 230).all(axis=2).any()  # no grey left over
+
+
 # ------------------------------------------------------------------------------------------------ a first line soon
 
 
 @pytest.mark.parametrize("command", [["embed", "{data}", "--weights", "random", "--backbone", "resnet18"],
-                                     ["classify", "--table", "nothing"]])
+                                     ["classify", "--table", "nothing"],
+                                     ["search", "{image}", "--table", "nothing"],
+                                     ["transfer", "--support", "nothing", "--target", "nothing"],
+                                     ["score", "--tiles", "nothing", "--labels", "l.csv", "--split", "s.json"],
+                                     ["tile", "{slide}"],
+                                     ["cells", "{image}", "--mpp", "0.25"]],
+                         ids=lambda c: c[0])
 def test_a_slow_command_says_something_within_a_second(command: list[str], tmp_path: Path, herlev_root: Path) -> None:
     """A terminal (FORCE_COLOR makes rich treat the pipe as one) sees a status line long before the heavy
     libraries have loaded: within 1 s of the CLI's own start-up (measured here too, so a loaded machine does not
@@ -211,8 +335,11 @@ def test_a_slow_command_says_something_within_a_second(command: list[str], tmp_p
     start = time.monotonic()
     subprocess.run([sys.executable, "-c", "import cytoretrieve.cli"], check=True)
     startup = time.monotonic() - start
+    from helpers.paths import SVS
+
     data = str(link_subset(herlev_root, tmp_path / "cells", 1)) if "{data}" in command else ""
-    args = [a.replace("{data}", data) for a in command]
+    image = str(herlev_root / QUERY)
+    args = [a.replace("{data}", data).replace("{image}", image).replace("{slide}", str(SVS)) for a in command]
     env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "80"}
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "cytoretrieve", *args, "--store", str(tmp_path / "s")],

@@ -58,12 +58,13 @@ def tile(
 
     Example: cytoretrieve tile slides/ --labels slides.csv --preview qc/
     """
-    from cytoretrieve.errors import CytoError
-    from cytoretrieve.jobs.tile import tile_slides
-    from cytoretrieve.sources.cohort.labels import read_labels
-    from cytoretrieve.store.tables import Store
-
     err = Console(stderr=True)
+    with err.status("loading the slide readers and the store", spinner="dots"):  # a first line while they import
+        from cytoretrieve.errors import CytoError
+        from cytoretrieve.jobs.tile import tile_slides
+        from cytoretrieve.sources.cohort.labels import read_labels
+        from cytoretrieve.store.tables import Store
+
     spec, params = _rule_settings(rule, tile_size, target_mpp, stride, min_foreground_um2, min_coverage, deposit)
     slide_labels = read_labels(labels) if labels else None
     progress = Progress(

@@ -84,11 +84,12 @@ def transfer(
 
     Example: cytoretrieve transfer --support herlev_resnet50 --support sipakmed_resnet50 --support herlev_resnet50,sipakmed_resnet50 --target cric_resnet50 --json t3.json
     """
-    from cytoretrieve.errors import CytoError
-    from cytoretrieve.queries.knn import parse_ks
-    from cytoretrieve.queries.transfer import check_fingerprints
-    from cytoretrieve.queries.transfer import transfer as run_transfer
-    from cytoretrieve.store.tables import Store
+    with Console(stderr=True).status("loading the store and the k-NN protocol", spinner="dots"):
+        from cytoretrieve.errors import CytoError
+        from cytoretrieve.queries.knn import parse_ks
+        from cytoretrieve.queries.transfer import check_fingerprints
+        from cytoretrieve.queries.transfer import transfer as run_transfer
+        from cytoretrieve.store.tables import Store
 
     specs = [[name.strip() for name in s.split(",")] for s in support]
     if any(not name for spec in specs for name in spec):

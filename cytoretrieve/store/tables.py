@@ -18,7 +18,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +30,8 @@ from lancedb.index import BTree
 from cytoretrieve.errors import CytoError
 from cytoretrieve.faults import failpoint
 from cytoretrieve.store.filters import equals
-from cytoretrieve.store.lease import Lease, acquire, state
+from cytoretrieve.store.lease import Lease, acquire
+from cytoretrieve.store.summary import TableInfo, version_key, write_state, write_summary
 from cytoretrieve.version import __version__
 
 DEFAULT_STORE = "indexes"
@@ -127,25 +128,6 @@ def require_unique(table: str, ids: pa.ChunkedArray | pa.Array) -> None:
                         f"leak between train and test: run `cytoretrieve dedupe --table {table}` first")
 
 
-@dataclass(frozen=True)
-class TableInfo:
-    """One line of `cytoretrieve tables`."""
-
-    name: str
-    rows: int
-    dim: int
-    arch: str
-    fingerprint: str
-    dataset: str
-    bytes: int
-    duplicates: int = 0  # rows beyond the first of each id
-    state: str = ""  # '', 'writing (...)' or 'interrupted' (see Store.write_state)
-    weights: str = ""  # where the backbone's weights came from: random, timm, or the weights file's name
-    detector: str = ""  # cell tables (and their vector tables): the nucleus detector that found the cells
-    kind: str = ""  # what the rows are: cells (a cell dataset), tiles, cells on slides / fields (`cells`), overviews
-    internal: bool = False  # a table the store keeps for itself (slide overviews): listed only on request
-
-
 class Store:
     """A LanceDB database: a local folder (default `indexes/`) or any LanceDB URI (s3://, gs://, ...)."""
 
@@ -188,11 +170,7 @@ class Store:
     def write_state(self, name: str) -> str:
         """'' when no job writes table `name`; 'writing (pid P on H)' while one does; 'interrupted' when its
         writer was killed on this machine before finishing (rerun its command to add the rest)."""
-        found = state(self._lease_folder(), name)
-        if found is None:
-            return "interrupted" if (self._lease_folder() / f"{name}.interrupted").exists() else ""
-        what, holder = found
-        return "interrupted" if what == "interrupted" else f"writing (pid {holder.get('pid')} on {holder.get('host')})"
+        return write_state(self._lease_folder(), name)
 
     def mark_interrupted(self, name: str, interrupted: bool = True) -> None:
         """Mark table `name` as left incomplete by a stopped job (Ctrl-C: its lease is released on the way out, so
@@ -266,35 +244,52 @@ class Store:
         cache.mkdir(parents=True, exist_ok=True)
         return cache
 
-    def describe(self) -> list[TableInfo]:
-        """One line per table; tables without vectors (tile bags) show dimension 0 and their kind."""
-        infos = []
-        for name in self.table_names():
-            tbl = self.db.open_table(name)
-            meta = read_meta(tbl)
-            backbone = meta.get("backbone") or {}
-            stats = tbl.stats()
-            tiles = meta if meta.get("kind") == "tiles" else (meta.get("dataset") or {}).get("tiles") or {}
-            detector = (tiles.get("detector") or {}).get("name", "") if isinstance(tiles, dict) else ""
-            weights = str(backbone.get("weights") or "")
-            infos.append(
-                TableInfo(
-                    weights=weights if weights in ("timm", "random", "") else Path(weights).name,
-                    detector=detector,
-                    kind=_table_kind(meta),
-                    internal=meta.get("kind") == "overviews",
-                    name=name,
-                    rows=int(stats["num_rows"]),
-                    dim=int(backbone.get("dim", 0)),
-                    arch=backbone.get("arch", f"({meta.get('kind', 'no vectors')})"),
-                    fingerprint=backbone.get("fingerprint", ""),
-                    dataset=(meta.get("dataset") or {}).get("name", ""),
-                    bytes=int(stats["total_bytes"]),
-                    duplicates=Table(self, tbl).duplicates() if "id" in tbl.schema.names else 0,
-                    state=self.write_state(name),
-                )
-            )
-        return infos
+    def describe(self, names: Sequence[str] | None = None) -> list[TableInfo]:
+        """One line per table (or per table of `names`); tables without vectors (tile bags) show dimension 0 and
+        their kind. A local store keeps each line as its table's summary, which `tables` reads without LanceDB."""
+        return [self.describe_table(name) for name in (self.table_names() if names is None else names)]
+
+    def describe_table(self, name: str) -> TableInfo:
+        """Table `name`'s line of `tables`, read through LanceDB; a local store's summary of it is rewritten."""
+        key = version_key(Path(self.uri), name) if self.local else None  # before opening: the version read is newer
+        tbl = self.db.open_table(name)
+        meta = read_meta(tbl)
+        backbone = meta.get("backbone") or {}
+        stats = tbl.stats()
+        tiles = meta if meta.get("kind") == "tiles" else (meta.get("dataset") or {}).get("tiles") or {}
+        detector = (tiles.get("detector") or {}).get("name", "") if isinstance(tiles, dict) else ""
+        weights = str(backbone.get("weights") or "")
+        info = TableInfo(
+            weights=weights if weights in ("timm", "random", "") else Path(weights).name,
+            detector=detector,
+            kind=_table_kind(meta),
+            internal=meta.get("kind") == "overviews",
+            name=name,
+            rows=int(stats["num_rows"]),
+            dim=int(backbone.get("dim", 0)),
+            arch=backbone.get("arch", f"({meta.get('kind', 'no vectors')})"),
+            fingerprint=backbone.get("fingerprint", ""),
+            dataset=(meta.get("dataset") or {}).get("name", ""),
+            bytes=int(stats["total_bytes"]),
+            duplicates=Table(self, tbl).duplicates() if "id" in tbl.schema.names else 0,
+            normaliser=stain_normaliser(meta),
+        )
+        if key is not None and key["version"] == int(tbl.version):  # no commit in between: the key is what was read
+            write_summary(Path(self.uri), info, key)
+        return replace(info, state=self.write_state(name))
+
+
+def stain_normaliser(meta: dict[str, Any]) -> str:
+    """The stain normaliser a table's images went through before the model ('' for none or not recorded).
+
+    Read defensively: the backbone's preprocessing `stain`, else a top-level `stain`; a mapping gives its name."""
+    backbone = meta.get("backbone")
+    preprocessing = backbone.get("preprocessing") if isinstance(backbone, dict) else None
+    value = preprocessing.get("stain") if isinstance(preprocessing, dict) else None
+    value = value or meta.get("stain")
+    if isinstance(value, dict):
+        value = value.get("name") or value.get("method")
+    return "" if not value or str(value).lower() == "none" else str(value)
 
 
 def _table_kind(meta: dict[str, Any]) -> str:
@@ -420,6 +415,17 @@ class Table:
         finally:
             if self.lease is not None:
                 self.lease.release()
+        self.keep_summary()
+
+    def keep_summary(self) -> None:
+        """Write this table's line of `tables` as its summary (local stores), so that the next `tables` answers
+        without importing LanceDB (see `store/summary.py`). Housekeeping: a failure only leaves that to `tables`."""
+        if not self.store.local:
+            return
+        try:
+            self.store.describe_table(self.name)
+        except Exception as e:  # noqa: BLE001 - the job's rows are stored; `tables` reads LanceDB instead
+            log.warning("table %s: its summary for `tables` was not written (%s)", self.name, e)
 
 
 def build_rows(fields: Sequence[pa.Field], records: Sequence[dict[str, Any]]) -> dict[str, pa.Array]:

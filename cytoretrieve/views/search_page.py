@@ -31,7 +31,7 @@ h1{font-size:1.3rem}.counts{font-size:1.05rem;margin:.5rem 0 1rem}
 .query{display:flex;gap:1rem;align-items:center;margin-bottom:1rem}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8rem}
 .hit{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.4rem;font-size:.82rem}
-.hit img,.query img{width:100%;max-width:160px;aspect-ratio:1;object-fit:contain;background:#eee;display:block}
+.hit img,.query img{width:100%;max-width:224px;aspect-ratio:1;object-fit:contain;background:#eee;display:block}
 .pill{display:inline-block;padding:0 .4rem;border-radius:.6rem;color:#fff;font-size:.75rem}
 .muted{color:#666}.id{word-break:break-all;color:#666;font-size:.72rem}
 """
