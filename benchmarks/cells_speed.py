@@ -10,9 +10,14 @@ embedding cell crops against the bare forward pass.
 3. **Embedding the crops**: the cell table of part 1 embedded by the real `embed` job (resnet18, random weights,
    `--image-size`, 0 workers) against `forward` on the same crops read beforehand, measured right before and after
    (CPU-time ratio too). Target >= 0.9.
+4. **Before / after** (`--before REV`, e.g. the commit before a detector change): the `classic` detector of git
+   revision REV (its `classic.py`, loaded beside the current one) against the current one, in the same process,
+   on `--compare-tiles` kept tiles of the smear (spread over the slide) and on the Cervix93 fields of part 1:
+   CPU seconds of each, the speed-up, and whether the nuclei found are the same.
 
     .venv/bin/python benchmarks/cells_speed.py --json out/cells_speed.json
     .venv/bin/python benchmarks/cells_speed.py --fields 6 --cells 20000   # quick
+    .venv/bin/python benchmarks/cells_speed.py --before a024b8e --skip-embed --smear-path /tmp/surepath.tiff
 """
 
 from __future__ import annotations
@@ -52,10 +57,15 @@ def fields_part(args: argparse.Namespace, store: Any) -> dict[str, Any]:
     return out
 
 
-def smear_part(args: argparse.Namespace, folder: Path, store: Any) -> dict[str, Any]:
+def write_smear(args: argparse.Namespace, folder: Path) -> Path:
     from tile_detect import PYRAMIDS, write_slide
 
-    from cytoretrieve.jobs.cells import Source, find_cells_in
+    if args.smear_path and Path(args.smear_path).is_file():
+        print(f"smear: reusing {args.smear_path} (written by an earlier run with the same --cells)", flush=True)
+        return Path(args.smear_path)
+    if args.smear_path:
+        folder = Path(args.smear_path).parent
+        folder.mkdir(parents=True, exist_ok=True)
 
     try:
         import imagecodecs  # noqa: F401
@@ -63,8 +73,71 @@ def smear_part(args: argparse.Namespace, folder: Path, store: Any) -> dict[str, 
     except ImportError:
         compression = "zlib"
     t = time.perf_counter()
-    path = write_slide(folder / "surepath.tiff", PYRAMIDS["aperio"], args.cells, compression)
+    name = Path(args.smear_path).name if args.smear_path else "surepath.tiff"
+    path = write_slide(folder / name, PYRAMIDS["aperio"], args.cells, compression)
     print(f"smear: wrote {path.name} ({args.cells} cells, {compression}) in {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
+def _classic_at(rev: str) -> Any:
+    """The `classic` detector module as it was at git revision `rev`, imported under another name."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    source = subprocess.run(["git", "show", f"{rev}:cytoretrieve/sources/slides/detectors/classic.py"],
+                            cwd=_common.ROOT, check=True, capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("classic_before", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["classic_before"] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:classic.py", "exec"), module.__dict__)
+    return module
+
+
+def before_after_part(args: argparse.Namespace, smear: Path) -> dict[str, Any]:
+    import numpy as np
+    from PIL import Image
+
+    from cytoretrieve.sources.slides.detectors.classic import ClassicDetector
+    from cytoretrieve.sources.slides.grid import GridSpec
+    from cytoretrieve.sources.slides.reader import Slide
+    from cytoretrieve.sources.slides.tiling import tile_slide
+
+    before = _classic_at(args.before).ClassicDetector()
+    after = ClassicDetector()
+    rows = tile_slide(smear, GridSpec(rule="cells"), table="t", focus=False).rows
+    rows = rows[:: max(1, len(rows) // args.compare_tiles)][: args.compare_tiles]
+    with Slide(smear) as slide:
+        tiles = [(np.asarray(slide.read_tile(r["x"], r["y"], r["level"], r["read_size"], r["tile_size"])
+                             .convert("RGB")), float(r["mpp"])) for r in rows]
+    fields = [(np.asarray(Image.open(f).convert("RGB")), args.mpp)
+              for f in sorted((CERVIX93 / "EDF").glob("frame*.png"))[: args.fields]]
+    out: dict[str, Any] = {"before": args.before}
+    for name, images in (("smear_tiles", tiles), ("cervix93_fields", fields)):
+        runs = {}
+        for label, det in (("before", before), ("after", after), ("before_again", before), ("after_again", after)):
+            cpu = time.process_time()
+            found = [det(im, mpp) for im, mpp in images]
+            runs[label] = (time.process_time() - cpu, found)
+        same = all(len(a) == len(b) and np.allclose(a.xy, b.xy) and np.allclose(a.area_um2, b.area_um2)
+                   and np.allclose(a.cell_area_um2, b.cell_area_um2, equal_nan=True)
+                   for a, b in zip(runs["before"][1], runs["after"][1]))
+        cpu_before = (runs["before"][0] + runs["before_again"][0]) / 2
+        cpu_after = (runs["after"][0] + runs["after_again"][0]) / 2
+        nuclei = sum(map(len, runs["after"][1]))
+        out[name] = {"images": len(images), "nuclei": nuclei, "cpu_s_before": cpu_before, "cpu_s_after": cpu_after,
+                     "ms_per_image_before": 1000 * cpu_before / len(images),
+                     "ms_per_image_after": 1000 * cpu_after / len(images), "speedup": cpu_before / cpu_after,
+                     "same_nuclei": same}
+        print(f"before/after ({args.before} vs now), {name}: {len(images)} images, {nuclei} nuclei; "
+              f"{1000 * cpu_before / len(images):.1f} vs {1000 * cpu_after / len(images):.1f} CPU-ms per image: "
+              f"x{cpu_before / cpu_after:.2f}; same nuclei: {same}", flush=True)
+    return out
+
+
+def smear_part(args: argparse.Namespace, path: Path, store: Any) -> dict[str, Any]:
+    from cytoretrieve.jobs.cells import Source, find_cells_in
+
     wall, cpu = time.perf_counter(), time.process_time()
     report = find_cells_in([Source(path)], store, table="smear")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -117,6 +190,11 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=60_000, help="cells drawn on the SurePath-sized smear")
     ap.add_argument("--image-size", type=int, default=128, help="embedding input side, px")
     ap.add_argument("--skip-smear", action="store_true")
+    ap.add_argument("--skip-embed", action="store_true")
+    ap.add_argument("--before", default=None, help="git revision whose classic detector to time beside the current")
+    ap.add_argument("--smear-path", default=None,
+                    help="keep the smear here (reused when it exists: writing it takes minutes); default a temp folder")
+    ap.add_argument("--compare-tiles", type=int, default=300, help="smear tiles for --before")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from cytoretrieve.store.tables import Store
@@ -127,9 +205,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cytoretrieve-cells-") as tmp:
         store = Store(Path(tmp) / "store")
         results["fields"] = fields_part(args, store)
-        results["embed"] = embed_part(args, store)
-        if not args.skip_smear:
-            results["smear"] = smear_part(args, Path(tmp), store)
+        if not args.skip_embed:
+            results["embed"] = embed_part(args, store)
+        if not args.skip_smear or args.before:
+            smear = write_smear(args, Path(tmp))
+            if args.before:
+                results["before_after"] = before_after_part(args, smear)
+            if not args.skip_smear:
+                results["smear"] = smear_part(args, smear, store)
     results["load_end"] = _common.print_load("at the end")
     _common.write_json(args.json, results)
 

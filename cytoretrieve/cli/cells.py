@@ -40,11 +40,12 @@ def find(
     store: options.Store = options.DEFAULT_STORE,
     mpp: Mpp = None,
     objective: Annotated[float | None, typer.Option("--objective", help="Objective power for images without a pixel size: P means 10/P um/px (40 -> 0.25).", show_default=False)] = None,
-    detector: Annotated[str, typer.Option("--detector", "-d", help="classic (no weights: darkness, seeds, watershed, size and shape limits in um) or a model file from `cells train`.")] = "classic",
+    detector: Annotated[str, typer.Option("--detector", "-d", help="classic (no weights: darkness, seeds, watershed, size and shape limits in um), a model file from `cells train`, or instanseg / torchscript with --weights (or the TorchScript file itself): your own segmentation model, nothing is downloaded.")] = "classic",
+    weights: Annotated[Path | None, typer.Option("--weights", help="Model file of a learned segmenter named by --detector (instanseg, torchscript: a TorchScript .pt, e.g. an InstanSeg model).", show_default=False)] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV slide,label[,binary]: each slide's or field's label, stored with its cells.")] = None,
     crop_um: Annotated[float, typer.Option("--crop-um", help="Side of each cell's crop in um, centred on its nucleus.")] = 48.0,
     cell_size: Annotated[int, typer.Option("--cell-size", help="Side of each crop in px (the crop is resampled to it).")] = 128,
-    points: Annotated[Path | None, typer.Option("--points", help="CSV slide (or frame),x,y of marked nuclei: each slide with points is scored (recall, precision, F1) and its preview shows the missed and extra ones.")] = None,
+    points: Annotated[Path | None, typer.Option("--points", help="Marked nuclei: a CSV slide (or frame),x,y, a QuPath GeoJSON export of point annotations (its image named by the file, frame012.geojson, or by an image property), or a folder of them. Each slide with points is scored (recall, precision, F1) and its preview shows the missed and extra ones.")] = None,
     preview: Annotated[Path | None, typer.Option("--preview", help="Write one PNG per slide or field here: every nucleus found circled.")] = None,
     geojson: Annotated[Path | None, typer.Option("--geojson", help="Write one QuPath GeoJSON per slide or field here: its cells as QuPath cell objects with their measurements (File > Import objects).")] = None,
     plane: Annotated[str | None, typer.Option("--plane", help="Focal plane of multi-plane scans (z-stacks; with --plane a folder of same-size images is one field, an image per plane): a number, best (each cell's sharpest plane) or edf (extended depth of field). best and edf find nuclei on the field's EDF composite. Default: plane 0.", show_default=False)] = None,
@@ -62,20 +63,26 @@ def find(
 
     Example: cytoretrieve cells fields/ --mpp 0.25 --labels grades.csv --preview qc/ && cytoretrieve embed cells
     """
-    from cytoretrieve.errors import CytoError
-    from cytoretrieve.jobs.cells import expand_sources, find_cells_in, read_points
-    from cytoretrieve.sources.cohort.labels import read_labels
-    from cytoretrieve.sources.slides.cells import CellSpec
-    from cytoretrieve.sources.slides.detectors import get_detector
-    from cytoretrieve.store.tables import Store
-
     err = Console(stderr=True)
+    with err.status("loading the nucleus detector, the slide readers and the store", spinner="dots"):
+        from cytoretrieve.errors import CytoError
+        from cytoretrieve.jobs.cells import expand_sources, find_cells_in, read_points
+        from cytoretrieve.sources.cohort.labels import read_labels
+        from cytoretrieve.sources.slides.cells import CellSpec
+        from cytoretrieve.sources.slides.detectors import get_detector
+        from cytoretrieve.store.tables import Store
+
     try:
-        found = get_detector(detector)
-    except ValueError as e:
+        found = get_detector(detector, **({"weights": weights} if weights is not None else {}))
+    except (TypeError, ValueError) as e:  # TypeError: --weights given to a detector that takes none
+        if weights is not None and (isinstance(e, TypeError) or "unknown" in str(e)):
+            raise CytoError(f"`weights`: --detector {detector} takes no weights file (instanseg and torchscript "
+                            "do)") from None
         raise CytoError(f"`detector`: {e}") from None
     srcs = expand_sources(sources, mpp=mpp, labels=read_labels(labels) if labels else None, planes=plane is not None)
-    marked = read_points(points) if points else None
+    left_out: list[str] = []
+    marked = read_points(points, left_out) if points else None
+    _note_left_out(err, points, left_out)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=err,
                         disable=not err.is_terminal)
@@ -112,6 +119,13 @@ def find(
                       soft_wrap=True)
     if json_out:
         options.write_json(report.to_dict(), json_out)
+
+
+def _note_left_out(err: Console, points: Path | None, left_out: list[str]) -> None:
+    """One line when a points file held features that are not points (regions, other objects)."""
+    if left_out:
+        err.print(f"note: {len(left_out)} feature(s) of {points} are not point annotations and were left out "
+                  f"(first: {left_out[0]})", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_report(report: Any) -> None:
@@ -154,7 +168,7 @@ def _print_report(report: Any) -> None:
 
 @app.command("train")
 def train(
-    points: Annotated[Path, typer.Option("--points", help="CSV slide (or frame),x,y: one point inside each nucleus, in px of its image.", show_default=False)],
+    points: Annotated[Path, typer.Option("--points", help="One point inside each nucleus, in px of its image: a CSV slide (or frame),x,y, a QuPath GeoJSON export of point annotations (Point / MultiPoint; its image named by the file, frame012.geojson, or by an image property), or a folder of them.", show_default=False)],
     images: Annotated[list[Path], typer.Option("--images", help="The annotated fields (files or folders); each file's name without suffix is its id in the points file.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write (a few MB): use it with `cells --detector FILE`.")] = Path("nucleus_detector.pt"),
     mpp: Mpp = None,
@@ -162,7 +176,7 @@ def train(
     seed: Annotated[int, typer.Option("--seed", help="Random seed (the same seed gives the same model).")] = 0,
 ) -> None:
     """Learn a nucleus detector from point annotations (the clicks a pathologist makes in QuPath: export the
-    points as CSV). The model is small and trains on the CPU in minutes; the file records its training data
+    points as GeoJSON, or a CSV). The model is small and trains on the CPU in minutes; the file records its training data
     and settings.
 
     Example: cytoretrieve cells train --points points.csv --images fields/ --mpp 0.25 --out nuclei.pt
@@ -176,7 +190,9 @@ def train(
     from cytoretrieve.sources.slides.reader import Slide
 
     err = Console(stderr=True)
-    marked = read_points(points)
+    left_out: list[str] = []
+    marked = read_points(points, left_out)
+    _note_left_out(err, points, left_out)
     samples, names = [], []
     for src in expand_sources(images, mpp=mpp):
         sid = slide_id(src.path)

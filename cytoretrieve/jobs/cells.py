@@ -139,26 +139,65 @@ def expand_sources(sources: Sequence[str | Path], *, mpp: float | None = None,
     return out
 
 
-def read_points(path: str | Path) -> dict[str, np.ndarray]:
-    """Marked nuclei per slide or field from a CSV: a `slide` (or `frame`, `image`) column and `x`, `y` in level-0
-    px. The ids are matched to the sources' ids (file names without their suffix)."""
+POINT_FILE_SUFFIXES = (".csv", ".geojson", ".json")
+
+
+def read_points(path: str | Path, problems: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Marked nuclei per slide or field (level-0 px), the ids matched to the sources' ids (file names without
+    their suffix), from any of:
+
+    - a CSV: a `slide` (or `frame`, `image`, `field`) column and `x`, `y`;
+    - a QuPath GeoJSON export (`.geojson`, `.json`; `annotations.read_geojson_points`): its Point and MultiPoint
+      annotations or detections, each on the image its properties name (`image`, `slide`, ...) or else on the
+      image named like the file (`frame012.geojson` -> `frame012`);
+    - a folder of such files (QuPath's one export per image).
+
+    Features left out (other geometries or object types) are appended to `problems` when given; a file with no
+    point at all is a `CytoError`."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in POINT_FILE_SUFFIXES)
+        if not files:
+            raise CytoError(f"no points files ({', '.join(POINT_FILE_SUFFIXES)}) in {path}")
+        found: dict[str, list[np.ndarray]] = {}
+        for f in files:
+            for sid, xy in read_points(f, problems).items():
+                found.setdefault(sid, []).append(xy)
+        return {k: np.concatenate(v) for k, v in found.items()}
     if not path.is_file():
         raise CytoError(f"no points file {path}")
+    if path.suffix.lower() in (".geojson", ".json"):
+        return _read_geojson_points(path, problems)
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = {c.strip().lower(): c for c in (reader.fieldnames or [])}
         key = next((fields[k] for k in ("slide", "frame", "image", "field") if k in fields), None)
         if key is None or "x" not in fields or "y" not in fields:
             raise CytoError(f"points file {path} needs columns slide (or frame, image), x, y")
-        found: dict[str, list[tuple[float, float]]] = {}
+        rows: dict[str, list[tuple[float, float]]] = {}
         for line, row in enumerate(reader, start=2):
             try:
                 xy = (float(row[fields["x"]]), float(row[fields["y"]]))
             except (TypeError, ValueError):
                 raise CytoError(f"{path}:{line}: x and y must be numbers") from None
-            found.setdefault(slide_id(row[key].strip()), []).append(xy)
-    return {k: np.asarray(v, dtype=float) for k, v in found.items()}
+            rows.setdefault(slide_id(row[key].strip()), []).append(xy)
+    return {k: np.asarray(v, dtype=float) for k, v in rows.items()}
+
+
+def _read_geojson_points(path: Path, problems: list[str] | None) -> dict[str, np.ndarray]:
+    from cytoretrieve.sources.slides.annotations import read_geojson_points
+
+    by_image, left_out = read_geojson_points(path)
+    if problems is not None:
+        problems += [f"{path.name}: {p}" for p in left_out]
+    own = slide_id(path.name[: -len(path.suffix)])  # frame012.geojson (or frame012.png.geojson) -> frame012
+    out: dict[str, list[tuple[float, float]]] = {}
+    for image, xy in by_image.items():
+        out.setdefault(own if image is None else slide_id(image), []).extend(xy)
+    if not any(out.values()):
+        raise CytoError(f"no point annotations (Point or MultiPoint features) in {path}"
+                        + (f": {left_out[0]}" if left_out else ""))
+    return {k: np.asarray(v, dtype=float).reshape(-1, 2) for k, v in out.items() if v}
 
 
 def cell_table_meta(detector: Detector, spec: CellSpec, quality: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -174,3 +174,72 @@ def test_cells_train_then_find_with_the_trained_model(fields_store, cervix93: Pa
     assert run(["cells", fields[0], "--mpp", str(MPP), "--detector", str(model), "--store", str(store),
                 "--table", "learned"]) == 0
     assert open_tile_table(Store(store), "learned").meta["detector"]["name"] == detector.name
+
+
+def _qupath_points(points: np.ndarray, **props: object) -> list[dict]:
+    """QuPath's export of point annotations: one MultiPoint annotation per class (two classes here)."""
+    half = len(points) // 2
+    return [{"type": "Feature", "id": f"pts{i}", "geometry": {"type": "MultiPoint", "coordinates": part.tolist()},
+             "properties": {"objectType": "annotation", "classification": {"name": cls, "color": [0, 0, 255]},
+                            **props}}
+            for i, (cls, part) in enumerate((("Nucleus", points[:half]), ("Other", points[half:])))]
+
+
+def test_qupath_geojson_points_read_like_the_csv(fields_store, tmp_path: Path) -> None:
+    """QuPath GeoJSON points (a file per image named after it, or one file whose features name their image) give
+    the same points as the CSV; regions and other objects are left out and reported; no points is one error."""
+    _, tmp = fields_store
+    csv_points = read_points(tmp / "points.csv")
+    folder = tmp_path / "qupath_points"
+    folder.mkdir()
+    region = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]},
+              "properties": {"objectType": "annotation", "name": "area of interest"}}
+    (folder / "frame000.geojson").write_text(json.dumps(
+        {"type": "FeatureCollection", "features": [*_qupath_points(csv_points["frame000"]), region]}))
+    (folder / "frame004.png.geojson").write_text(json.dumps(_qupath_points(csv_points["frame004"])))  # a bare list
+    left_out: list[str] = []
+    from_folder = read_points(folder, left_out)
+    assert set(from_folder) == set(FIELDS) and len(left_out) == 1 and "area of interest" in left_out[0]
+    for f in FIELDS:
+        np.testing.assert_array_equal(from_folder[f], csv_points[f])
+    combined = tmp_path / "all.geojson"
+    combined.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        *_qupath_points(csv_points["frame000"], image="frame000.png"),
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [10.0, 20.0]},
+         "properties": {"objectType": "detection", "image": "frame004"}}]}))
+    named = read_points(combined)
+    np.testing.assert_array_equal(named["frame000"], csv_points["frame000"])
+    assert named["frame004"].tolist() == [[10.0, 20.0]]
+    empty = tmp_path / "regions.geojson"
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": [region]}))
+    with pytest.raises(CytoError, match="no point annotations"):
+        read_points(empty)
+    (tmp_path / "bad.geojson").write_text("{not json")
+    with pytest.raises(CytoError, match="not JSON"):
+        read_points(tmp_path / "bad.geojson")
+
+
+def test_cells_train_and_evaluate_from_qupath_geojson_points(fields_store, cervix93: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    """`cells train --points` and `cells --points` take QuPath GeoJSON exports: the model records the fields it
+    was trained on, and the evaluation against GeoJSON points equals the one against the same points as CSV."""
+    from cytoretrieve.sources.slides.detectors import get_detector
+
+    store, tmp = fields_store
+    csv_points = read_points(tmp / "points.csv")
+    geo = tmp_path / "frame000.geojson"
+    geo.write_text(json.dumps({"type": "FeatureCollection", "features": _qupath_points(csv_points["frame000"])}))
+    model = tmp_path / "from_geojson.pt"
+    fields = [str(cervix93 / "EDF" / f"{f}.png") for f in FIELDS]
+    assert run(["cells", "train", "--points", str(geo), "--images", *fields[:1], "--images", fields[1],
+                "--mpp", str(MPP), "--steps", "4", "--out", str(model)]) == 0
+    record = get_detector(str(model)).record
+    assert record["names"] == ["frame000.png"] and record["points"] == len(csv_points["frame000"])
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert run(["cells", fields[0], "--mpp", str(MPP), "--points", str(geo), "--store", str(tmp_path / "s"),
+                "--table", "geo", "--no-focus", "--json", str(out)]) == 0
+    from_geojson = json.loads(out.read_text())["evaluation"]
+    from_csv = json.loads((tmp / "cells.json").read_text())["slides"][0]["evaluation"]
+    assert from_geojson == from_csv and from_geojson["tp"] + from_geojson["fn"] == len(csv_points["frame000"])
+

@@ -225,3 +225,61 @@ def test_classic_on_real_cervix93_training_fields() -> None:
         total = total + count(detector(image, 0.25).xy, _cervix93_points(frame), radius_px=13.5)
     assert total.tp + total.fn == 82  # 28 + 54 annotated nuclei
     assert total.recall >= 0.55 and total.precision >= 0.75, total.to_dict()
+
+
+def _regions_one_by_one(od: np.ndarray, smooth: np.ndarray, seeds: np.ndarray, s, px: float) -> dict:
+    """The definition `measure_regions` computes for all regions at once, region by region (as it once did)."""
+    from scipy import ndimage as ndi
+
+    markers = np.zeros(od.shape, np.int32)
+    markers[seeds[:, 0], seeds[:, 1]] = np.arange(1, len(seeds) + 1)
+    top = float(smooth.max())
+    basins = ndi.watershed_ift(np.clip((top - smooth) / top * 65000, 0, 65000).astype(np.uint16), markers)
+    peaks = smooth[seeds[:, 0], seeds[:, 1]]
+    regions = np.where((smooth >= s.region_fraction * peaks[np.maximum(basins, 1) - 1]) & (basins > 0), basins, 0)
+    od_smooth = ndi.gaussian_filter(od, s.sigma_um / px)
+    ring_px = max(1, int(round(s.ring_um / px)))
+    out = {k: np.full(len(seeds), np.nan) for k in ("x", "y", "area_um2", "contrast_od", "darkness_od")}
+    for i, (r, c) in enumerate(seeds):
+        pieces, _ = ndi.label(regions == i + 1)
+        if pieces[r, c] == 0:
+            continue
+        region = ndi.binary_fill_holes(pieces == pieces[r, c])
+        ring = ndi.binary_dilation(region, iterations=ring_px) & ~region
+        rows, cols = np.nonzero(region)
+        out["x"][i], out["y"][i], out["area_um2"][i] = cols.mean(), rows.mean(), len(rows) * px**2
+        out["contrast_od"][i] = od_smooth[region].mean() - od_smooth[ring].mean()
+        out["darkness_od"][i] = od[region].mean()
+    return out
+
+
+def test_regions_measured_at_once_equal_region_by_region() -> None:
+    """`measure_regions` measures every region in one pass (bincounts, one sparse graph, shared rings); a dark
+    ring around a dot (a region enclosing another), touching nuclei and the drawn field give what measuring each
+    region alone gives."""
+    from scipy import ndimage as ndi
+
+    from cytoretrieve.sources.slides.detectors.classic import ClassicSettings, _tophat, measure_regions
+
+    s, px = ClassicSettings(), 0.5
+    image = draw_field(px)
+    yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
+    dist = np.hypot(xx - 200, yy - 60)
+    image[(dist >= 8) & (dist <= 12)] = 90  # a dark ring ...
+    image[dist <= 2] = 120  # ... around a paler dot
+    image[np.hypot(xx - 40, yy - 200) <= 7] = 95  # two touching nuclei
+    image[np.hypot(xx - 52, yy - 200) <= 7] = 80
+    od = darkness(image)
+    smooth = ndi.gaussian_filter(_tophat(od, s, px), s.sigma_um / px)
+    window = int(round(2 * s.min_separation_um / px)) + 1
+    peaks = (smooth == ndi.maximum_filter(smooth, size=window, mode="nearest")) & (smooth >= s.seed_min_od)
+    seeds = np.argwhere(peaks)
+    seeds = seeds[np.hypot(seeds[:, 1] - 200, seeds[:, 0] - 60) > 16]
+    seeds = np.vstack([seeds, [[60, 210], [60, 200]]])  # one seed on the ring, one on the dot
+    table, labels = measure_regions(od, smooth, seeds, s, px)
+    expected = _regions_one_by_one(od, smooth, seeds, s, px)
+    for k, v in expected.items():
+        np.testing.assert_allclose(table[k], v, rtol=1e-6, atol=1e-6, equal_nan=True, err_msg=k)
+    ring, dot = len(seeds) - 2, len(seeds) - 1
+    assert table["area_um2"][ring] > 0.8 * np.pi * (12 * px) ** 2 > 8 * table["area_um2"][dot] > 0  # filled: holds the dot
+    assert labels[60, 200] == min(ring, dot) + 1  # a pixel two filled regions cover keeps the lower label

@@ -79,11 +79,9 @@ def _classification(props: dict[str, Any]) -> str | None:
     return str(c) if isinstance(c, str) and c else None
 
 
-def read_geojson(path: str | Path) -> tuple[list[Annotation], list[str]]:
-    """Annotations of a QuPath GeoJSON export and what was left out (one line each).
-
-    A file that is not GeoJSON is a `CytoError`; a feature that cannot be used is only reported.
-    """
+def geojson_features(path: str | Path) -> list[Any]:
+    """The features of a GeoJSON file: a FeatureCollection, one Feature or a bare list (QuPath writes all three);
+    a missing file or one that is not GeoJSON is a `CytoError`."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -92,13 +90,21 @@ def read_geojson(path: str | Path) -> tuple[list[Annotation], list[str]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CytoError(f"annotations file {path} is not JSON: {e}") from None
     if isinstance(data, dict) and isinstance(data.get("features"), list):
-        features = data["features"]
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, list):
-        features = data
-    else:
-        raise CytoError(f"annotations file {path} is not GeoJSON (no FeatureCollection or Feature list)")
+        return list(data["features"])
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    if isinstance(data, list):
+        return data
+    raise CytoError(f"annotations file {path} is not GeoJSON (no FeatureCollection or Feature list)")
+
+
+def read_geojson(path: str | Path) -> tuple[list[Annotation], list[str]]:
+    """Annotations of a QuPath GeoJSON export and what was left out (one line each).
+
+    A file that is not GeoJSON is a `CytoError`; a feature that cannot be used is only reported.
+    """
+    path = Path(path)
+    features = geojson_features(path)
     out: list[Annotation] = []
     problems: list[str] = []
     for i, feat in enumerate(features):
@@ -242,3 +248,45 @@ def pair_annotations(geojsons: Sequence[str | Path], slides: Sequence[str | Path
             raise CytoError(f"two annotation files for slide '{sid}': {pairs[sid][1]} and {g}")
         pairs[sid] = (by_id[sid], g)
     return list(pairs.values())
+
+
+POINT_IMAGE_KEYS = ("image", "slide", "frame", "field", "imageName", "image_name")  # property naming a point's image
+POINT_OBJECT_TYPES = ("annotation", "detection", "cell")  # QuPath objectType values whose points are read
+
+
+def read_geojson_points(path: str | Path) -> tuple[dict[str | None, list[tuple[float, float]]], list[str]]:
+    """Point annotations of a QuPath GeoJSON export (nuclei clicked with the points tool), grouped by image, and
+    what was left out (one line each).
+
+    Every Point and each point of a MultiPoint counts, whatever its class (QuPath's points tool makes one
+    MultiPoint annotation per class); features of another geometry (a region drawn around the area of interest)
+    or another `objectType` (a TMA core, a tile) are only reported. A feature's image is the first of its
+    properties `POINT_IMAGE_KEYS` (a script can set it when exporting several images to one file), else None:
+    the caller names it, usually after the file. Coordinates are level-0 px, as QuPath writes them.
+    """
+    path = Path(path)
+    out: dict[str | None, list[tuple[float, float]]] = {}
+    problems: list[str] = []
+    for i, feat in enumerate(geojson_features(path)):
+        if not isinstance(feat, dict):
+            problems.append(f"feature {i}: not a GeoJSON Feature")
+            continue
+        props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}
+        fid = str(feat.get("id") or props.get("name") or f"{path.stem}#{i}")
+        kind = str(props.get("objectType") or "annotation").lower()
+        geom = feat.get("geometry") if isinstance(feat.get("geometry"), dict) else {}
+        if kind not in POINT_OBJECT_TYPES:
+            problems.append(f"{fid}: a QuPath {kind}, not an annotation or detection")
+            continue
+        if geom.get("type") not in ("Point", "MultiPoint"):
+            problems.append(f"{fid}: {geom.get('type') or 'no'} geometry is not a point")
+            continue
+        image = next((str(props[k]) for k in POINT_IMAGE_KEYS if isinstance(props.get(k), str) and props[k]), None)
+        try:
+            coords = geom["coordinates"]
+            pts = [_xy(coords)] if geom["type"] == "Point" else [_xy(p) for p in coords]
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            problems.append(f"{fid}: malformed {geom['type']} geometry ({e})")
+            continue
+        out.setdefault(image, []).extend(pts)
+    return out, problems

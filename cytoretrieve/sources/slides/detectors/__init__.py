@@ -10,6 +10,10 @@ the glass, `darkness`) before anything else looks at them.
 |---|---|---|
 | `classic` (default) | `classic.py`: darkness, background removal, seeds, watershed, size / shape / contrast rules | nothing |
 | a path to a `.pt` file | `learned.py`: a small network trained from point annotations (`train_point_detector`) | the file |
+| `instanseg`, `torchscript` (or a path to a TorchScript file) | `torchscript.py`: the user's TorchScript segmentation model (InstanSeg's export convention: normalised image in, nucleus [and cell] label maps out) | `weights=PATH`; torch only, nothing downloaded |
+
+StarDist (TensorFlow) and Cellpose are not wrapped: their packages fetch pretrained weights at run time and bring
+their own frameworks; an InstanSeg model file covers the learned-segmenter case with torch alone.
 
 Each detector has a `name` and a JSON-able `settings` dict (kept with any table made from its output).
 `register_detector(name, factory)` adds one; `get_detector(name_or_path, **settings)` builds one.
@@ -109,6 +113,10 @@ def get_detector(name_or_path: str | Path = DEFAULT_DETECTOR, **settings: Any) -
         return DETECTORS[key](**settings)
     path = Path(key)
     if path.is_file():
+        from cytoretrieve.sources.slides.detectors.torchscript import TorchScriptSegmenter, is_torchscript
+
+        if is_torchscript(path):
+            return TorchScriptSegmenter(path, **settings)
         from cytoretrieve.sources.slides.detectors.learned import load
 
         return load(path, **settings)
@@ -123,6 +131,19 @@ def _classic(**settings: Any) -> Detector:
 
 
 register_detector("classic", _classic)
+
+
+def _torchscript(name: str) -> DetectorFactory:
+    def factory(**settings: Any) -> Detector:
+        from cytoretrieve.sources.slides.detectors.torchscript import TorchScriptSegmenter
+
+        return TorchScriptSegmenter(**settings, name=name)
+
+    return factory
+
+
+register_detector("torchscript", _torchscript("torchscript"))
+register_detector("instanseg", _torchscript("instanseg"))
 
 
 def darkness(image: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ on annotated fields from one pass of candidates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -147,56 +148,242 @@ def _tophat(od: np.ndarray, settings: ClassicSettings, work_px: float) -> np.nda
     return od - ndi.grey_opening(od, size=(side, side), mode="reflect")
 
 
-def measure_regions(
-    od: np.ndarray, smooth_tophat: np.ndarray, seeds_rc: np.ndarray, settings: ClassicSettings, work_px: float
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Regions grown from seeds (row, col) on the smoothed top-hat (watershed, then `region_fraction` of each
-    peak) and their measurements; (table in working px and um, label image). Used by both detectors."""
-    h, w = od.shape
+def _pieces(regions: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected pieces (4-neighbour) of equal non-zero value: (label image 1..n, n). One sparse-graph pass
+    (`scipy.sparse.csgraph`), not one `ndi.label` per value."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    h, w = regions.shape
+    flat = regions.ravel()
+    nodes = np.flatnonzero(flat > 0)
+    if len(nodes) == 0:
+        return np.zeros((h, w), dtype=np.int32), 0
+    node = np.full(h * w, -1, dtype=np.int64)
+    node[nodes] = np.arange(len(nodes))
+    r, c = np.nonzero((regions[:, :-1] == regions[:, 1:]) & (regions[:, :-1] > 0))
+    right = r * w + c
+    r, c = np.nonzero((regions[:-1] == regions[1:]) & (regions[:-1] > 0))
+    down = r * w + c
+    src = np.r_[right, down]
+    dst = np.r_[right + 1, down + w]
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (node[src], node[dst])), shape=(len(nodes), len(nodes)))
+    n, lab = connected_components(graph, directed=False)
+    out = np.zeros(h * w, dtype=np.int32)
+    out[nodes] = lab + 1
+    return out.reshape(h, w), int(n)
+
+
+def _touching(labels: np.ndarray) -> np.ndarray:
+    """(m, 2) pairs of different non-zero labels that are 4-adjacent, both ways round."""
+    out = [np.zeros((0, 2), labels.dtype)]
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        meet = (a != b) & (a > 0) & (b > 0)
+        out += [np.c_[a[meet], b[meet]], np.c_[b[meet], a[meet]]]
+    return np.unique(np.concatenate(out), axis=0)
+
+
+def _fill_holes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each region's holes filled with its label: the holes of the union of regions whose 4-neighbours all belong
+    to one region (exactly what `binary_fill_holes` of that region alone fills); and (m, 2) pairs of labels
+    around a hole they share (one may enclose the other: the caller checks)."""
+    fg = labels > 0
+    holes = ndi.binary_fill_holes(fg) & ~fg
+    none = np.zeros((0, 2), labels.dtype)
+    if not holes.any():
+        return labels, none
+    hole_lab, n = ndi.label(holes)
+    around = []
+    for a, b in (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+                 ((slice(None, -1), slice(None)), (slice(1, None), slice(None)))):
+        for hs, ls in ((a, b), (b, a)):
+            h, lab = hole_lab[hs], labels[ls]
+            touch = (h > 0) & (lab > 0)
+            around.append(np.c_[h[touch], lab[touch]])
+    pairs = np.unique(np.concatenate(around), axis=0)  # (hole, label) pairs
+    per_hole = np.bincount(pairs[:, 0], minlength=n + 1)
+    single = np.zeros(n + 1, labels.dtype)
+    one = per_hole[pairs[:, 0]] == 1
+    single[pairs[one, 0]] = pairs[one, 1]
+    out = labels.copy()
+    out[holes] = single[hole_lab[holes]]
+    shared = pairs[~one]
+    if not len(shared):
+        return out, none
+    meet = []
+    for hole in np.unique(shared[:, 0]):  # every two labels around one shared hole
+        around_hole = shared[shared[:, 0] == hole, 1]
+        a, b = np.meshgrid(around_hole, around_hole)
+        meet.append(np.c_[a.ravel(), b.ravel()])
+    both = np.concatenate(meet)
+    return out, both[both[:, 0] != both[:, 1]].astype(labels.dtype)
+
+
+def _enclosers(pairs: np.ndarray, boxes: list[Any], labels: np.ndarray) -> np.ndarray:
+    """The labels i of (i, j) pairs that may enclose j (so that `binary_fill_holes` of i alone covers j): j does
+    not touch the glass that reaches the image border, and its bounding box lies strictly inside i's."""
+    fg = labels > 0
+    outside = ~ndi.binary_fill_holes(fg)
+    free = np.zeros(len(boxes) + 1, dtype=bool)
+    free[labels[ndi.binary_dilation(outside) & fg]] = True
+    out = set()
+    for i, j in pairs[~free[pairs[:, 1]]] if len(pairs) else pairs:
+        a, b = boxes[i - 1], boxes[j - 1]
+        if a is None or b is None:
+            continue
+        if (a[0].start < b[0].start and b[0].stop < a[0].stop and a[1].start < b[1].start
+                and b[1].stop < a[1].stop):
+            out.add(int(i))
+    return np.array(sorted(out), dtype=int)
+
+
+def _ring_means(labels: np.ndarray, values: np.ndarray, n: int, ring_px: int, inside_sum: np.ndarray,
+                inside_count: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(sum, count) of `values` over each region's ring: its `ring_px`-step dilation (a diamond, as
+    `binary_dilation(iterations=ring_px)`) minus the region, neighbours' pixels included, for labels 1..n.
+    Every pixel near a region is gathered once per label that reaches it (in blocks), so rings may overlap."""
+    near = ndi.binary_dilation(labels > 0, iterations=ring_px)
+    rr, cc = np.nonzero(near)
+    offsets = [(dr, dc) for dr in range(-ring_px, ring_px + 1) for dc in range(-ring_px, ring_px + 1)
+               if abs(dr) + abs(dc) <= ring_px]
+    h, w = labels.shape
+    total, count = np.zeros(n + 1), np.zeros(n + 1)
+    for s in range(0, len(rr), block):
+        r, c = rr[s : s + block], cc[s : s + block]
+        reach = np.empty((len(offsets), len(r)), dtype=labels.dtype)
+        for k, (dr, dc) in enumerate(offsets):  # the labels whose region lies within the diamond of each pixel
+            r2, c2 = r - dr, c - dc
+            ok = (r2 >= 0) & (r2 < h) & (c2 >= 0) & (c2 < w)
+            reach[k] = np.where(ok, labels[np.clip(r2, 0, h - 1), np.clip(c2, 0, w - 1)], 0)
+        reach.sort(axis=0)
+        first = np.ones_like(reach, dtype=bool)
+        first[1:] = reach[1:] != reach[:-1]
+        use = first & (reach > 0)
+        lab = reach[use]
+        v = np.broadcast_to(values[r, c], reach.shape)[use]
+        total += np.bincount(lab, v, minlength=n + 1)
+        count += np.bincount(lab, minlength=n + 1)
+    return total[1:] - inside_sum, count[1:] - inside_count
+
+
+def _grow_regions(smooth_tophat: np.ndarray, seeds_rc: np.ndarray,
+                  region_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each seed's region: its watershed basin on the smoothed top-hat, cut at `region_fraction` of the seed's
+    peak, keeping the connected piece that holds the seed; (label image 1..n, whether each seed kept a region)."""
+    h, w = smooth_tophat.shape
+    n = len(seeds_rc)
     markers = np.zeros((h, w), dtype=np.int32)
-    seeds_rc = np.asarray(seeds_rc, dtype=int).reshape(-1, 2)
-    markers[seeds_rc[:, 0], seeds_rc[:, 1]] = np.arange(1, len(seeds_rc) + 1)
-    empty = {k: np.zeros(0) for k in CANDIDATE_FIELDS}
-    if len(seeds_rc) == 0:
-        return empty, markers
+    markers[seeds_rc[:, 0], seeds_rc[:, 1]] = np.arange(1, n + 1)
     top = float(smooth_tophat.max())
     levels = np.clip((top - smooth_tophat) / max(top, 1e-6) * 65000.0, 0, 65000).astype(np.uint16)
     basins = ndi.watershed_ift(levels, markers)
     peaks = smooth_tophat[seeds_rc[:, 0], seeds_rc[:, 1]]
-    inside = smooth_tophat >= settings.region_fraction * peaks[np.maximum(basins, 1) - 1]
+    inside = smooth_tophat >= region_fraction * peaks[np.maximum(basins, 1) - 1]
     regions = np.where(inside & (basins > 0), basins, 0).astype(np.int32)
+    pieces, n_pieces = _pieces(regions)
+    seed_piece = pieces[seeds_rc[:, 0], seeds_rc[:, 1]]
+    ok = (regions[seeds_rc[:, 0], seeds_rc[:, 1]] == np.arange(1, n + 1)) & (seed_piece > 0)
+    keep_piece = np.zeros(n_pieces + 1, dtype=bool)
+    keep_piece[seed_piece[ok]] = True
+    own = np.where(keep_piece[pieces], regions, 0).astype(np.int32)
+    return own, ok
+
+
+def measure_regions(
+    od: np.ndarray, smooth_tophat: np.ndarray, seeds_rc: np.ndarray, settings: ClassicSettings, work_px: float,
+    solidity_where: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Regions grown from seeds (row, col) on the smoothed top-hat (watershed, then `region_fraction` of each
+    peak; the connected piece holding the seed, holes filled) and their measurements; (table in working px and
+    um, label image). Used by both detectors.
+
+    Every measurement but solidity is made for all regions at once (`np.bincount` over the label image); solidity
+    (a convex hull each) only for the rows `solidity_where(table)` selects (default all; NaN elsewhere), so a
+    detector computes it only for candidates the other rules have not already rejected."""
+    h, w = od.shape
+    seeds_rc = np.asarray(seeds_rc, dtype=int).reshape(-1, 2)
+    n = len(seeds_rc)
+    if n == 0:
+        return {k: np.zeros(0) for k in CANDIDATE_FIELDS}, np.zeros((h, w), dtype=np.int32)
+    own, ok = _grow_regions(smooth_tophat, seeds_rc, settings.region_fraction)
+    labels, shared = _fill_holes(own)
+    boxes = ndi.find_objects(own, max_label=n)
+    # a region that may enclose a neighbour (one it touches or shares a hole with) is measured alone (below), as
+    # `binary_fill_holes` of it alone fills it: over the neighbour too
+    alone = _enclosers(np.concatenate([_touching(own), shared]), boxes, own)
+
+    flat = labels.ravel()
+    count = np.bincount(flat, minlength=n + 1)[1:].astype(float)
+    rows, cols = np.indices((h, w))
+    rows, cols = rows.ravel().astype(float), cols.ravel().astype(float)
+
+    def total(values: np.ndarray) -> np.ndarray:
+        return np.bincount(flat, values.ravel().astype(float), minlength=n + 1)[1:]
+
+    valid = ok & (count > 0)
+    c = np.where(valid, count, np.nan)
+    mr, mc = total(rows) / c, total(cols) / c
+    # second moments (np.cov's n - 1 normalisation) plus a pixel's own spread, as in `_eccentricity`
+    denom = np.where(count > 1, count - 1, np.nan)
+    vrr = (total(rows * rows) - count * mr**2) / denom + 1 / 12
+    vcc = (total(cols * cols) - count * mc**2) / denom + 1 / 12
+    vrc = (total(rows * cols) - count * mr * mc) / denom
+    half = np.sqrt(np.maximum(((vrr - vcc) / 2) ** 2 + vrc**2, 0.0))
+    large, small = (vrr + vcc) / 2 + half, (vrr + vcc) / 2 - half
+    ecc = np.sqrt(np.clip(1.0 - small / np.maximum(large, 1e-12), 0.0, None))
+    ecc = np.where(count < 3, 0.0, ecc)
     od_smooth = ndi.gaussian_filter(od, settings.sigma_um / work_px)
+    in_sum = total(od_smooth)
     ring_px = max(1, int(round(settings.ring_um / work_px)))
-    out = {k: np.full(len(seeds_rc), np.nan) for k in CANDIDATE_FIELDS}
-    labels = np.zeros((h, w), dtype=np.int32)
-    for i, box in enumerate(ndi.find_objects(regions, max_label=len(seeds_rc))):
-        if box is None:
-            continue
+    ring_sum, ring_count = _ring_means(labels, od_smooth, n, ring_px, in_sum, count)
+    od_in = in_sum / c
+    od_ring = np.where(ring_count > 0, ring_sum / np.maximum(ring_count, 1), od_in)
+    nan = np.where(valid, 1.0, np.nan)
+    out = {
+        "x": mc * nan, "y": mr * nan, "area_um2": count * work_px**2 * nan, "solidity": np.full(n, np.nan),
+        "eccentricity": ecc * nan, "contrast_od": (od_in - od_ring) * nan, "tophat_od": total(smooth_tophat) / c,
+        "darkness_od": total(od) / c,
+    }
+    filled: dict[int, tuple[tuple[slice, slice], np.ndarray]] = {}
+    for lab in alone:
+        i = lab - 1
+        box = boxes[i]
         r0, r1 = max(0, box[0].start - ring_px), min(h, box[0].stop + ring_px)
         c0, c1 = max(0, box[1].start - ring_px), min(w, box[1].stop + ring_px)
-        pieces, _ = ndi.label(regions[r0:r1, c0:c1] == i + 1)
-        own = pieces[seeds_rc[i, 0] - r0, seeds_rc[i, 1] - c0]
-        if own == 0:
+        region = ndi.binary_fill_holes(own[r0:r1, c0:c1] == lab)
+        window = (slice(r0, r1), slice(c0, c1))
+        if np.array_equal(region, labels[window] == lab):  # encloses nothing: measured above already
             continue
-        region = ndi.binary_fill_holes(pieces == own)
-        rows, cols = np.nonzero(region)
+        filled[i] = (window, region)
+        rr, cc = np.nonzero(region)
         ring = ndi.binary_dilation(region, iterations=ring_px) & ~region
-        od_in = float(od_smooth[r0:r1, c0:c1][region].mean())
-        od_ring = float(od_smooth[r0:r1, c0:c1][ring].mean()) if ring.any() else od_in
-        out["x"][i], out["y"][i] = cols.mean() + c0, rows.mean() + r0
-        out["area_um2"][i] = len(rows) * work_px**2
-        out["solidity"][i] = _solidity(rows, cols)
-        out["eccentricity"][i] = _eccentricity(rows, cols)
-        out["contrast_od"][i] = od_in - od_ring
-        out["tophat_od"][i] = float(smooth_tophat[r0:r1, c0:c1][region].mean())
-        out["darkness_od"][i] = float(od[r0:r1, c0:c1][region].mean())
-        view = labels[r0:r1, c0:c1]
-        view[region & (view == 0)] = i + 1
+        inner = float(od_smooth[window][region].mean())
+        out["x"][i], out["y"][i] = cc.mean() + c0, rr.mean() + r0
+        out["area_um2"][i] = len(rr) * work_px**2
+        out["eccentricity"][i] = _eccentricity(rr, cc)
+        out["contrast_od"][i] = inner - (float(od_smooth[window][ring].mean()) if ring.any() else inner)
+        out["tophat_od"][i] = float(smooth_tophat[window][region].mean())
+        out["darkness_od"][i] = float(od[window][region].mean())
+    want = valid if solidity_where is None else valid & np.asarray(solidity_where(out), dtype=bool)
+    for i in np.flatnonzero(want):
+        if i in filled:
+            out["solidity"][i] = _solidity(*np.nonzero(filled[i][1]))
+        else:  # in the coordinates of the box grown by the ring, as above (the same rounding)
+            box = boxes[i]
+            r, cc = np.nonzero(labels[box] == i + 1)
+            out["solidity"][i] = _solidity(r + min(ring_px, box[0].start), cc + min(ring_px, box[1].start))
+    for i in sorted(filled):  # a pixel two filled regions cover keeps the lower label
+        window, region = filled[i]
+        view = labels[window]
+        view[region] = np.where((view[region] == 0) | (view[region] > i + 1), i + 1, view[region])
     return out, labels
 
 
-def candidates(image: np.ndarray, mpp: float, settings: ClassicSettings | None = None) -> Candidates:
-    """Steps 1-4: every seed's region and measurements, positions in working pixels (see `Candidates`)."""
+def candidates(image: np.ndarray, mpp: float, settings: ClassicSettings | None = None,
+               prefilter: bool = False) -> Candidates:
+    """Steps 1-4: every seed's region and measurements, positions in working pixels (see `Candidates`). With
+    `prefilter`, solidity (the costly measurement) is left NaN where the other rules already reject the
+    candidate (`may_pass`): `select` gives the same answer, faster."""
     settings = settings or ClassicSettings()
     settings.validate()
     mpp = _check_mpp(mpp)
@@ -208,7 +395,8 @@ def candidates(image: np.ndarray, mpp: float, settings: ClassicSettings | None =
     seeds, n = ndi.label(peaks)
     centres = ndi.center_of_mass(peaks, seeds, np.arange(1, n + 1)) if n else []
     seeds_rc = np.round(np.asarray(centres, dtype=float).reshape(-1, 2)).astype(int)
-    table, labels = measure_regions(od, smooth, seeds_rc, settings, work_px)
+    table, labels = measure_regions(od, smooth, seeds_rc, settings, work_px,
+                                    solidity_where=(lambda t: may_pass(t, settings)) if prefilter else None)
     valid = np.isfinite(table["x"])
     if not valid.all():
         table = {k: v[valid] for k, v in table.items()}
@@ -218,9 +406,30 @@ def candidates(image: np.ndarray, mpp: float, settings: ClassicSettings | None =
     return Candidates(table=table, labels=labels, od=od, scale=scale, mpp=mpp)
 
 
+def may_pass(table: dict[str, np.ndarray], settings: ClassicSettings) -> np.ndarray:
+    """The rules of `select` that do not need solidity: a candidate failing these is rejected whatever its
+    solidity, so its hull need not be measured."""
+    s = settings
+    with np.errstate(invalid="ignore"):
+        return (
+            (table["area_um2"] >= s.min_area_um2)
+            & (table["area_um2"] <= s.max_area_um2)
+            & (table["eccentricity"] <= s.max_eccentricity)
+            & (table["contrast_od"] >= min(s.min_contrast_od, s.min_contrast_round_od))
+            & (table["tophat_od"] >= s.min_tophat_od)
+            & (table["tophat_od"] <= s.max_tophat_od)
+            & (table["darkness_od"] <= s.max_darkness_od)
+        )
+
+
 def select(table: dict[str, np.ndarray], settings: ClassicSettings) -> np.ndarray:
     """Step 5, the rules: a boolean mask over the candidates."""
     s = settings
+    with np.errstate(invalid="ignore"):  # NaN solidity (not measured: rejected by `may_pass`) compares False
+        return _rules(table, s)
+
+
+def _rules(table: dict[str, np.ndarray], s: ClassicSettings) -> np.ndarray:
     return (
         (table["area_um2"] >= s.min_area_um2)
         & (table["area_um2"] <= s.max_area_um2)
@@ -252,15 +461,19 @@ def cell_measures(
     fg = ndi.binary_opening(ndi.gaussian_filter(od, 1.0 / work_px) >= min_od, iterations=1) | (nucleus_labels > 0)
     pieces, count = ndi.label(fg)
     edge = np.unique(np.r_[pieces[0], pieces[-1], pieces[:, 0], pieces[:, -1]])
-    index = np.arange(1, n + 1)
-    piece_of = ndi.maximum(pieces, nucleus_labels, index).astype(int)
+    on = nucleus_labels > 0
+    piece_of = np.zeros(n + 1, dtype=np.int64)  # the piece each nucleus lies in (the largest id it touches)
+    np.maximum.at(piece_of, nucleus_labels[on], pieces[on])
+    piece_of = piece_of[1:]
     nuclei_per_piece = np.bincount(piece_of, minlength=count + 1)
     piece_area = np.bincount(pieces.ravel(), minlength=count + 1) * work_px**2
     nucleus_area = np.bincount(nucleus_labels.ravel(), minlength=n + 1)[1:] * work_px**2
-    for i, p in enumerate(piece_of):
-        if p > 0 and nucleus_area[i] > 0 and nuclei_per_piece[p] == 1 and p not in edge and piece_area[p] <= max_area_um2:
-            cell_area[i] = piece_area[p]
-            nc[i] = nucleus_area[i] / piece_area[p]
+    on_edge = np.zeros(count + 1, dtype=bool)
+    on_edge[edge] = True
+    ok = ((piece_of > 0) & (nucleus_area > 0) & (nuclei_per_piece[piece_of] == 1) & ~on_edge[piece_of]
+          & (piece_area[piece_of] <= max_area_um2))
+    cell_area[ok] = piece_area[piece_of[ok]]
+    nc[ok] = nucleus_area[ok] / piece_area[piece_of[ok]]
     return cell_area, nc
 
 
@@ -279,7 +492,7 @@ class ClassicDetector:
         self.settings: dict[str, Any] = {"detector": self.name, **self.params.to_dict()}
 
     def __call__(self, image: np.ndarray, mpp: float) -> Nuclei:
-        cands = candidates(image, mpp, self.params)
+        cands = candidates(image, mpp, self.params, prefilter=True)
         keep = select(cands.table, self.params)
         return nuclei_from(cands, keep, self.params)
 

@@ -259,7 +259,8 @@ class PointDetector:
         seeds = self.peaks(heat, work_px)
         measure = replace(ClassicSettings(), work_mpp=self.params.work_mpp)
         smooth = ndi.gaussian_filter(_tophat(od, measure, work_px), measure.sigma_um / work_px)
-        table, labels = measure_regions(od, smooth, seeds, measure, work_px)
+        table, labels = measure_regions(od, smooth, seeds, measure, work_px,
+                                        solidity_where=lambda t: np.zeros(len(t["x"]), dtype=bool))  # not used
         missing = ~np.isfinite(table["x"])  # a seed on a flat spot grows no region: keep it, area 0
         table["x"][missing], table["y"][missing] = seeds[missing, 1], seeds[missing, 0]
         table["area_um2"][missing] = 0.0
