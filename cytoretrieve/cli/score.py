@@ -4,7 +4,7 @@ the split file's folds."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,6 +42,9 @@ def score(
     out: Annotated[Path | None, typer.Option("--out", help="Folder: roc.png, top_tiles.json (each slide's top tiles, ids `search --id` opens), scores.csv, and heatmaps/<slide>.png (tile scores over the slide thumbnail) and geojson/<slide>.geojson (QuPath objects: tile score measured, predicted class; tile tables only).")] = None,
     n_top: Annotated[int, typer.Option("--n-top", help="Top tiles per slide written by --out.")] = 10,
     objects: Annotated[str, typer.Option("--objects", help="QuPath object type of the tiles in --out's geojson/<slide>.geojson: tile or detection.")] = "tile",
+    where: Annotated[str | None, typer.Option("--where", help="SQL filter on the tile rows: only those it matches join the bags, e.g. \"focus > 0.2\" (sharp tiles only).")] = None,
+    save_scores: Annotated[str | None, typer.Option("--save-scores", metavar="NAME", help="Save the run's out-of-fold tile scores in the store under NAME, for `serve` to draw over each slide (a name already saved is refused without --overwrite).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="With --save-scores: replace the run saved under NAME.")] = False,
 ) -> None:
     """Score whole slides from their tile vectors, cross-validated over the folds of --split.
 
@@ -56,19 +59,22 @@ def score(
 
     Example: cytoretrieve score --tiles cohort_tiles_dino_vits --labels slides.csv --split split.json --method gated --out scores/
 
+    Sharp tiles only, scores kept for the viewer: ... --where "focus > 0.2" --save-scores gated-sharp
+
     With annotated cells: cytoretrieve score --tiles cohort_tiles_dino_vits --labels slides.csv --split split.json --positives cohort_annotations_cells_dino_vits --augment-positives 0.3
     """
     from rich import box
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    from cytoretrieve.errors import CytoError
-    from cytoretrieve.queries.mil.methods import get_method
-    from cytoretrieve.queries.mil.metrics import METRICS
-    from cytoretrieve.queries.mil.retrieval import REFERENCES, RetrievalConfig
-    from cytoretrieve.queries.mil.score import score_table, top_tiles
-    from cytoretrieve.queries.mil.train import MILTrainConfig, resolve_device
-    from cytoretrieve.views.plots import plot_roc
+    with Console(stderr=True).status("loading torch, the store and the MIL methods", spinner="dots"):
+        from cytoretrieve.errors import CytoError
+        from cytoretrieve.queries.mil.methods import get_method
+        from cytoretrieve.queries.mil.metrics import METRICS
+        from cytoretrieve.queries.mil.retrieval import REFERENCES, RetrievalConfig
+        from cytoretrieve.queries.mil.score import score_table, top_tiles
+        from cytoretrieve.queries.mil.train import MILTrainConfig, resolve_device
+        from cytoretrieve.views.plots import plot_roc
 
     get_method(method)  # an unknown one fails here, before any work
     if epochs < 1 or top_k < 1 or neighbours < 1 or top_m < 1 or n_top < 1 or lr <= 0 or instance_negatives < 0:
@@ -79,6 +85,7 @@ def score(
         raise CytoError(f"--out {out} exists and is not a folder")
     if objects not in ("tile", "detection"):
         raise CytoError(f"--objects must be tile or detection, not {objects!r}")
+    _check_save(store, save_scores, overwrite)
     train_cfg = MILTrainConfig(epochs=epochs, lr=lr, top_k=top_k, clip=clip, instance_negatives=instance_negatives,
                                augment_positives=augment_positives, augment_max=augment_max, seed=seed,
                                device=resolve_device(device))  # the method's record sets its pooling
@@ -86,7 +93,7 @@ def score(
     with incomplete_tables(store, [tiles, *([positives] if positives else [])]):
         result, bags, table = score_table(store, tiles, labels, split, method, group_column=group_column,
                                           train_config=train_cfg, retrieval_config=ret_cfg, positives_table=positives,
-                                          stream=stream, row_labels=row_labels)
+                                          stream=stream, row_labels=row_labels, where=where)
 
     console = Console()
     view = RichTable(title=f"{method}: slide scores, {len(result.folds)} folds of {split.name}", box=box.SIMPLE_HEAD)
@@ -103,6 +110,10 @@ def score(
     for note in result.notes:
         console.print(f"note: {note}")
 
+    if save_scores is not None:
+        saved = _save(store, save_scores, overwrite, result, bags, table)
+        console.print(f"saved {saved.tiles} tile scores of {saved.slides} slide(s) as score run '{saved.run}' "
+                      "(`serve` draws them over each slide)")
     if json_out:
         options.write_json({"tiles": tiles, "labels": str(labels), "split": str(split), **result.to_dict()}, json_out)
     if out is not None:
@@ -126,3 +137,30 @@ def score(
         heat = f", {len(maps)} heat maps in {out / 'heatmaps'}" if maps else ""
         heat += f", {len(shapes)} QuPath GeoJSON files in {out / 'geojson'}" if shapes else ""
         console.print(f"written: {out / 'roc.png'}, {out / 'top_tiles.json'}, {out / 'scores.csv'}{heat}")
+
+
+def _check_save(store: str, name: str | None, overwrite: bool) -> None:
+    """--save-scores NAME / --overwrite checked before any work: a bad or taken name is refused at once."""
+    from cytoretrieve.errors import CytoError
+
+    if name is None:
+        if overwrite:
+            raise CytoError("--overwrite replaces a run saved by --save-scores NAME: give --save-scores too")
+        return
+    from cytoretrieve.store.scores import check_run_name, find_run
+    from cytoretrieve.store.tables import Store
+
+    check_run_name(name)
+    if not overwrite and find_run(Store(store), name) is not None:
+        raise CytoError(f"a score run named '{name}' is already saved: choose another --save-scores NAME or pass --overwrite")
+
+
+def _save(store: str, name: str, overwrite: bool, result: Any, bags: Any, table: Any) -> Any:  # noqa: ANN401
+    """The run's out-of-fold tile scores saved in the store under `name` (as the heat maps colour them)."""
+    from cytoretrieve.queries.mil.score import tile_score_rows
+    from cytoretrieve.store.scores import save_scores
+    from cytoretrieve.store.tables import Store
+    from cytoretrieve.views.heatmap import display_scores
+
+    rows = tile_score_rows(result, bags, table, display=display_scores)
+    return save_scores(Store(store), name, table.name, table.version, result.method, rows, overwrite=overwrite)

@@ -142,8 +142,8 @@ class StoredVectors(Sequence[np.ndarray]):
 
 
 def load_bags(table: VectorTable, labels: dict[str, SlideLabel] | str | Path, *, group_column: str = "slide",
-              dtype: Any = np.float32, stream: bool | None = None) -> Bags:
-    """The bags of a vector table, one per labelled group.
+              dtype: Any = np.float32, stream: bool | None = None, where: str | None = None) -> Bags:
+    """The bags of a vector table, one per labelled group (of the rows matching the SQL `where`, when given).
 
     A first pass reads only ids and groups. Then, when the labelled vectors fit (`stream` None: at most
     MEMORY_FRACTION of the available memory; False: always), one streamed pass copies them into a single array
@@ -159,7 +159,7 @@ def load_bags(table: VectorTable, labels: dict[str, SlideLabel] | str | Path, *,
     dim = table.dim
     from cytoretrieve.store.tables import require_unique
 
-    meta = table.scan(["id", col], row_id=True).read_all()
+    meta = table.scan(["id", col], where, row_id=True).read_all()  # rows `where` leaves out join no bag
     require_unique(table.name, meta.column("id"))
     groups = pc.dictionary_encode(meta.column(col).combine_chunks())
     names_in_table = [str(g) for g in groups.dictionary.to_pylist()]
@@ -168,7 +168,8 @@ def load_bags(table: VectorTable, labels: dict[str, SlideLabel] | str | Path, *,
     missing = sorted(set(wanted) - set(names))
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise CytoError(f"the labels name {len(missing)} slide(s) without rows in table '{table.name}' "
+        matching = f" matching `where` {where!r}" if where else ""
+        raise CytoError(f"the labels name {len(missing)} slide(s) without rows{matching} in table '{table.name}' "
                         f"(column '{col}'): {shown}")
     position = {g: i for i, g in enumerate(names)}
     bag_of_code = np.array([position.get(g, -1) for g in names_in_table] + [-1], dtype=np.int64)
