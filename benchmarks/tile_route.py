@@ -14,12 +14,18 @@ The store holds the real CMU-1-Small-Region (Aperio SVS, one level) and a synthe
 
     nice .venv/bin/python benchmarks/tile_route.py --quick      # 2k rows, 24 tiles per client
     nice .venv/bin/python benchmarks/tile_route.py              # 20k rows, 60 tiles per client
+    nice .venv/bin/python benchmarks/tile_route.py --quick --nice 0,10 --rounds 3   # A/B of the tile threads' nice
+
+`--nice` compares servers whose tile threads run that many nice steps below the rest (`CYTORETRIEVE_TILE_NICE`),
+one fresh server per value and round, the values alternating in each round (a busy machine's drift falls on
+both); the figures are then medians over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import threading
@@ -125,6 +131,50 @@ def ms(seconds: list[float]) -> dict[str, float]:
             "p95_ms": round(_common.percentile(seconds, 95) * 1e3, 1)}
 
 
+def measure(store: str, port: int, rows: int, tiles: int, n_searches: int) -> dict:
+    """One fresh server: idle searches, then the cold and the warm pan with searches meanwhile."""
+    import httpx
+
+    proc = start_server(store, port)
+    base = f"http://127.0.0.1:{port}"  # loopback only
+    try:
+        ids = [f"c{i:07d}" for i in range(0, rows, max(1, rows // 200))]
+        searches(base, ids, None, 5)  # warm-up: the index loaded
+        idle = searches(base, ids, None, n_searches)
+        plan = walks(base, tiles)  # /api/slides/{slide}: opens both slides (as the page does first)
+        cold, cold_errors, during_cold = under_load(base, plan, ids)
+        warm, warm_errors, during_warm = under_load(base, plan, ids)
+        traversal = httpx.get(f"{base}/api/slides/..%2F..%2Fetc%2Fpasswd/tiles/0/0_0.jpeg").status_code
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"cold": ms(cold), "cold_errors": cold_errors, "warm": ms(warm), "warm_errors": warm_errors,
+            "search_idle": ms(idle), "search_during_cold": ms(during_cold), "search_during_warm": ms(during_warm),
+            "traversal_status": traversal, "requests": (len(cold), len(warm))}
+
+
+def report(label: str, runs: list[dict]) -> dict:
+    """Medians over `runs` (one per round) of each figure, printed; the search ratios are per run, then medians."""
+    import statistics
+
+    def med(key: str, stat: str) -> float:
+        return round(statistics.median(r[key][stat] for r in runs), 1)
+
+    out = {k: {s: med(k, s) for s in ("p50_ms", "p95_ms")} for k in ("cold", "warm", "search_idle",
+                                                                        "search_during_cold", "search_during_warm")}
+    for phase in ("cold", "warm"):
+        out[f"ratio_{phase}"] = round(statistics.median(r[f"search_during_{phase}"]["p50_ms"] / r["search_idle"]["p50_ms"]
+                                                        for r in runs), 2)
+    out["errors"] = sum(r["cold_errors"] + r["warm_errors"] for r in runs)
+    out["traversal_status"] = sorted({r["traversal_status"] for r in runs})
+    print(f"[{label}] tiles cold p50 {out['cold']['p50_ms']} ms, p95 {out['cold']['p95_ms']} ms (target p50 <= 100 ms); "
+          f"warm p50 {out['warm']['p50_ms']} ms, p95 {out['warm']['p95_ms']} ms (target p50 <= 20 ms); "
+          f"{out['errors']} errors; traversal HTTP {out['traversal_status']}")
+    print(f"[{label}] search idle p50 {out['search_idle']['p50_ms']} ms; during the cold pan {out['ratio_cold']}x, "
+          f"during the warm pan {out['ratio_warm']}x its idle p50 (target <= 2x; medians of {len(runs)} run(s))")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20_000, help="vectors in the searched table")
@@ -132,47 +182,33 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=60, help="idle searches timed")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--quick", action="store_true", help="2k rows, 24 tiles per client, 30 idle searches")
+    parser.add_argument("--nice", default=None, help="comma-separated nice steps of the tile threads to compare "
+                        "(CYTORETRIEVE_TILE_NICE; default: the server's own)")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh servers per --nice value, alternating")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.tiles, args.searches = 2_000, 24, 30
     if not SVS.exists():
         sys.exit(f"{SVS} not found")
+    arms = [v.strip() for v in args.nice.split(",")] if args.nice else [None]
     _common.print_machine(_common.machine())
     start_load = _common.print_load("at start")
+    runs: dict[str, list[dict]] = {str(a): [] for a in arms}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         store = build_store(Path(tmp), args.rows)
         print(f"store built in {time.perf_counter() - t0:.1f} s ({args.rows:,} rows, 2 slides tiled)")
-        proc = start_server(store, args.port)
-        base = f"http://127.0.0.1:{args.port}"  # loopback only
-        try:
-            import httpx
-
-            ids = [f"c{i:07d}" for i in range(0, args.rows, max(1, args.rows // 200))]
-            searches(base, ids, None, 5)  # warm-up: the index loaded
-            idle = searches(base, ids, None, args.searches)
-            plan = walks(base, args.tiles)  # /api/slides/{slide}: opens both slides (as the page does first)
-            cold, cold_errors, during_cold = under_load(base, plan, ids)
-            warm, warm_errors, during_warm = under_load(base, plan, ids)
-            traversal = httpx.get(f"{base}/api/slides/..%2F..%2Fetc%2Fpasswd/tiles/0/0_0.jpeg").status_code
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    results = {"tiles_per_client": args.tiles, "clients": CLIENTS, "rows": args.rows,
-               "cold": ms(cold), "cold_errors": cold_errors, "warm": ms(warm), "warm_errors": warm_errors,
-               "search_idle": ms(idle), "search_during_cold": ms(during_cold), "search_during_warm": ms(during_warm),
-               "traversal_status": traversal, "load_start": start_load}
-    idle_p50 = results["search_idle"]["p50_ms"]
-    print(f"tiles cold: p50 {results['cold']['p50_ms']} ms, p95 {results['cold']['p95_ms']} ms "
-          f"({len(cold)} requests, {cold_errors} errors; target p50 <= 100 ms)")
-    print(f"tiles warm: p50 {results['warm']['p50_ms']} ms, p95 {results['warm']['p95_ms']} ms "
-          f"({len(warm)} requests, {warm_errors} errors; target p50 <= 20 ms)")
-    for phase in ("cold", "warm"):
-        s = results[f"search_during_{phase}"]
-        print(f"search during the {phase} pan: p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms ({s['n']} searches) = "
-              f"{s['p50_ms'] / idle_p50:.2f}x its idle p50 {idle_p50} ms (target <= 2x)")
-    print(f"traversal attempt on the tile route: HTTP {traversal}")
+        for r in range(args.rounds):
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                if arm is not None:
+                    os.environ["CYTORETRIEVE_TILE_NICE"] = arm
+                runs[str(arm)].append(measure(store, args.port, args.rows, args.tiles, args.searches))
+                print(f"round {r + 1}, nice {arm if arm is not None else 'default'}: done", flush=True)
+    results = {"tiles_per_client": args.tiles, "clients": CLIENTS, "rows": args.rows, "rounds": args.rounds,
+               "load_start": start_load, "arms": {}}
+    for arm, got in runs.items():
+        results["arms"][arm] = {**report(f"nice {arm if arm != 'None' else 'default'}", got), "runs": got}
     results["load_end"] = _common.print_load("at end")
     _common.write_json(args.json, results)
 

@@ -281,3 +281,34 @@ def default_reviewer() -> str:
     import getpass
 
     return os.environ.get("CYTORETRIEVE_REVIEWER") or getpass.getuser()
+
+
+def undo_rows(store: Store, table: str, row_ids: Sequence[str], reviewer: str | None = None,
+              events: Sequence[str] | None = None) -> list[LabelEvent]:
+    """`undo` for many rows in one commit (the viewer's undo of a bulk action: all of it or none); every row must
+    have a review, else nothing is written.
+
+    With `events` (one event id per row: the action being undone), each row gets back the review it had before
+    that event, whatever came after it: so undoing a page's actions one after another, latest first, walks back
+    through them (a plain `undo` of a row whose latest event is an undo would redo instead)."""
+    ids = list(dict.fromkeys(row_ids))
+    if events is not None and len(events) != len(row_ids):
+        raise CytoError(f"`events`: one per row ({len(row_ids)}), not {len(events)}")
+    current = latest_events(store, table, ids)
+    missing = [r for r in ids if r not in current]
+    if missing:
+        raise CytoError(f"row '{missing[0]}' of table '{table}' has no review to undo "
+                        f"({len(missing)} row(s) without one); nothing written")
+    log = {e.event: e for e in events_of(read_events(store, table, ids))}
+    undone = dict(zip(row_ids, events)) if events is not None else {r: current[r].event for r in ids}
+    wrong = [r for r in ids if undone[r] not in log or log[undone[r]].row_id != r]
+    if wrong:
+        raise CytoError(f"`events`: no event {undone[wrong[0]]!r} of row '{wrong[0]}' in table '{table}'; "
+                        "nothing written")
+    out = []
+    for r in ids:
+        back = log.get(log[undone[r]].supersedes or "")
+        out.append(new_event(table, r, back.label if back else None, back.binary if back else None,
+                             reviewer or current[r].reviewer, source=current[r].source,
+                             supersedes=current[r].event, action="undo"))
+    return append_events(store, out)

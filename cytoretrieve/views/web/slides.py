@@ -6,13 +6,16 @@ table, else any tile table's rows of that slide), never a path from the request.
 backends), at most `max_open` at a time (least recently used closed first, once no read uses them).
 
 Tiles are read in a small thread pool of their own (`workers`), so a burst of tile requests never takes the
-threads or the event loop that searches run on; encoded tiles are kept in a bounded byte cache.
+threads or the event loop that searches run on; encoded tiles are kept in a bounded byte cache. Its threads run
+`nice` steps below the server's other threads (Linux: a thread's own nice value), so on a machine with few cores
+decoding tiles yields the CPU to searches instead of sharing it evenly (BENCHMARKS.md, "The viewer's slide tiles").
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -33,6 +36,7 @@ DEFAULT_QUALITY = 80  # JPEG quality of tiles
 DEFAULT_MAX_OPEN = 8  # slide handles kept open
 DEFAULT_WORKERS = 2  # threads reading tiles (as many as the cores this was measured on: more slow searches down)
 TILE_CACHE_BYTES = 32 << 20  # encoded tiles kept
+TILE_NICE = int(os.environ.get("CYTORETRIEVE_TILE_NICE", "10"))  # tile threads' nice steps above the server's
 BASE_SIDE = 1024  # px: Deep Zoom levels up to the last that fits this are cut from one picture of that level
 MAX_BASE_READ = 64_000_000  # px read (once) to make that picture; a slide needing more reads every tile
 MAX_OVERLAY_ROWS = 50_000  # tiles or cells per layer sent to the page
@@ -92,12 +96,13 @@ class SlideTiles:
 
     def __init__(self, store: Store, opener: SlideOpener | None, *, quality: int = DEFAULT_QUALITY,
                  max_open: int = DEFAULT_MAX_OPEN, workers: int = DEFAULT_WORKERS,
-                 cache_bytes: int = TILE_CACHE_BYTES) -> None:
+                 cache_bytes: int = TILE_CACHE_BYTES, nice: int = TILE_NICE) -> None:
         if not 1 <= quality <= 95:
             raise CytoError(f"`tile_quality` must be between 1 and 95, not {quality}")
         self.store, self.opener, self.quality = store, opener, int(quality)
         self.max_open = max(1, int(max_open))
-        self.executor = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="tiles")
+        self.executor = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="tiles",
+                                           initializer=lower_priority, initargs=(int(nice),))
         self.cache_bytes = int(cache_bytes)
         self._open: OrderedDict[str, _Open] = OrderedDict()
         self._tiles: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
@@ -287,6 +292,28 @@ class SlideTiles:
             raise UnknownSlide(f"no slide '{slide}' in this store")
         return {"slide": slide, "tiles": tiles, "cells": cells}
 
+    def score_runs(self, slide: str) -> dict[str, Any]:
+        """The saved score runs (`score --save-scores`) with tiles on `slide`, newest first."""
+        from cytoretrieve.store.scores import slide_runs
+
+        check_slide_id(slide)
+        return {"slide": slide, "runs": [{**r.to_dict(), "slide_tiles": n} for r, n in slide_runs(self.store, slide)]}
+
+    def score_layer(self, slide: str, run: str) -> dict[str, Any]:
+        """Run `run`'s tile scores on `slide` ([x, y, side, score] level-0, at most `MAX_OVERLAY_ROWS`) with the
+        run's colour scale (`lo`, `hi`, shared by its slides); `UnknownSlide` when the run has no tile there."""
+        from cytoretrieve.store.scores import check_run_name, run_tiles
+
+        check_slide_id(slide)
+        check_run_name(run)
+        found, rows = run_tiles(self.store, run, slide, limit=MAX_OVERLAY_ROWS + 1)
+        if found is None or rows.num_rows == 0:
+            raise UnknownSlide(f"no score run '{run}' on slide '{slide}'")
+        data = rows.slice(0, MAX_OVERLAY_ROWS).select(["x", "y", "side", "score"]).to_pylist()
+        slide_score = rows.column("slide_score")[0].as_py()
+        return {"slide": slide, **found.to_dict(), "slide_score": slide_score, "truncated": rows.num_rows > MAX_OVERLAY_ROWS,
+                "tiles": [[r["x"], r["y"], r["side"], r["score"]] for r in data]}
+
     @property
     def open_count(self) -> int:
         return len(self._open)
@@ -299,6 +326,18 @@ class SlideTiles:
             entry.closing = True
             if entry.users == 0:
                 entry.handle.close()
+
+
+def lower_priority(steps: int) -> None:
+    """Raise the calling thread's nice value by `steps` (Linux threads have their own; elsewhere, or without the
+    right, nothing changes): the tile threads then take the CPU only when searches leave it."""
+    if steps <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except OSError:
+        pass
 
 
 def resized(image: Any, size: tuple[int, int]) -> Any:

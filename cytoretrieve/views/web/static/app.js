@@ -91,6 +91,7 @@ async function chooseTable(name) {
   $("export-geojson").title = f.tiles ? "" : "cells have no slide position: QuPath objects need tiles";
   const [one] = WORDS[state.kind];
   status(`Drop a ${one} image or click a stored ${one}; click a hit to see it large.`);
+  document.dispatchEvent(new CustomEvent("viewer:table", { detail: { table: name, facets: f } }));  // labels.js
   await loadBrowse();
 }
 
@@ -191,6 +192,7 @@ function openLarge(id) {
     : (picture.hidden ? "" : picture.src);
   $("compare-query-name").textContent = $("query-name").textContent;
   $("compare").hidden = false;
+  document.dispatchEvent(new CustomEvent("viewer:large", { detail: { id } }));  // labels.js: its history
   // a tile or cell on a slide: its slide at full resolution, centred on it (the query's slide beside it)
   if (hit && hit.slide !== null && window.slideView) window.slideView.open(hit, state.lastResult);
 }
@@ -255,4 +257,5 @@ function wire() {
   loadTables().catch((err) => status(err.message, true));
 }
 
+window.viewer = { state, api, esc, status };  // what labels.js reads (the table, the page's fetch and escaping)
 document.addEventListener("DOMContentLoaded", wire);
