@@ -32,13 +32,14 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, herlev_root):  # noqa: ANN001, ANN201
     pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
+    from cytoretrieve.sources.slides.backends import open_slide_file
     from cytoretrieve.sources.slides.reader import SlideReader
     from cytoretrieve.views.web.app import create_app
     from helpers.viewer_server import serving
 
     store: Store = herlev_store(herlev_root, tmp_path_factory.mktemp("browser"))
     add_tiles(store)
-    with serving(create_app(store.uri, reader=SlideReader().read_row)) as url:
+    with serving(create_app(store.uri, reader=SlideReader().read_row, slide_opener=open_slide_file)) as url:
         yield url
 
 
@@ -146,6 +147,8 @@ def test_upload_click_filter_and_download(page, herlev_root: Path, tmp_path: Pat
                            "document.getElementById('large-picture').naturalWidth >= 320")
     _no_overlaps(page)
     page.wait_for_function("[...document.querySelectorAll('img')].every(i => !i.src || i.complete)")
+    # the hit's slide opened beside the query: wait for its full-resolution tiles before the picture is taken
+    page.wait_for_function("window.cytoSlides.panes.hit && window.cytoSlides.panes.hit.fullAt !== null")
     docs_shot = tmp_path / "viewer_large.png"
     page.screenshot(path=str(docs_shot), full_page=True)
     if os.environ.get("CYTORETRIEVE_SCREENSHOT"):
