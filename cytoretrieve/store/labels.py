@@ -20,17 +20,23 @@ A row's history is its events in (`time`, `event`) order; its current review is 
 source is a review source (`REVIEW_SOURCES`). Nothing is ever updated or deleted: each `append_events` call is one
 LanceDB append (one commit, retried while it loses a race to another writer), so concurrent writers (two
 reviewers, two processes) lose nothing and a killed writer loses at most the events of the call it was in.
+A write that reads the log first (a label supersedes the row's current review; an undo gives back an earlier one)
+holds the log's write section (`_writing`: a lock between threads, the log's lease between processes), so two
+reviewers of one row form one chain of `supersedes`, never a fork. Every `COMPACT_EVERY` commits the writer
+compacts the log, so that one event per click does not leave reads scanning thousands of small fragments.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,12 +45,16 @@ import pyarrow as pa
 from cytoretrieve.errors import CytoError
 from cytoretrieve.faults import failpoint
 from cytoretrieve.store.filters import all_of, equals, one_of
-from cytoretrieve.store.tables import META_KEY, Store, retry_commit
+from cytoretrieve.store.tables import KEEP_VERSIONS, META_KEY, Store, retry_commit
+
+log = logging.getLogger(__name__)
 
 LABELS_TABLE = "label_log"
 LABELS_KIND = "labels"
 SOURCES = ("expert", "import", "model")
 REVIEW_SOURCES = ("expert", "import")  # events that count as a review (a model's prediction does not)
+COMPACT_EVERY = 64  # commits of the log between two compactions
+LEASE_WAIT = 60.0  # seconds a writer waits for another process's write section
 UNSURE = "unsure"  # always accepted: the reviewer doubts the row's label (reviewed labels leave the row out)
 FIELDS = [
     pa.field("event", pa.string(), nullable=False),
@@ -147,14 +157,39 @@ def _open_log(store: Store, attempts: int = 40) -> Any:  # noqa: ANN401 - a lanc
     raise AssertionError("unreachable")
 
 
+_sections: dict[str, threading.Lock] = {}
+_sections_lock = threading.Lock()
+
+
+@contextmanager
+def _writing(store: Store) -> Iterator[None]:
+    """The log's write section: one writer at a time reads the current reviews and appends (a lock between this
+    process's threads, the log's write lease between processes)."""
+    _log_table(store, create=True)  # created first: creating takes the same lease
+    with _sections_lock:
+        lock = _sections.setdefault(str(store.uri), threading.Lock())
+    with lock:
+        lease = store.lease(LABELS_TABLE, wait=LEASE_WAIT, poll=0.01)
+        try:
+            yield
+        finally:
+            lease.release()
+
+
 def append_events(store: Store, events: Sequence[LabelEvent]) -> list[LabelEvent]:
-    """Store these events in one append (one commit: all or none of them), retried while it loses a race."""
+    """Store these events in one append (one commit: all or none of them), retried while it loses a race; every
+    `COMPACT_EVERY` versions of the log, compact it (a failed compaction is left for a later writer)."""
     if not events:
         return []
     rows = pa.Table.from_pylist([asdict(e) for e in events], schema=SCHEMA)
     tbl = _log_table(store, create=True)
     failpoint("label-commit")
     retry_commit(lambda: tbl.add(rows))
+    if tbl.version % COMPACT_EVERY == 0:
+        try:
+            retry_commit(lambda: tbl.optimize(cleanup_older_than=KEEP_VERSIONS))
+        except (RuntimeError, OSError, ValueError) as e:  # the events are stored: compaction can wait
+            log.warning("label log: compaction left for a later writer (%s)", e)
     return list(events)
 
 
@@ -250,30 +285,33 @@ def record_labels(store: Store, table: str, items: Sequence[LabelInput], *, revi
     if unknown and not new_class:
         raise CytoError(f"label(s) {', '.join(unknown)} not among the classes of table '{table}' "
                         f"({', '.join(classes) or 'none'}, or {UNSURE}): pass `new_class` to add them; nothing written")
-    current = latest_events(store, table, {i.row_id for i in items})
-    events = []
-    for item in items:
-        b = None if item.label == UNSURE else binary_of.get(item.label, binary)
-        previous = current.get(item.row_id)
-        events.append(new_event(table, item.row_id, item.label, b, item.reviewer or reviewer, source=source,
-                                note=item.note, supersedes=previous.event if previous else None))
-        current[item.row_id] = events[-1]
-    return append_events(store, events)
+    with _writing(store):  # the current reviews read and superseded in one section: one chain per row
+        current = latest_events(store, table, {i.row_id for i in items})
+        events = []
+        for item in items:
+            b = None if item.label == UNSURE else binary_of.get(item.label, binary)
+            previous = current.get(item.row_id)
+            events.append(new_event(table, item.row_id, item.label, b, item.reviewer or reviewer, source=source,
+                                    note=item.note, supersedes=previous.event if previous else None))
+            current[item.row_id] = events[-1]
+        return append_events(store, events)
 
 
 def undo(store: Store, table: str, row_id: str, reviewer: str | None = None) -> LabelEvent:
     """Undo the row's current review: a new event giving back the label that review superseded (None: no review),
     superseding it. Undoing an undo gives its label back (a redo)."""
-    current = latest_events(store, table, [row_id]).get(row_id)
-    if current is None:
-        raise CytoError(f"row '{row_id}' of table '{table}' has no review to undo")
-    before = None
-    if current.supersedes:
-        found = [e for e in events_of(read_events(store, table, [row_id])) if e.event == current.supersedes]
-        before = found[0] if found else None
-    event = new_event(table, row_id, before.label if before else None, before.binary if before else None,
-                      reviewer or current.reviewer, source=current.source, supersedes=current.event, action="undo")
-    return append_events(store, [event])[0]
+    with _writing(store):
+        current = latest_events(store, table, [row_id]).get(row_id)
+        if current is None:
+            raise CytoError(f"row '{row_id}' of table '{table}' has no review to undo")
+        before = None
+        if current.supersedes:
+            found = [e for e in events_of(read_events(store, table, [row_id])) if e.event == current.supersedes]
+            before = found[0] if found else None
+        event = new_event(table, row_id, before.label if before else None, before.binary if before else None,
+                          reviewer or current.reviewer, source=current.source, supersedes=current.event,
+                          action="undo")
+        return append_events(store, [event])[0]
 
 
 def default_reviewer() -> str:
@@ -294,21 +332,22 @@ def undo_rows(store: Store, table: str, row_ids: Sequence[str], reviewer: str | 
     ids = list(dict.fromkeys(row_ids))
     if events is not None and len(events) != len(row_ids):
         raise CytoError(f"`events`: one per row ({len(row_ids)}), not {len(events)}")
-    current = latest_events(store, table, ids)
-    missing = [r for r in ids if r not in current]
-    if missing:
-        raise CytoError(f"row '{missing[0]}' of table '{table}' has no review to undo "
-                        f"({len(missing)} row(s) without one); nothing written")
-    log = {e.event: e for e in events_of(read_events(store, table, ids))}
-    undone = dict(zip(row_ids, events)) if events is not None else {r: current[r].event for r in ids}
-    wrong = [r for r in ids if undone[r] not in log or log[undone[r]].row_id != r]
-    if wrong:
-        raise CytoError(f"`events`: no event {undone[wrong[0]]!r} of row '{wrong[0]}' in table '{table}'; "
-                        "nothing written")
-    out = []
-    for r in ids:
-        back = log.get(log[undone[r]].supersedes or "")
-        out.append(new_event(table, r, back.label if back else None, back.binary if back else None,
-                             reviewer or current[r].reviewer, source=current[r].source,
-                             supersedes=current[r].event, action="undo"))
-    return append_events(store, out)
+    with _writing(store):
+        current = latest_events(store, table, ids)
+        missing = [r for r in ids if r not in current]
+        if missing:
+            raise CytoError(f"row '{missing[0]}' of table '{table}' has no review to undo "
+                            f"({len(missing)} row(s) without one); nothing written")
+        log = {e.event: e for e in events_of(read_events(store, table, ids))}
+        undone = dict(zip(row_ids, events)) if events is not None else {r: current[r].event for r in ids}
+        wrong = [r for r in ids if undone[r] not in log or log[undone[r]].row_id != r]
+        if wrong:
+            raise CytoError(f"`events`: no event {undone[wrong[0]]!r} of row '{wrong[0]}' in table '{table}'; "
+                            "nothing written")
+        out = []
+        for r in ids:
+            back = log.get(log[undone[r]].supersedes or "")
+            out.append(new_event(table, r, back.label if back else None, back.binary if back else None,
+                                 reviewer or current[r].reviewer, source=current[r].source,
+                                 supersedes=current[r].event, action="undo"))
+        return append_events(store, out)

@@ -106,8 +106,9 @@ def _create(path: Path, content: dict) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def acquire(folder: Path, table: str, wait: float = 0.0) -> Lease:
-    """The write lease of `table`, waiting up to `wait` seconds for another job's to be released."""
+def acquire(folder: Path, table: str, wait: float = 0.0, poll: float = POLL_SECONDS) -> Lease:
+    """The write lease of `table`, waiting up to `wait` seconds for another job's to be released (looking again
+    every `poll` seconds: a job's lease is held for minutes, a label write's for milliseconds)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{table}.lease"
     me = job_id()
@@ -138,4 +139,4 @@ def acquire(folder: Path, table: str, wait: float = 0.0) -> Lease:
             who = f"pid {held.get('pid', '?')} on {held.get('host', '?')}, since {held.get('since', '?')}"
             raise CytoError(f"another job is writing table '{table}' ({who}): wait for it to finish, or pass "
                             f"`wait` SECONDS to wait for it")
-        time.sleep(POLL_SECONDS)
+        time.sleep(poll)

@@ -162,10 +162,11 @@ class Store:
     def _lease_folder(self) -> Path:
         return Path(self.uri) / ".leases" if self.local else self.index_dir() / "leases"
 
-    def lease(self, name: str, wait: float | None = None) -> Lease:
+    def lease(self, name: str, wait: float | None = None, poll: float | None = None) -> Lease:
         """The write lease of table `name` (see `lease.py`): one job at a time writes a table. `wait` defaults to
-        the store's."""
-        return acquire(self._lease_folder(), name, self.wait if wait is None else wait)
+        the store's; `poll` (seconds between looks) to the lease module's."""
+        kwargs = {} if poll is None else {"poll": poll}
+        return acquire(self._lease_folder(), name, self.wait if wait is None else wait, **kwargs)
 
     def write_state(self, name: str) -> str:
         """'' when no job writes table `name`; 'writing (pid P on H)' while one does; 'interrupted' when its

@@ -105,6 +105,17 @@ def test_concurrent_threads_lose_nothing(store: Store) -> None:
         for row in range(4):
             seq = [int(e["note"].split(":")[1]) for e in log if e["reviewer"] == w and e["row_id"] == f"B/{row}"]
             assert seq == sorted(seq) and len(seq) == n // 4
+    _one_chain_per_row(log)
+
+
+def _one_chain_per_row(log: list[dict]) -> None:
+    """Each row's events, in log order, form one chain: each supersedes the one before it (no fork, where two
+    writers read the same current review and both supersede it)."""
+    rows: dict[str, list[dict]] = {}
+    for e in log:
+        rows.setdefault(e["row_id"], []).append(e)
+    for events in rows.values():
+        assert [e["supersedes"] for e in events] == [None] + [e["event"] for e in events[:-1]]
 
 
 WRITER = textwrap.dedent("""
@@ -126,6 +137,7 @@ def test_concurrent_processes_lose_nothing(store: Store) -> None:
     for w in ("p1", "p2"):
         seq = [int(e["note"].split(":")[1]) for e in log if e["reviewer"] == w]
         assert seq == list(range(n))  # each writer's events in the order written, none lost or repeated
+    _one_chain_per_row(log)
 
 
 def test_csv_and_geojson_both_ways(tmp_path: Path) -> None:
