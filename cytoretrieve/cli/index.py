@@ -13,7 +13,8 @@ from cytoretrieve.store.ann import INDEX_KINDS  # names and help only: faiss is 
 KIND_HELP = "auto: the kind that suits the table's size, as said below. " + " ".join(
     f"{kind.name}: {kind.help}." for kind in INDEX_KINDS.values())
 
-app = typer.Typer(help="The FAISS index cached beside each table.", no_args_is_help=True)
+app = typer.Typer(help="A table's vector index: FAISS, cached on this machine, or LanceDB's own, in the store.",
+                  no_args_is_help=True)
 
 
 @app.command("build")
@@ -26,7 +27,9 @@ def build(
 
     Searches keep the cached index up to date by themselves: rows appended to the table are added to it and
     deleted rows removed, and an IVF index is retrained once the table has doubled. Rebuild by hand after a bulk
-    change, or to switch `--kind`.
+    change, or to switch `--kind` (later searches with `auto` follow the kind built here). `--kind lance` builds
+    LanceDB's own index inside the table: every machine that reads the store shares it, rows appended later are
+    searched flat until a search or a writer's finish folds them in.
 
     Example: `cytoretrieve index build --table herlev_resnet50 --kind ivf`
     """

@@ -275,7 +275,9 @@ def similarity_scale(table: VectorTable, index: TableIndex) -> np.ndarray | None
     """The 101 percentiles (0..100) of the table's nearest-neighbour similarities: for up to `SCALE_SAMPLE` rows
     drawn with a fixed seed, the cosine similarity to the most similar other row. Computed once per table version
     (kept in memory and in `<table>.nnsim.json` beside the index); None for a table of fewer than 3 rows."""
-    version = index.version  # the version the index was brought to: asking LanceDB again costs a round trip
+    # the version the index was brought to (asking LanceDB again costs a round trip), or what the index says its
+    # scale is keyed to (the lance kind: its index build, as the scale's thousands of queries cost seconds there)
+    version = getattr(index, "scale_version", index.version)
     key = (table.store.uri, table.name, version)
     with _SCALES_LOCK:
         if key in _SCALES:
@@ -308,7 +310,8 @@ def _compute_scale(table: VectorTable, index: TableIndex) -> np.ndarray | None:
     rows = table.scan(["key"], row_id=True).read_all()
     if rows.num_rows < 3:
         return None
-    pick = np.sort(np.random.default_rng(0).choice(rows.num_rows, min(SCALE_SAMPLE, rows.num_rows), replace=False))
+    sample = min(SCALE_SAMPLE, getattr(index, "scale_sample", SCALE_SAMPLE))  # fewer where each query costs more
+    pick = np.sort(np.random.default_rng(0).choice(rows.num_rows, min(sample, rows.num_rows), replace=False))
     row_ids = rows.column("_rowid").to_numpy()[pick]
     keys = rows.column("key").to_numpy()[pick]
     order = np.argsort(row_ids, kind="stable")  # take_vectors answers in ascending row-id order

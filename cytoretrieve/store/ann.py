@@ -1,10 +1,13 @@
-"""The package's FAISS toolkit: index kinds as records, and what every index needs whatever it indexes.
+"""The package's index toolkit: index kinds as records, and what every index needs whatever it indexes.
 
-Each kind (flat, ivf, ivfpq, hnsw) is one `IndexKind` in `INDEX_KINDS`: its builder, its filtered-search
-parameters, how it takes a table's keys, whether FAISS can remove its rows, when it is retrained, whether it moves
-to a GPU, whether short searches run on one OpenMP thread, and when `auto` picks it. Everything kind-specific is
-read from the record, so adding a kind is one `register_index_kind` call (and its test); `store/index.py` (a
-table's index cache), `queries/mil/retrieval.py` (reference sets) and `index build --kind` only call this module.
+Each kind (flat, ivf, ivfpq, hnsw, lance) is one `IndexKind` in `INDEX_KINDS`: its engine, its builder, its
+filtered-search parameters, how it takes a table's keys, whether FAISS can remove its rows, when it is retrained,
+whether it moves to a GPU, whether short searches run on one OpenMP thread, its bytes per row, and when `auto`
+picks it. Everything kind-specific is read from the record, so adding a kind is one `register_index_kind` call
+(and its test); `store/index.py` (a table's index cache), `queries/mil/retrieval.py` (reference sets) and `index
+build --kind` only call this module. The FAISS kinds index any set of vectors; the `lance` kind is LanceDB's own
+vector index inside a table (`store/lance_index.py`), the one engine that serves many machines from object storage
+and tables whose FAISS index would not fit in memory.
 
 Besides the kinds: L2 normalisation (the one place vectors get normalised: for references and queries alike, so
 inner product = cosine similarity), exact neighbours, training samples drawn from chunked sets without
@@ -16,6 +19,7 @@ are in BENCHMARKS.md.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -39,6 +43,9 @@ KMEANS_ITERATIONS = 10
 RETRAIN_GROWTH = 2.0  # an IVF table index is rebuilt (quantiser retrained) once the table has this x its rows
 FEW_QUERIES = 8  # searches of up to this many queries run on one thread where the kind says so (`one_thread`)
 IDS = ("native", "map", "map2")  # how a kind takes a table's keys (`IndexKind.ids`)
+ENGINES = ("faiss", "lance")  # what serves a kind (`IndexKind.engine`)
+OBJECT_STORES = ("s3", "s3+ddb", "gs", "az", "abfs", "abfss")  # URI schemes of object storage (`Where.remote`)
+MEMORY_SHARE = 0.5  # `auto` leaves FAISS for `lance` when a FAISS index would take more than this x the RAM
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -83,6 +90,29 @@ def _always(rows: int, dim: int) -> bool:
 
 
 @dataclass(frozen=True)
+class Where:
+    """Where a table's index would serve from: what `auto` weighs beside rows x dimension."""
+
+    remote: bool = False  # the table lives on object storage (s3://, gs://, az://): many machines may read it
+    memory: int | None = None  # bytes of RAM of this machine; None: unknown (every index is taken to fit)
+
+    @classmethod
+    def of(cls, uri: str) -> Where:
+        """The placement of a store at `uri` on this machine (its RAM: `physical_memory`)."""
+        return cls(remote=uri.split("://")[0].lower() in OBJECT_STORES if "://" in uri else False,
+                   memory=physical_memory())
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None where the OS does not say). The total, not what is free now: a kind
+    picked by the load of the moment would flip back and forth between searches."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
 class IndexKind:
     """One index kind: everything the package does differently for it.
 
@@ -108,10 +138,20 @@ class IndexKind:
     one_thread: bool = False  # searches of up to FEW_QUERIES queries run on one OpenMP thread (`one_thread`)
     auto_priority: int | None = None  # `auto` tries the kinds by this, lowest first; None: never picked
     fits: Callable[[int, int], bool] = _always  # auto: this kind suits a table of (rows, dim)
+    # auto: this kind suits a table of (rows, dim) served from `Where` (replaces `fits` where given)
+    suits: Callable[[int, int, Where], bool] | None = None
+    engine: str = "faiss"  # "faiss": an index cached beside the table (`store/index.py`); "lance": LanceDB's own
+    bytes_per_row: Callable[[int], float] | None = None  # of dimension: the index's memory per row (sizing, auto)
 
     def __post_init__(self) -> None:
         if self.ids not in IDS:
             raise ValueError(f"index kind {self.name!r}: ids must be one of {IDS}, not {self.ids!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"index kind {self.name!r}: engine must be one of {ENGINES}, not {self.engine!r}")
+
+    def suited(self, rows: int, dim: int, where: Where) -> bool:
+        """`auto`'s test of this kind: `suits` where the kind has one, else `fits`."""
+        return self.suits(rows, dim, where) if self.suits is not None else self.fits(rows, dim)
 
 
 INDEX_KINDS: dict[str, IndexKind] = {}
@@ -131,12 +171,14 @@ def index_kind(name: str) -> IndexKind:
     return INDEX_KINDS[name]
 
 
-def auto_kind(rows: int, dim: int) -> str:
-    """The kind `auto` builds for (rows, dim): the first kind by `auto_priority` whose `fits` says yes (flat up to
-    `AUTO_FLAT_MAX` rows, ivf up to `AUTO_COMPRESSED_VALUES` float32 values, else ivfpq)."""
+def auto_kind(rows: int, dim: int, where: Where = Where()) -> str:
+    """The kind `auto` builds for (rows, dim) served from `where`: the first kind by `auto_priority` that suits it
+    (`lance` on object storage above `AUTO_FLAT_MAX` rows, or where a FAISS index would take more than
+    `MEMORY_SHARE` of the RAM; else flat up to `AUTO_FLAT_MAX` rows, ivf up to `AUTO_COMPRESSED_VALUES` float32
+    values, else ivfpq)."""
     ranked = sorted((k for k in INDEX_KINDS.values() if k.auto_priority is not None), key=lambda k: k.auto_priority)
     for kind in ranked:
-        if kind.fits(rows, dim):
+        if kind.suited(rows, dim, where):
             return kind.name
     raise CytoError(f"no index kind suits {rows} rows of {dim} dimensions (auto tries {[k.name for k in ranked]})")
 
@@ -154,6 +196,11 @@ def _pq_m(dim: int) -> int:
     """PQ sub-quantizers: 2 dimensions each (1 for an odd dimension). 4 dimensions each scan faster but need ~3x the
     re-ranked candidates for the same recall, which costs more than it saves."""
     return dim // 2 if dim % 2 == 0 else dim
+
+
+def _pq8_m(dim: int) -> int:
+    """8-bit PQ sub-quantizers of `ivfpq8`: 4 dimensions each (the largest divisor of `dim` up to dim / 4)."""
+    return next(m for m in range(max(dim // 4, 1), 0, -1) if dim % m == 0)
 
 
 def _flat(dim: int, n: int, p: IndexParams) -> faiss.Index:
@@ -181,6 +228,9 @@ def _ivf_factory(spec: Callable[[int, int], str]) -> Builder:
         ivf.cp.max_points_per_centroid = p.train_per_list
         ivf.cp.seed = p.seed
         ivf.nprobe = min(p.nprobe, nlist)
+        pq = faiss.downcast_index(ivf)
+        if isinstance(pq, faiss.IndexIVFPQ):  # 8-bit PQ: no polysemous codes (their training is most of a build)
+            pq.do_polysemous_training = False
         if isinstance(index, faiss.IndexRefine):
             index.k_factor = float(p.refine)
         return index
@@ -219,21 +269,57 @@ def _search_refined(index: faiss.Index, queries: np.ndarray, k: int,
 
 register_index_kind(IndexKind(
     "flat", f"exact search, auto's pick up to {AUTO_FLAT_MAX:,} rows", _flat,
-    auto_priority=0, fits=lambda rows, dim: rows <= AUTO_FLAT_MAX))
+    auto_priority=0, fits=lambda rows, dim: rows <= AUTO_FLAT_MAX, bytes_per_row=lambda dim: 4 * dim + 40))
 register_index_kind(IndexKind(
     "ivf", f"IVFFlat, {NPROBE} lists visited per query, auto's pick up to 2^29 float32 values (rows x dimension)",
     _ivf_factory(lambda d, nlist: f"IVF{nlist},Flat"), search_params=_ivf_params, ids="native",
     retrain_growth=RETRAIN_GROWTH, one_thread=True,
-    auto_priority=1, fits=lambda rows, dim: rows * dim <= AUTO_COMPRESSED_VALUES))
+    auto_priority=1, fits=lambda rows, dim: rows * dim <= AUTO_COMPRESSED_VALUES, bytes_per_row=lambda dim: 4 * dim + 40))
 register_index_kind(IndexKind(
     "ivfpq", "IVF with 4-bit PQ fast-scan codes whose best candidates are re-ranked on float16 copies (8-bit from "
     f"{HIGH_DIM} dimensions), auto's pick above that, rebuilt when rows are deleted",
     _ivf_factory(lambda d, nlist: f"IVF{nlist},PQ{_pq_m(d)}x4fs,Refine({_refine_codec(d)})"),
     filtered_search=_search_refined, ids="map", removable=False, retrain_growth=RETRAIN_GROWTH, gpu=False,
-    one_thread=True, auto_priority=2))
+    one_thread=True, auto_priority=2,
+    bytes_per_row=lambda dim: _pq_m(dim) / 2 + (dim if dim >= HIGH_DIM else 2 * dim) + 8))
+register_index_kind(IndexKind(
+    "ivfpq8", "IVF with 8-bit PQ codes (not fast-scan), re-ranked as ivfpq: its whole cache file is memory-mapped, "
+    "so a cold start reads only the lists its queries visit; never auto's pick, rebuilt when rows are deleted",
+    _ivf_factory(lambda d, nlist: f"IVF{nlist},PQ{_pq8_m(d)},Refine({_refine_codec(d)})"),
+    filtered_search=_search_refined, ids="map", removable=False, retrain_growth=RETRAIN_GROWTH, gpu=False,
+    one_thread=True, bytes_per_row=lambda dim: _pq8_m(dim) + (dim if dim >= HIGH_DIM else 2 * dim) + 8))
 register_index_kind(IndexKind(
     "hnsw", f"HNSW graph (32 links, efSearch {EF_SEARCH}) on the CPU, never auto's pick, rebuilt when rows are "
-    "deleted", _hnsw, search_params=_hnsw_params, removable=False, gpu=False))
+    "deleted", _hnsw, search_params=_hnsw_params, removable=False, gpu=False,
+    bytes_per_row=lambda dim: 4 * dim + 8 + 64 * 4 * 1.1))
+
+
+def faiss_bytes(rows: int, dim: int) -> float:
+    """The memory of the FAISS index `auto` would build for (rows, dim) on a machine of unknown RAM."""
+    kind = INDEX_KINDS[auto_kind(rows, dim)]
+    return rows * (kind.bytes_per_row(dim) if kind.bytes_per_row is not None else 4 * dim)
+
+
+def _lance_suits(rows: int, dim: int, where: Where) -> bool:
+    """LanceDB's own index above `AUTO_FLAT_MAX` rows on object storage (built once in the store, shared by every
+    machine, where each reader would otherwise build and hold a FAISS copy), or where the FAISS index would take
+    more than `MEMORY_SHARE` of this machine's RAM."""
+    if rows <= AUTO_FLAT_MAX:
+        return False
+    return where.remote or (where.memory is not None and faiss_bytes(rows, dim) > MEMORY_SHARE * where.memory)
+
+
+def _no_faiss(dim: int, n: int, p: IndexParams) -> faiss.Index:
+    raise CytoError("index kind 'lance' indexes a table inside its store (LanceDB's own index), not a set of "
+                    "vectors: use a FAISS kind (flat, ivf, ivfpq, hnsw) here")
+
+
+LANCE_HELP = ("LanceDB's own IVF-RQ index inside the table (re-ranked on the stored vectors; appended rows searched "
+              "flat until folded in), shared by every machine that reads the store: auto's pick above "
+              f"{AUTO_FLAT_MAX:,} rows on object storage, or where a FAISS index would take more than half the RAM")
+register_index_kind(IndexKind(
+    "lance", LANCE_HELP, _no_faiss, ids="native", gpu=False, engine="lance", auto_priority=-1, suits=_lance_suits,
+    bytes_per_row=lambda dim: dim / 8 + 45))  # 1-bit codes + ids, factors, partitions (93 B at 384-d: measured)
 
 
 # -- chunked sets and samples -------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from cytoretrieve.faults import failpoint
 from cytoretrieve.store import ann
 
 if TYPE_CHECKING:
+    from cytoretrieve.store.lance_index import LanceTableIndex
     from cytoretrieve.store.tables import VectorTable
 
 ASSIGN_BUDGET = 1 << 20  # a table index's lists x dimension: the multiply-adds to assign one row to its list
@@ -45,6 +46,7 @@ TABLE_KMEANS_ITERATIONS = 5  # ... than `ann.IndexParams`' defaults, for the sam
 UPDATE_SLICE = 4096  # keys per LanceDB query when an index picks up appended rows
 SIDE_FRACTION = 0.05  # appended rows wait in a side index (the main file untouched) up to this x the main's rows
 CACHE_FORMAT = 2  # of a table's cache files; a cache of another format is rebuilt
+MAPPED = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE  # how a cached index is read (`_read_cache`)
 # the metadata of a table's rows kept in a mapped file beside its index: what a search hit shows
 ROW_COLUMNS = ["id", "label", "binary", "path", "group", "slide", "x", "y", "dataset", "tile_size"]
 log = logging.getLogger("cytoretrieve")
@@ -250,7 +252,7 @@ def build_table(table: VectorTable, kind: str = "auto") -> _Built:
     n, dim = table.count(), table.dim
     if n == 0:
         raise CytoError(f"table '{table.name}' is empty: embed something into it first")
-    kind = ann.auto_kind(n, dim) if kind == "auto" else kind
+    kind = _faiss_auto(table, n) if kind == "auto" else kind
     params = _table_params(n, dim)
     index, _, train_rows = ann.new_index(kind, dim, n, params)
     if train_rows:
@@ -291,8 +293,11 @@ def _meta_stamp(paths: _Paths) -> tuple[Any, ...] | None:
 
 def forget_loaded() -> None:
     """Drop the indexes this process holds in memory (frees their RAM; the next search reloads the cache file)."""
+    from cytoretrieve.store import lance_index
+
     with _LOADED_LOCK:
         _LOADED.clear()
+    lance_index.forget_loaded()
 
 
 def _remember(paths: _Paths, loaded: TableIndex) -> TableIndex:
@@ -332,9 +337,10 @@ def _read_cache(table: VectorTable, paths: _Paths, mapped: bool = True) -> _Cach
     (truncated, foreign, not the files its .json describes): a cache is disposable, so a damaged one is rebuilt
     with a warning.
 
-    It is memory-mapped (`IO_FLAG_MMAP_IFC`: flat codes, IVF lists, re-ranking codes stay in the file's pages
-    until a search touches them), or read into memory (`mapped` False) to be added to (FAISS aborts the process
-    on adding to a mapped index). Cache files are replaced by rename, never rewritten in place, so a mapped file
+    It is memory-mapped (`MAPPED`: flat codes, IVF lists, re-ranking codes stay in the file's pages until a search
+    touches them; 4-bit fast-scan lists are read whole, 8-bit PQ lists (`ivfpq8`) are mapped; no precomputed
+    tables are made at load), or read into memory (`mapped` False) to be added to (FAISS aborts the process on
+    adding to a mapped index). Cache files are replaced by rename, never rewritten in place, so a mapped file
     stays valid while another process updates it.
     """
     if not paths.meta.exists() or not paths.index.exists():
@@ -347,7 +353,7 @@ def _read_cache(table: VectorTable, paths: _Paths, mapped: bool = True) -> _Cach
             log.info("index cache of table %s predates this version's cache format: rebuilding it", table.name)
             return None
         _check_sizes(meta, {"bytes": paths.index, "rows_bytes": paths.rows, "trained_bytes": paths.trained})
-        index = ann.with_key_map(faiss.read_index(str(paths.index), faiss.IO_FLAG_MMAP_IFC if mapped else 0))
+        index = ann.with_key_map(faiss.read_index(str(paths.index), MAPPED if mapped else 0))
         rows = _read_rows(paths.rows)
         if index.ntotal != int(meta["rows"]) or len(rows) != int(meta["rows"]):
             raise ValueError(f"it holds {index.ntotal} rows ({len(rows)} in its rows file), its .json says "
@@ -474,7 +480,7 @@ def _catch_up(table: VectorTable, paths: _Paths, main: _Cached, side: _Cached | 
     `SIDE_FRACTION` of the main rows; then, or when rows were deleted from the main index, it is folded."""
     keys = table.read(["key"]).column("key").to_numpy().astype(np.int64)
     kind, rows = main.meta["kind"], len(keys)
-    if main.meta.get("auto") and kind != ann.auto_kind(rows, table.dim):
+    if main.meta.get("auto") and kind != _faiss_auto(table, rows):
         return None
     growth = ann.index_kind(kind).retrain_growth
     if growth is not None and rows > growth * int(main.meta.get("trained_rows", main.meta["rows"])):
@@ -526,10 +532,49 @@ def _from_cache(table: VectorTable, paths: _Paths, kind: str, version: int) -> T
     return _catch_up(table, paths, main, side, version)
 
 
-def table_index(table: VectorTable, kind: str = "auto", rebuild: bool = False) -> TableIndex:
+def _engine(table: VectorTable, kind: str, paths: _Paths) -> str:
+    """The engine that serves the table's index of `kind`. For `auto`: a FAISS kind built by hand (`index build
+    --kind`) keeps the table on FAISS; else a LanceDB vector index already in the table is used (every reader of
+    the store shares it); else `ann.auto_kind` decides by rows, dimension and where the store lives."""
+    if kind != "auto":
+        return ann.index_kind(kind).engine
+    try:
+        meta = json.loads(paths.meta.read_text())
+        if meta.get("table") == table.name and not meta.get("auto") and meta.get("kind") in ann.INDEX_KINDS:
+            return ann.index_kind(meta["kind"]).engine
+    except (OSError, ValueError):
+        pass
+    from cytoretrieve.store import lance_index
+
+    if lance_index.vector_index(table) is not None:
+        return "lance"
+    return ann.index_kind(ann.auto_kind(table.count(), table.dim, _where(table))).engine
+
+
+def _where(table: VectorTable) -> ann.Where:
+    return ann.Where.of(table.store.uri)
+
+
+def _faiss_auto(table: VectorTable, rows: int) -> str:
+    """The FAISS kind `auto` picks for the table at `rows` rows (its rule as if the store were local and the RAM
+    unknown, where it would now pick `lance`: the next search moves the table to LanceDB's index)."""
+    kind = ann.auto_kind(rows, table.dim, _where(table))
+    return kind if ann.index_kind(kind).engine == "faiss" else ann.auto_kind(rows, table.dim)
+
+
+def prewarm(table: VectorTable) -> bool:
+    """Load what the first search of the table would otherwise wait for: its LanceDB vector index (lance kind)
+    into LanceDB's cache; a FAISS index is memory-mapped at its first search, nothing to do. True when warmed."""
+    from cytoretrieve.store import lance_index
+
+    return lance_index.prewarm(table)
+
+
+def table_index(table: VectorTable, kind: str = "auto", rebuild: bool = False) -> TableIndex | LanceTableIndex:
     """The index of the table's current version: from memory (loaded earlier in this process), loaded from the
     cache files, caught up from an older cache (appended rows put in the side index, or folded into the main one
-    with deleted rows removed), or built and cached.
+    with deleted rows removed), or built and cached. The `lance` kind (LanceDB's own index, in the table) is
+    served by `store/lance_index.py`.
 
     A loaded index is reused only while the table's version and the cache's .json files are those it was loaded
     with, so it is never staler than the file cache. `rebuild` forces a fresh build (and retraining).
@@ -544,6 +589,12 @@ def table_index(table: VectorTable, kind: str = "auto", rebuild: bool = False) -
                 if str(paths.index) in _LOADED:
                     _LOADED.move_to_end(str(paths.index))
             return loaded
+    if _engine(table, kind, paths) == "lance":
+        from cytoretrieve.store import lance_index
+
+        if kind == "lance":  # chosen by hand: `auto` follows it, not an older FAISS cache of this machine
+            paths.meta.unlink(missing_ok=True)
+        return lance_index.table_index(table, rebuild=rebuild, build_below=kind == "lance")
     cached = None if rebuild else _from_cache(table, paths, kind, version)
     if cached is not None:
         return _remember(paths, cached)

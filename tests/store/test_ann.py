@@ -51,13 +51,13 @@ def test_every_kind_agrees_with_brute_force(kind: str) -> None:
 
 
 def test_the_records_keep_each_kinds_behaviour() -> None:
-    assert list(INDEX_KINDS)[:4] == ["flat", "ivf", "ivfpq", "hnsw"]
-    assert [k for k in INDEX_KINDS if not INDEX_KINDS[k].removable] == ["ivfpq", "hnsw"]
-    assert [k for k in INDEX_KINDS if INDEX_KINDS[k].retrain_growth] == ["ivf", "ivfpq"]
-    assert [k for k in INDEX_KINDS if INDEX_KINDS[k].one_thread] == ["ivf", "ivfpq"]
+    assert list(INDEX_KINDS)[:5] == ["flat", "ivf", "ivfpq", "ivfpq8", "hnsw"]
+    assert [k for k in INDEX_KINDS if not INDEX_KINDS[k].removable] == ["ivfpq", "ivfpq8", "hnsw"]
+    assert [k for k in INDEX_KINDS if INDEX_KINDS[k].retrain_growth] == ["ivf", "ivfpq", "ivfpq8"]
+    assert [k for k in INDEX_KINDS if INDEX_KINDS[k].one_thread] == ["ivf", "ivfpq", "ivfpq8"]
     assert [k for k in INDEX_KINDS if INDEX_KINDS[k].gpu] == ["flat", "ivf"]
     assert {k: r.ids for k, r in INDEX_KINDS.items()} == {"flat": "map2", "ivf": "native", "ivfpq": "map",
-                                                          "hnsw": "map2"}
+                                                          "ivfpq8": "map", "hnsw": "map2", "lance": "native"}
     with pytest.raises(CytoError, match="unknown index kind 'nope'"):
         ann.index_kind("nope")
     with pytest.raises(ValueError, match="ids must be one of"):

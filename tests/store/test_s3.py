@@ -240,3 +240,64 @@ def test_storage_options_stand_in_for_the_environment(s3: str, uri: str, monkeyp
     table.add(table.make_rows([{"id": f"r{i}"} for i in range(3)], np.eye(3, 4, dtype=np.float32)))
     table.finish()
     assert Store(uri, storage_options=options).open("t").count() == 3
+
+
+READER = """
+import json, sys
+from cytoretrieve.queries import search as searching
+from cytoretrieve.store.index import table_index
+from cytoretrieve.store.tables import Store
+searching.SCALE_SAMPLE = 100  # the similarity scale's sample: small, for speed
+uri = sys.argv[1]
+for line in sys.stdin:
+    table = Store(uri).open("t")  # as the viewer does: the table afresh per query
+    found = searching.search(table, row_id=line.strip(), k=10)
+    print(json.dumps({"kind": table_index(table).kind, "hits": [h.id for h in found.hits]}), flush=True)
+"""
+
+
+def test_two_readers_share_the_lance_index_while_a_writer_appends(uri: str, tmp_path: Path) -> None:
+    """Two reader processes (two machines: separate cache folders) search one S3 store through its lance index
+    while this process appends rows near the query; each finds the new rows on its next query, before and after
+    a reader folds them into the index."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 16))
+    x = (centres[rng.integers(0, 8, 600)] + 0.3 * rng.normal(size=(600, 16))).astype(np.float32)
+    table = Store(uri).create_or_open("t", {"arch": "x", "fingerprint": "f" * 64, "dim": 16}, {"name": "toy"})
+    table.add(table.make_rows([{"id": f"r{i}"} for i in range(600)], x))
+    table.finish()
+    assert run(["index", "build", "--table", "t", "--store", uri, "--kind", "lance"]) == 0
+    readers = [subprocess.Popen([sys.executable, "-c", READER, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / f"machine-{m}")})
+               for m in "ab"]
+
+    def ask() -> list[dict]:
+        for r in readers:
+            r.stdin.write("r7\n")
+            r.stdin.flush()
+        return [json.loads(r.stdout.readline()) for r in readers]
+
+    try:
+        before = ask()
+        assert [b["kind"] for b in before] == ["lance", "lance"] and before[0]["hits"] == before[1]["hits"]
+        for batch in range(2):  # 20 rows (under the fold threshold: searched flat), then 20 more (folded in)
+            near = x[7] + 0.01 * rng.normal(size=(20, 16)).astype(np.float32)
+            table.add(table.make_rows([{"id": f"n{batch}-{i}"} for i in range(20)], near))
+            answers = ask()
+            for a in answers:
+                assert a["kind"] == "lance"
+                assert sum(h.startswith(f"n{batch}-") for h in a["hits"]) >= 3, a
+        t = Store(uri).open("t")
+        from cytoretrieve.store import lance_index
+
+        stats = t.tbl.index_stats(lance_index.vector_index(t).name)
+        assert stats.num_indexed_rows + stats.num_unindexed_rows == t.count() == 640
+        assert stats.num_indexed_rows == 640  # a reader folded the appended rows in
+        assert sorted(_ids(uri, "t")) == sorted({*(f"r{i}" for i in range(600)),
+                                                 *(f"n{b}-{i}" for b in range(2) for i in range(20))})
+    finally:
+        for r in readers:
+            r.stdin.close()
+            r.wait(timeout=60)

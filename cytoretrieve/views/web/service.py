@@ -8,6 +8,7 @@ table is a `NotFound`. No request names a file: tables by name, rows by id, slid
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -57,6 +58,25 @@ class Viewer:
         self.reader = reader
         self._facets: dict[tuple[str, int], dict[str, Any]] = {}
         self._lock = threading.Lock()
+        threading.Thread(target=self.prewarm, name="prewarm-indexes", daemon=True).start()
+
+    def prewarm(self) -> list[str]:
+        """Ask LanceDB to load the vector indexes of the store's `lance`-kind tables (`store.index.prewarm`), so
+        the server's first searches skip the cold read; a hint: any failure is logged and ignored. The tables
+        warmed."""
+        from cytoretrieve.store.index import prewarm
+
+        warmed = []
+        try:
+            for name in self.store.table_names():
+                try:
+                    if prewarm(self.store.open(name)):
+                        warmed.append(name)
+                except CytoError:  # not a vector table
+                    continue
+        except Exception as e:  # noqa: BLE001 - a hint: the searches work without it
+            logging.getLogger("cytoretrieve").info("index prewarm stopped: %s", e)
+        return warmed
 
     def open(self, name: str) -> VectorTable:
         """The vector table `name` at its newest version; a missing (or dropped) or non-vector table is NotFound."""
