@@ -17,6 +17,7 @@ call it. Light to import (numpy; FAISS is loaded by the searches), so the CLI li
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -311,15 +312,57 @@ def _check_inputs(vectors: np.ndarray, n_labels: int, runs: int, train_fraction:
 
 
 def _splits(codes: np.ndarray, runs: int, train_fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Seeded stratified (train, test) index splits; run r uses seed + r."""
-    from sklearn.model_selection import train_test_split
+    """Seeded stratified (train, test) index splits; run r uses seed + r. Each is the split scikit-learn's
+    `train_test_split(rows, train_size=train_fraction, stratify=codes, random_state=seed + r)` makes, drawn here
+    with the same random stream (`stratified_split`): importing scikit-learn took over a second of every
+    `classify` (tests/queries compare the two)."""
+    return [stratified_split(codes, train_fraction, seed + r) for r in range(runs)]
 
-    rows = np.arange(len(codes))
-    try:
-        return [tuple(train_test_split(rows, train_size=train_fraction, stratify=codes, random_state=seed + r))
-                for r in range(runs)]
-    except ValueError as exc:  # e.g. the test split is smaller than the number of classes
-        raise CytoError(f"cannot make a stratified split at train fraction {train_fraction}: {exc}") from None
+
+def stratified_split(codes: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows) of a stratified shuffle split of rows 0..n-1 by class `codes`: scikit-learn's
+    StratifiedShuffleSplit (1.x) step by step, on numpy's RandomState(seed), so the rows are the same."""
+    codes = np.asarray(codes)
+    n = len(codes)
+    n_train = math.floor(train_fraction * n)
+    n_test = n - n_train
+    classes, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    if n_train == 0 or n_test == 0:
+        raise CytoError(f"cannot make a stratified split at train fraction {train_fraction}: {n} rows leave an "
+                        "empty train or test set")
+    for size, side in ((n_train, "train"), (n_test, "test")):
+        if size < len(classes):
+            raise CytoError(f"cannot make a stratified split at train fraction {train_fraction}: the {side} split "
+                            f"({size} rows) is smaller than the number of classes ({len(classes)})")
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(classes)):
+        rows = by_class[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(rows[:n_i[i]])
+        test.extend(rows[n_i[i]:n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Per-class draws near the mode of the multivariate hypergeometric (scikit-learn's rule: floors, then the
+    largest remainders, ties broken at random)."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (at,) = np.where(remainder == value)
+            add = min(len(at), need)
+            floored[rng.choice(at, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def classify(vectors: np.ndarray, labels: Sequence[str | None], *, classes: Sequence[str] | None = None,
