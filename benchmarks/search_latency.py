@@ -17,6 +17,13 @@ shown beside the full build of the same table.
     .venv/bin/python benchmarks/search_latency.py --quick          # 200k rows, 384-d only, 100 queries
     nice .venv/bin/python benchmarks/search_latency.py --rows 1500000 --dims 384 --append 10000
 
+Index engines side by side (issue 27): `--kind ivfpq,ivfpq8,lance` measures each kind in turn on the one table
+(built from scratch, fresh-process searches, the append), so FAISS and LanceDB's own index are compared on the same
+rows; the recall of each is against every row the table then holds.
+
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/search_latency.py --rows 1500000 --dims 384 \
+        --kind ivfpq,ivfpq8,lance --append 10000 --queries 100 --fresh-runs 2
+
 Before / after side by side: the same script run from outside the checkout (so that a fresh process's `-c` does
 not import the checkout) with an exported older tree of the package first on the path, then without it:
 
@@ -82,13 +89,16 @@ class ClusteredSource:
         return out
 
 
-def exact_top_streamed(source: ClusteredSource, rows: np.ndarray, k: int) -> list[list[int]]:
-    """Exact cosine top-k row numbers of each query row (itself left out), one chunk of the table at a time."""
+def exact_top_streamed(source: ClusteredSource, rows: np.ndarray, k: int,
+                       segments: list[tuple[int, int]] | None = None) -> list[list[int]]:
+    """Exact cosine top-k row numbers of each query row (itself left out), one chunk of the table at a time.
+    `segments`: the (lo, hi) chunks the table was written in (default: the first `source.n` rows in CHUNKs; rows
+    appended later add their own chunks, as `make_table_streamed` wrote them)."""
     q = source.rows(rows)
     best_s = np.full((len(rows), k), -np.inf, np.float32)
     best_i = np.zeros((len(rows), k), np.int64)
-    for lo in range(0, source.n, CHUNK):
-        sims = q @ source.chunk(lo, min(source.n, lo + CHUNK)).T
+    for lo, hi in segments or [(lo, min(source.n, lo + CHUNK)) for lo in range(0, source.n, CHUNK)]:
+        sims = q @ source.chunk(lo, hi).T
         ids = np.arange(lo, lo + sims.shape[1])
         sims[rows[:, None] == ids[None, :]] = -np.inf
         all_s = np.hstack([best_s, sims])
@@ -97,6 +107,11 @@ def exact_top_streamed(source: ClusteredSource, rows: np.ndarray, k: int) -> lis
         best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
     order = np.argsort(-best_s, axis=1)
     return np.take_along_axis(best_i, order, 1).tolist()
+
+
+def written_chunks(first: int, count: int) -> list[tuple[int, int]]:
+    """The (lo, hi) chunks `make_table_streamed` writes rows first..first+count in."""
+    return [(lo, min(first + count, lo + CHUNK)) for lo in range(first, first + count, CHUNK)]
 
 
 def peak_rss_gib() -> float:
@@ -167,63 +182,110 @@ def cold_first_searches(store: Any, table: str, ids: list[str]) -> list[float]:
 
 
 def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append: int,
-                   fresh_runs: int = 0, kind: str = "auto") -> dict[str, Any]:
-    """Cohort scale: chunked table, index build (peak memory of this process), fresh-process searches, append."""
-    from cytoretrieve.queries.search import search
-    from cytoretrieve.store.index import forget_loaded, table_index
-
+                   fresh_runs: int = 0, kind: str = "auto") -> list[dict[str, Any]]:
+    """Cohort scale: chunked table, then for each kind of `kind` (comma-separated: engines side by side on one
+    table) its index build (peak memory of this process), fresh-process searches, an append. Each kind after the
+    first is built on the table as the appends before it left it (its recall is against all those rows)."""
     source = ClusteredSource(n, dim, seed)
     name = f"synthetic_{dim}"
     table, ingest_s = make_table_streamed(store, name, source)
     ingest_peak = peak_rss_gib()
     print(f"[{dim}-d] {n} rows written through the store API in {ingest_s:.1f} s (peak RSS {ingest_peak:.2f} GiB)")
+    picks = np.random.default_rng(seed + 1).choice(n, size=queries + 1, replace=False)
+    chunks = written_chunks(0, n)
+    out = []
+    for one in kind.split(","):
+        truth = exact_top_streamed(source, picks[1:], 10, chunks)
+        figures = bench_kind(store, table, name, one, picks, truth, fresh_runs)
+        figures.update(ingest_seconds=ingest_s, rows=chunks[-1][1])
+        if append:
+            rows = chunks[-1][1]
+            table, more = append_and_search(store, name, ClusteredSource(rows + append, dim, seed), rows, append,
+                                            picks, figures["index_build_seconds"])
+            chunks += written_chunks(rows, append)
+            figures.update(more)
+        figures["peak_rss_gib_end"] = peak_rss_gib()
+        out.append(figures)
+    return out
+
+
+def bench_kind(store: Any, table: Any, name: str, kind: str, picks: np.ndarray, truth: list[list[int]],
+               fresh_runs: int) -> dict[str, Any]:
+    """One index kind on the table: built (from scratch), then searched in fresh processes."""
+    from cytoretrieve.store.index import forget_loaded, table_index
+
+    dim = table.dim
     start = time.perf_counter()
-    index = table_index(table, kind)
+    index = table_index(table, kind, rebuild=True)
     build_s = time.perf_counter() - start
     build_peak, kind = peak_rss_gib(), index.kind
     print(f"[{dim}-d] index kind {kind}: built from streamed batches and cached in {build_s:.1f} s; "
-          f"peak RSS of this process {build_peak:.2f} GiB")
+          f"peak RSS of this process {build_peak:.2f} GiB; index files {index_bytes(store, name, kind) / 2**30:.2f} GiB")
     del index
     forget_loaded()
-    picks = np.random.default_rng(seed + 1).choice(n, size=queries + 1, replace=False)
     fresh = fresh_process_searches(store, name, [f"c{i:07d}" for i in picks])
-    truth = exact_top_streamed(source, picks[1:], 10)
     recall = float(np.mean([len({f"c{i:07d}" for i in want} & set(got)) / 10
                             for want, got in zip(truth, fresh["hits"])]))
     p50, p95 = (_common.percentile(fresh["latencies"], q) * 1e3 for q in (50, 95))
-    print(f"[{dim}-d] fresh process: imports {fresh['import_s']:.2f} s, open {fresh['open_s']:.2f} s, index load "
-          f"{fresh['index_load_s'] * 1e3:.0f} ms, first search {fresh['first_search_s'] * 1e3:.0f} ms (load "
+    print(f"[{dim}-d] {kind}, fresh process: imports {fresh['import_s']:.2f} s, open {fresh['open_s']:.2f} s, index "
+          f"load {fresh['index_load_s'] * 1e3:.0f} ms, first search {fresh['first_search_s'] * 1e3:.0f} ms (load "
           f"included); then p50 {p50:.2f} ms, p95 {p95:.2f} ms, recall@10 vs exact {recall:.4f}; peak RSS of the "
           f"search process {fresh['peak_rss_gib']:.2f} GiB")
-    out = {"dim": dim, "rows": n, "index_kind": kind, "ingest_seconds": ingest_s, "index_build_seconds": build_s,
-           "build_peak_rss_gib": build_peak, "p50_ms": p50, "p95_ms": p95, "recall_at_10": recall,
-           "queries": queries, "fresh": {k: v for k, v in fresh.items() if k not in ("latencies", "hits")}}
+    out = {"dim": dim, "index_kind": kind, "index_build_seconds": build_s, "build_peak_rss_gib": build_peak,
+           "index_gib": index_bytes(store, name, kind) / 2**30, "p50_ms": p50, "p95_ms": p95,
+           "recall_at_10": recall, "queries": len(picks) - 1,
+           "fresh": {k: v for k, v in fresh.items() if k not in ("latencies", "hits")}}
     if fresh_runs:
         cold = cold_first_searches(store, name, [f"c{i:07d}" for i in picks[1:fresh_runs + 1]])
-        print(f"[{dim}-d] first search in {fresh_runs} more fresh processes: "
+        print(f"[{dim}-d] {kind}, first search in {fresh_runs} more fresh processes: "
               + ", ".join(f"{c * 1e3:.0f}" for c in cold) + f" ms (median {np.median(cold) * 1e3:.0f} ms)")
         out["cold_first_search_s"] = cold
-    if append:
-        table, append_s = make_table_streamed(store, name, ClusteredSource(n + append, dim, seed), n, append)
-        forget_loaded()  # as a fresh process would: the cache file is the index's only copy
-        start = time.perf_counter()
-        hit = search(table, row_id=f"c{n + append - 1:07d}", k=10, device="cpu")
-        first_s = time.perf_counter() - start
-        side = getattr(table_index(table), "side", None)  # None also with the code before side indexes
-        side_rows = 0 if side is None else int(side.ntotal)
-        print(f"[{dim}-d] appended {append} rows in {append_s:.1f} s; first search after it (cached index read, "
-              f"{side_rows} rows in its side index) {first_s:.2f} s vs the full build {build_s:.1f} s: "
-              f"{build_s / first_s:.1f}x faster ({len(hit.hits)} hits, the first {hit.hits[0].id})")
-        after = fresh_process_searches(store, name, [f"c{n + append - 1:07d}"] + [f"c{i:07d}" for i in picks[1:]])
-        print(f"[{dim}-d] after the append, a fresh process: index load {after['index_load_s'] * 1e3:.0f} ms, first "
-              f"search {after['first_search_s'] * 1e3:.0f} ms, then p50 "
-              f"{_common.percentile(after['latencies'], 50) * 1e3:.2f} ms")
-        out.update(append_rows=append, append_seconds=append_s, first_answer_after_append_s=first_s,
-                   full_build_over_first_answer=build_s / first_s, side_rows=side_rows,
-                   after_append_fresh={k: v for k, v in after.items() if k not in ("latencies", "hits")},
-                   after_append_p50_ms=_common.percentile(after["latencies"], 50) * 1e3)
-    out["peak_rss_gib_end"] = peak_rss_gib()
     return out
+
+
+def index_bytes(store: Any, name: str, kind: str) -> int:
+    """Bytes of the table's index: its FAISS cache files, or LanceDB's index folder (the lance kind)."""
+    folder = Path(store.uri)
+    files = (folder / f"{name}.lance" / "_indices").rglob("*") if kind == "lance" else folder.glob(f"{name}.*faiss*")
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def append_and_search(store: Any, name: str, source: ClusteredSource, first: int, append: int, picks: np.ndarray,
+                      build_s: float) -> tuple[Any, dict[str, Any]]:
+    """Append `append` rows, then the first answer in this process (the index caught up: FAISS's side index, or
+    LanceDB's flat search of unindexed rows) and in a fresh one."""
+    from cytoretrieve.queries.search import search
+    from cytoretrieve.store.index import forget_loaded, table_index
+
+    dim = source.dim
+    table, append_s = make_table_streamed(store, name, source, first, append)
+    forget_loaded()  # as a fresh process would: the cache file is the index's only copy
+    last = f"c{first + append - 1:07d}"
+    start = time.perf_counter()
+    hit = search(table, row_id=last, k=10, device="cpu")
+    first_s = time.perf_counter() - start
+    index = table_index(table)
+    side = getattr(index, "side", None)  # None also with the code before side indexes
+    pending = int(side.ntotal) if side is not None else index.rows - getattr(index, "indexed", index.rows)
+    print(f"[{dim}-d] {index.kind}: appended {append} rows in {append_s:.1f} s; first search after it {first_s:.2f} s "
+          f"({pending} rows outside the main index) vs the full build {build_s:.1f} s: {build_s / first_s:.1f}x "
+          f"faster ({len(hit.hits)} hits, the first {hit.hits[0].id})")
+    out = {"append_rows": append, "append_seconds": append_s, "first_answer_after_append_s": first_s,
+           "full_build_over_first_answer": build_s / first_s, "side_rows": pending}
+    if index.kind == "lance":  # fold the appended rows in (what the next search does past FOLD_FRACTION)
+        from cytoretrieve.store import lance_index
+
+        start = time.perf_counter()
+        lance_index.fold(table)
+        out["fold_seconds"] = time.perf_counter() - start
+        print(f"[{dim}-d] lance: appended rows folded into the index (optimize) in {out['fold_seconds']:.1f} s")
+    after = fresh_process_searches(store, name, [last] + [f"c{i:07d}" for i in picks[1:]])
+    print(f"[{dim}-d] {index.kind}, after the append, a fresh process: index load {after['index_load_s'] * 1e3:.0f} "
+          f"ms, first search {after['first_search_s'] * 1e3:.0f} ms, then p50 "
+          f"{_common.percentile(after['latencies'], 50) * 1e3:.2f} ms")
+    out.update(after_append_fresh={k: v for k, v in after.items() if k not in ("latencies", "hits")},
+               after_append_p50_ms=_common.percentile(after["latencies"], 50) * 1e3)
+    return table, out
 
 
 def exact_top(vectors: np.ndarray, rows: np.ndarray, k: int) -> list[list[int]]:
@@ -353,7 +415,9 @@ def main() -> None:
     parser.add_argument("--append", type=int, default=0, help="rows to append after the timed searches (streamed)")
     parser.add_argument("--streamed", action="store_true",
                         help="chunked data, fresh-process searches (the default above 200k rows)")
-    parser.add_argument("--kind", default="auto", help="cohort scale: the table index kind (auto, ivf, ivfpq, ...)")
+    parser.add_argument("--kind", default="auto",
+                        help="cohort scale: the table index kind (auto, ivf, ivfpq, ivfpq8, lance, ...); several, "
+                             "comma-separated, are measured one after the other on the same table")
     parser.add_argument("--fresh-runs", type=int, default=0,
                         help="cohort scale: this many more fresh processes timing their first search")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -370,7 +434,7 @@ def main() -> None:
         store = Store(Path(tmp) / "store")
         for dim in dims:
             if args.streamed or args.append or args.rows > 200_000:
-                figures.append(bench_streamed(store, args.rows, dim, args.queries, args.seed, args.append,
+                figures.extend(bench_streamed(store, args.rows, dim, args.queries, args.seed, args.append,
                                               args.fresh_runs, args.kind))
             else:
                 figures.append(bench_dim(store, args.rows, dim, args.queries, args.seed))
