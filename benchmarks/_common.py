@@ -11,6 +11,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,3 +96,22 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"results written to {path}")
+
+
+def start_server(store_uri: str, port: int) -> subprocess.Popen:
+    """`cytoretrieve serve --store STORE` on 127.0.0.1:`port` in its own process, waited for until it answers
+    (two minutes at most; a server that exits or never answers is a RuntimeError with its output)."""
+    import httpx
+
+    cli = Path(sys.executable).with_name("cytoretrieve")
+    proc = subprocess.Popen([str(cli), "serve", "--store", store_uri, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/tables", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"the server did not start: {proc.stdout.read() if proc.stdout else ''}")

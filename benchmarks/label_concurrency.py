@@ -66,26 +66,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store_uri: str, port: int) -> subprocess.Popen:
-    """`cytoretrieve serve` in its own process, waited for until it answers."""
-    import httpx
-
-    cli = Path(sys.executable).with_name("cytoretrieve")
-    proc = subprocess.Popen([str(cli), "serve", "--store", store_uri, "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/tables", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"the server did not start: {proc.stdout.read() if proc.stdout else ''}")
-
-
 def reviewer(base: str, name: str, events: int, rows: int, batch: int, barrier: threading.Barrier
              ) -> dict[str, Any]:
     """Send `events` label events as `name`, `batch` per request; the status codes and latencies (s)."""
@@ -181,7 +161,7 @@ def main() -> None:
         store_uri = str(Path(scratch) / "store")
         make_table(store_uri, args.rows)
         port = free_port()
-        proc = start_server(store_uri, port)
+        proc = _common.start_server(store_uri, port)
         try:
             barrier = threading.Barrier(args.reviewers + 1)
             results: dict[str, dict[str, Any]] = {}

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import _common
@@ -54,23 +51,6 @@ def make_table(store_uri: str, n: int, backbone: Any) -> float:
     table.finish()
     table_index(Store(store_uri).open(TABLE))  # built and cached once, as the first query after `embed` would
     return time.perf_counter() - start
-
-
-def start_server(store_uri: str, port: int) -> subprocess.Popen:
-    cli = Path(sys.executable).with_name("cytoretrieve")
-    proc = subprocess.Popen([str(cli), "serve", "--store", store_uri, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/tables", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {proc.stdout.read() if proc.stdout else ''}")
 
 
 def timed(fn: Any, n: int) -> list[float]:
@@ -163,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_s = make_table(os.path.join(tmp, "store"), args.rows, backbone)
         print(f"table: {args.rows:,} rows x {backbone.dim}-d, ingest + index {build_s:.1f} s")
-        server = start_server(os.path.join(tmp, "store"), args.port)
+        server = _common.start_server(os.path.join(tmp, "store"), args.port)
         try:
             figures = measure(f"http://127.0.0.1:{args.port}", args.rows, args.queries, image, backbone)
         finally:

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common
-from serve_latency import TABLE, make_table, start_server
+from serve_latency import TABLE, make_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SVS = ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
@@ -135,7 +135,7 @@ def measure(store: str, port: int, rows: int, tiles: int, n_searches: int) -> di
     """One fresh server: idle searches, then the cold and the warm pan with searches meanwhile."""
     import httpx
 
-    proc = start_server(store, port)
+    proc = _common.start_server(store, port)
     base = f"http://127.0.0.1:{port}"  # loopback only
     try:
         ids = [f"c{i:07d}" for i in range(0, rows, max(1, rows // 200))]

@@ -24,3 +24,15 @@ def cric_root() -> Path:
     if not CRIC.is_dir():
         pytest.skip(f"CRIC crops not found at {CRIC}")
     return CRIC
+
+
+@pytest.fixture
+def faiss_one_thread():  # noqa: ANN201
+    """FAISS on one OpenMP thread for a test (tiny indexes: spinning threads on a shared 2-core machine costs more
+    than it gives); modules take it with `pytestmark = pytest.mark.usefixtures("faiss_one_thread")`."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)

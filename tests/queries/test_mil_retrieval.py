@@ -9,15 +9,7 @@ from cytoretrieve.queries.mil.metrics import auc
 from cytoretrieve.queries.mil.retrieval import RetrievalConfig, fit_retrieval, slide_score
 from helpers.mil_synthetic import synthetic_bags
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def test_retrieval_ranks_positive_slides_first() -> None:

@@ -24,14 +24,7 @@ from helpers.mil_synthetic import synthetic_bags
 SIDE = 256
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 @pytest.fixture
