@@ -35,6 +35,7 @@ from typing import ClassVar
 import numpy as np
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.registry import Registry
 
 NONE = "none"
 IO = 240.0  # the glass's transmitted light, as in Macenko's paper and torchstain
@@ -90,15 +91,14 @@ class StainNormaliser:
         raise NotImplementedError
 
 
-NORMALISERS: dict[str, type[StainNormaliser]] = {}
+NORMALISERS: Registry[type[StainNormaliser]] = Registry("stain normaliser", also=(NONE,))
 
 
 def register_normaliser(cls: type[StainNormaliser]) -> type[StainNormaliser]:
     """Class decorator: make `cls` available as `stain` `cls.name` (`embed --stain`)."""
     if not cls.name or cls.name == NONE:
         raise ValueError(f"a stain normaliser needs a name other than {NONE!r}")
-    NORMALISERS[cls.name] = cls
-    return cls
+    return NORMALISERS.add(cls.name, cls)
 
 
 def stain_names() -> list[str]:

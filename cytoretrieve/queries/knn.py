@@ -27,6 +27,7 @@ import numpy as np
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.stats import mean_std
+from cytoretrieve.registry import Registry
 from cytoretrieve.store.ann import exact_neighbours, l2_normalise
 
 _VOTE_CHUNK = 2048  # query rows voted at once: bounds the (rows, k, classes) arrays for large query sets
@@ -109,18 +110,17 @@ class Vote:
     scores: ScoreFn | None = None
 
 
-VOTES: dict[str, Vote] = {}
+VOTES: Registry[Vote] = Registry("vote")
 
 
 def register_vote(name: str, fn: VoteFn, help: str, scores: ScoreFn | None = None) -> Vote:
     """Add (or replace) the vote `name`; returns its record."""
-    VOTES[name] = Vote(name, fn, help, scores)
-    return VOTES[name]
+    return VOTES.add(name, Vote(name, fn, help, scores))
 
 
 def votes_help() -> str:
     """Every vote with its help, for the CLI."""
-    return "; ".join(f"{v.name}: {v.help}" for v in VOTES.values())
+    return VOTES.help(lambda v: v.help)
 
 
 def cumulative_scores(codes: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:
@@ -174,8 +174,7 @@ def vote_margin(neighbour_codes: np.ndarray, sims: np.ndarray, n_classes: int, v
 
 
 def _check_vote(vote: str, temperature: float) -> None:
-    if vote not in VOTES:
-        raise CytoError(f"unknown vote {vote!r}: use one of {', '.join(VOTES)}")
+    VOTES.lookup(vote)
     if not temperature > 0:
         raise CytoError(f"temperature must be > 0 (got {temperature})")
 

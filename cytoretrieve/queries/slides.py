@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.registry import Registry
 from cytoretrieve.store.ann import kmeans, l2_normalise
 from cytoretrieve.store.tables import VectorTable
 
@@ -43,18 +44,15 @@ class SignatureKind:
     help: str
 
 
-SIGNATURES: dict[str, SignatureKind] = {}
+SIGNATURES: Registry[SignatureKind] = Registry("slide signature")
 
 
 def register_signature(kind: SignatureKind) -> SignatureKind:
-    SIGNATURES[kind.name] = kind
-    return kind
+    return SIGNATURES.add(kind.name, kind)
 
 
 def signature_kind(name: str) -> SignatureKind:
-    if name not in SIGNATURES:
-        raise CytoError(f"unknown slide signature `{name}`: use {' or '.join(SIGNATURES)}")
-    return SIGNATURES[name]
+    return SIGNATURES.lookup(name)
 
 
 def _mean(x: np.ndarray) -> np.ndarray:

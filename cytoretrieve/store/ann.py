@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.registry import Registry
 
 if TYPE_CHECKING:
     import faiss
@@ -154,21 +155,18 @@ class IndexKind:
         return self.suits(rows, dim, where) if self.suits is not None else self.fits(rows, dim)
 
 
-INDEX_KINDS: dict[str, IndexKind] = {}
+INDEX_KINDS: Registry[IndexKind] = Registry("index kind", also=("auto",))
 
 
 def register_index_kind(kind: IndexKind) -> IndexKind:
     """Add (or replace) a kind: `build_index`, a table's index, `auto` and `index build --kind` see it (its help
     shows in `--help` when it is registered before the command line is imported)."""
-    INDEX_KINDS[kind.name] = kind
-    return kind
+    return INDEX_KINDS.add(kind.name, kind)
 
 
 def index_kind(name: str) -> IndexKind:
     """The record of a kind; an unknown one is a user error."""
-    if name not in INDEX_KINDS:
-        raise CytoError(f"unknown index kind '{name}' (one of {', '.join(['auto', *INDEX_KINDS])})")
-    return INDEX_KINDS[name]
+    return INDEX_KINDS.lookup(name)
 
 
 def auto_kind(rows: int, dim: int, where: Where = Where()) -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from cytoretrieve.errors import CytoError
+from cytoretrieve.registry import Registry
 
 if TYPE_CHECKING:
     from cytoretrieve.store.tables import VectorTable
@@ -42,12 +42,12 @@ class MapMethod:
     help: str = ""
 
 
-MAP_METHODS: dict[str, MapMethod] = {}
+MAP_METHODS: Registry[MapMethod] = Registry("map method")
 
 
 def register_map_method(name: str, fit: Callable[[np.ndarray], np.ndarray], max_points: int, help: str = "") -> None:
     """Make `name` a map method (`GET /api/tables/{name}/map?method=NAME`)."""
-    MAP_METHODS[name] = MapMethod(name, fit, max_points, help)
+    MAP_METHODS.add(name, MapMethod(name, fit, max_points, help))
 
 
 def _pca(vectors: np.ndarray) -> np.ndarray:
@@ -170,8 +170,7 @@ _computing_lock = threading.Lock()
 def table_map(table: VectorTable, method: str = "pca") -> TableMap:
     """The map of the table's current version by `method`: read from the cache, or computed and cached (one
     computation at a time per map in this process: two viewers asking at once compute it once)."""
-    if method not in MAP_METHODS:
-        raise CytoError(f"`method` must be one of {', '.join(MAP_METHODS)}, not {method!r}")
+    spec = MAP_METHODS.lookup(method)
     path = _path(table, method)
     found = _read(path, table, method)
     if found is not None:
@@ -182,7 +181,6 @@ def table_map(table: VectorTable, method: str = "pca") -> TableMap:
         found = _read(path, table, method)
         if found is not None:
             return found
-        spec = MAP_METHODS[method]
         ids, labels, vectors, total = _sample(table, spec.max_points)
         x, y = _scaled(spec.fit(vectors) if len(ids) else np.zeros((0, 2)))
         found = TableMap(table.name, method, table.version, total, ids, x, y, labels)

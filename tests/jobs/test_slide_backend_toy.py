@@ -49,7 +49,7 @@ class ToySlide(SlideBackend):
 
 
 def test_a_toy_backend_is_tiled_and_embedded(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))  # the registration ends with the test
+    monkeypatch.setattr(backends, "BACKENDS", backends.BACKENDS.copy())  # the registration ends with the test
     register_backend("toy", lambda path, **options: ToySlide(path), extensions=(".toy",),
                      probe=lambda path: path.read_text().lstrip().startswith("{"))
     slide = tmp_path / "field.toy"

@@ -21,7 +21,7 @@ def _nearest(codes: np.ndarray, sims: np.ndarray, n_classes: int, temperature: f
 @pytest.fixture
 def toy(monkeypatch) -> knn.Vote:
     """The toy vote in a copy of the registry, gone after the test."""
-    monkeypatch.setattr(knn, "VOTES", dict(knn.VOTES))
+    monkeypatch.setattr(knn, "VOTES", knn.VOTES.copy())
     return knn.register_vote("nearest", _nearest, "the nearest neighbour's class")
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cytoretrieve.errors import CytoError
+from cytoretrieve.registry import Registry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,7 +45,7 @@ class MILMethod:
         return self.config == "train"
 
 
-METHODS: dict[str, MILMethod] = {}
+METHODS: Registry[MILMethod] = Registry("MIL method")
 DEFAULT_METHOD = "abmil"
 
 
@@ -54,21 +54,17 @@ def register_mil_method(name: str, fit: Fit, help: str, *, config: str | None = 
     """Add (or replace) a method under `name`; returns its record."""
     if config is not None and config not in CONFIGS:
         raise ValueError(f"unknown config '{config}' (one of {', '.join(CONFIGS)}, or None)")
-    method = MILMethod(name, fit, help, config, dict(defaults or {}), positives)
-    METHODS[name] = method
-    return method
+    return METHODS.add(name, MILMethod(name, fit, help, config, dict(defaults or {}), positives))
 
 
 def get_method(name: str) -> MILMethod:
     """The record of `name`; a `CytoError` naming the known ones otherwise."""
-    if name not in METHODS:
-        raise CytoError(f"unknown `method` '{name}' (one of {', '.join(METHODS)})")
-    return METHODS[name]
+    return METHODS.lookup(name)
 
 
 def methods_help() -> str:
     """Every method with its help, for the CLI."""
-    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
+    return METHODS.help(lambda m: m.help)
 
 
 def method_config(method: MILMethod, train_config: Any = None, retrieval_config: Any = None) -> Any:  # noqa: ANN401

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cytoretrieve.errors import CytoError
+from cytoretrieve.registry import Registry
 from cytoretrieve.sources.slides.backends.base import SlideBackend, SlideReadError
 
 __all__ = ["BACKENDS", "Backend", "SlideBackend", "SlideReadError", "choose_backend", "open_slide_file",
@@ -41,14 +42,12 @@ class Backend:
     probe: Probe
 
 
-BACKENDS: dict[str, Backend] = {}
+BACKENDS: Registry[Backend] = Registry("slide backend", also=("auto",))
 
 
 def register_backend(name: str, opener: Opener, *, extensions: tuple[str, ...] = (), probe: Probe | None = None) -> Backend:
     """Add (or replace) the backend `name`; `probe` defaults to accepting every file with one of `extensions`."""
-    entry = Backend(name, opener, tuple(e.lower() for e in extensions), probe or (lambda path: True))
-    BACKENDS[name] = entry
-    return entry
+    return BACKENDS.add(name, Backend(name, opener, tuple(e.lower() for e in extensions), probe or (lambda path: True)))
 
 
 def choose_backend(path: str | Path) -> Backend | None:
@@ -75,10 +74,8 @@ def open_slide_file(path: str | Path, backend: str = "auto", *, cache_bytes: int
         entry = choose_backend(path)
         if entry is None:
             raise CytoError(_diagnose(path))
-    elif backend in BACKENDS:
-        entry = BACKENDS[backend]
     else:
-        raise CytoError(f"unknown slide backend {backend!r} (known: {', '.join(BACKENDS)})")
+        entry = BACKENDS.lookup(backend)
     return entry.opener(path, cache_bytes=cache_bytes)
 
 

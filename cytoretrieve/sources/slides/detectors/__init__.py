@@ -29,6 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from cytoretrieve.registry import Registry
+
 DEFAULT_DETECTOR = "classic"
 NUCLEUS_FIELDS = ("x", "y", "area_um2", "darkness", "confidence", "cell_area_um2", "nc_ratio")
 
@@ -94,16 +96,12 @@ class Detector(Protocol):
 
 
 DetectorFactory = Callable[..., Detector]
-DETECTORS: dict[str, DetectorFactory] = {}
+DETECTORS: Registry[DetectorFactory] = Registry("detector")
 
 
 def register_detector(name: str, factory: DetectorFactory, *, replace: bool = False) -> None:
     """Make `get_detector(name, **settings)` call `factory(**settings)`; a taken name needs `replace=True`."""
-    if not name or not isinstance(name, str):
-        raise ValueError("a detector needs a non-empty string name")
-    if name in DETECTORS and not replace:
-        raise ValueError(f"detector {name!r} is already registered (pass replace=True to replace it)")
-    DETECTORS[name] = factory
+    DETECTORS.add(name, factory, replace=replace)
 
 
 def get_detector(name_or_path: str | Path = DEFAULT_DETECTOR, **settings: Any) -> Detector:
