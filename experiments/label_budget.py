@@ -15,7 +15,7 @@ than labelling rows in random order? Simulated expert = the true labels, on Herl
    of its own with no stored label (one table per seed and order), the 25% are the test cells.
    5% of the pool (random, seeded) is labelled first: expert events in the store's label log (`record_labels`).
 3. Each round the expert labels `--round` more pool rows, chosen by
-   - `suggest`: `cytoretrieve.queries.labels.suggest` (unreviewed rows by the margin of the weighted k-NN vote on
+   - `suggest`: `cytoretrieve.queries.review_queue.suggest` (unreviewed rows by the margin of the weighted k-NN vote on
      the reviewed labels, least sure first); the new events go into the log, and the reviewed labels are read back
      (`labelled_vectors(..., "reviewed")`): the product's path end to end;
    - `random`: unreviewed rows in a seeded random order;
@@ -178,7 +178,8 @@ def pick(order: str, n: int, xn: np.ndarray, known: np.ndarray, codes: np.ndarra
 
 def run_order(store, order: str, seed: int, pool_x: np.ndarray, pool_y: np.ndarray, test_x: np.ndarray,  # noqa: ANN001
               test_y: np.ndarray, label_map: dict, args: argparse.Namespace) -> dict:
-    from cytoretrieve.queries.labels import labelled_vectors, suggest
+    from cytoretrieve.queries.labels import labelled_vectors
+    from cytoretrieve.queries.review_queue import suggest
     from cytoretrieve.store.ann import l2_normalise
     from cytoretrieve.store.labels import LabelInput, record_labels
 

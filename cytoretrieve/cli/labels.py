@@ -173,7 +173,7 @@ def suggest(
 
     Example: cytoretrieve labels suggest --table herlev_resnet50 -n 50 --class CIS
     """
-    from cytoretrieve.queries.labels import suggest as run_suggest
+    from cytoretrieve.queries.review_queue import suggest as run_suggest
     from cytoretrieve.store.tables import Store
 
     result = run_suggest(Store(store).open(table), n, klass=klass, slide=slide, k=k, vote=vote,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import timm
 import timm.data
@@ -26,7 +27,7 @@ from timm.models import get_pretrained_cfg
 
 from cytoretrieve.errors import CytoError
 from cytoretrieve.models.foundation import encoder_kwargs, external_message, hub_failure, hub_id, resolve_local_dir
-from cytoretrieve.models.preprocess import INTERPOLATIONS, Preprocessing
+from cytoretrieve.models.preprocess import INTERPOLATIONS, Preprocessing, to_rgb
 from cytoretrieve.runtime import resolve_device
 
 __all__ = ["Backbone", "Preprocessing", "backbone_from_metadata", "create_model", "fingerprint", "load_backbone",
@@ -115,12 +116,23 @@ def with_stain(backbone: Backbone, stain: str | None, target: str | Path | Seque
         path = Path(target).expanduser()
         if not path.is_file():
             raise CytoError(f"`stain_target` image not found: {path}")
-        target = fit_target(name, str(path))
+        target = fit_target(name, _read_rgb(path))
     preprocessing = replace(backbone.preprocessing, stain=name, stain_target=tuple(target or ()))
     if preprocessing == backbone.preprocessing:
         return backbone
     return replace(backbone, preprocessing=preprocessing,
                    fingerprint=fingerprint(backbone.model, backbone.arch, preprocessing))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """The image file as an RGB uint8 array; a one-line CytoError when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(to_rgb(im))
+    except (OSError, UnidentifiedImageError) as e:
+        raise CytoError(f"cannot read the `stain_target` image {path}: {str(e).splitlines()[0]}") from e
 
 
 def fingerprint(model: torch.nn.Module, arch: str, preprocessing: Preprocessing) -> str:

@@ -122,17 +122,8 @@ def make_normaliser(name: str, target: Sequence[float] | None = None) -> StainNo
     return NORMALISERS[name](target)
 
 
-def fit_target(name: str, image_path: str) -> tuple[float, ...]:
-    """The target of normaliser `name` fitted on the image file `image_path` (`embed --stain-target`)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from cytoretrieve.models.preprocess import to_rgb
-
-    try:
-        with Image.open(image_path) as im:
-            rgb = np.asarray(to_rgb(im))
-    except (OSError, UnidentifiedImageError) as e:
-        raise CytoError(f"cannot read the `stain_target` image {image_path}: {str(e).splitlines()[0]}") from e
+def fit_target(name: str, rgb: np.ndarray) -> tuple[float, ...]:
+    """The target of normaliser `name` fitted on an RGB uint8 image (`embed --stain-target`)."""
     return make_normaliser(name).fit(rgb).target
 
 

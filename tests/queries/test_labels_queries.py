@@ -13,8 +13,9 @@ import pytest
 from cytoretrieve.cli import run
 from cytoretrieve.errors import CytoError
 from cytoretrieve.queries.knn import classify_table, vote_margin
-from cytoretrieve.queries.labels import labelled_vectors, suggest
+from cytoretrieve.queries.labels import labelled_vectors
 from cytoretrieve.queries.mil.bags import load_positives
+from cytoretrieve.queries.review_queue import suggest
 from cytoretrieve.queries.search_eval import evaluate_search
 from cytoretrieve.queries.transfer import transfer
 from cytoretrieve.store.labels import LabelInput, record_labels

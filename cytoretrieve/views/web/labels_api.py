@@ -107,7 +107,7 @@ def add_label_routes(app: FastAPI, store: Store, *, read_only: bool = False) -> 
     def suggest(name: str, n: Annotated[int, Query(ge=1, le=500)] = 50, klass: Annotated[str | None, Query(alias="class")] = None,
                 slide: str | None = None, k: Annotated[int, Query(ge=1, le=200)] = 10) -> dict[str, Any]:
         from cytoretrieve.errors import CytoError
-        from cytoretrieve.queries.labels import suggest as run_suggest
+        from cytoretrieve.queries.review_queue import suggest as run_suggest
 
         try:
             table = store.open(table_name(name))
