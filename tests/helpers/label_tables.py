@@ -3,6 +3,8 @@ around three axes of an 8-d space, with the label map recorded as `embed` record
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from cytoretrieve.store.tables import Store
@@ -28,3 +30,10 @@ def toy_table(store: Store, name: str = TABLE, per_class: int = 10, seed: int = 
     if table.lease is not None:
         table.lease.release()
     return name
+
+
+def toy_store(folder: Path) -> Store:
+    """A store in `folder`/store holding the toy table: the label-log tests' `store` fixture."""
+    store = Store(folder / "store")
+    toy_table(store)
+    return store

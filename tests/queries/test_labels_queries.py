@@ -20,13 +20,12 @@ from cytoretrieve.queries.search_eval import evaluate_search
 from cytoretrieve.queries.transfer import transfer
 from cytoretrieve.store.labels import LabelInput, record_labels
 from cytoretrieve.store.tables import Store
-from helpers.label_tables import TABLE, toy_table
+from helpers.label_tables import TABLE, toy_store, toy_table
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Store:
-    st = Store(tmp_path_factory.mktemp("reviewed") / "store")
-    toy_table(st)
+    st = toy_store(tmp_path_factory.mktemp("reviewed"))
     toy_table(st, "target_r18", per_class=4, seed=1)
     # every C row is really B; one A row is unsure; target: two A rows are really B (positive)
     record_labels(st, TABLE, [LabelInput(f"C/{i}", "B") for i in range(10)] + [LabelInput("A/0", "unsure")],

@@ -24,16 +24,14 @@ from cytoretrieve.store.labels import (
     undo,
 )
 from cytoretrieve.store.tables import Store
-from helpers.label_tables import TABLE, toy_table
+from helpers.label_tables import TABLE, toy_store, toy_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    st = Store(tmp_path / "store")
-    toy_table(st)
-    return st
+    return toy_store(tmp_path)
 
 
 def _stored_labels(store: Store) -> list:

@@ -12,14 +12,12 @@ from cytoretrieve.errors import CytoError
 from cytoretrieve.store import maps
 from cytoretrieve.store.labels import read_events
 from cytoretrieve.store.tables import Store
-from helpers.label_tables import TABLE, toy_table
+from helpers.label_tables import TABLE, toy_store, toy_table
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    st = Store(tmp_path / "store")
-    toy_table(st)
-    return st
+    return toy_store(tmp_path)
 
 
 def test_pca_map_is_cached_per_version_and_separates_the_classes(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,16 +15,14 @@ from fastapi.testclient import TestClient  # noqa: E402
 from cytoretrieve.store.labels import read_events  # noqa: E402
 from cytoretrieve.store.tables import Store  # noqa: E402
 from cytoretrieve.views.web.app import create_app  # noqa: E402
-from helpers.label_tables import TABLE, toy_table  # noqa: E402
+from helpers.label_tables import TABLE, toy_store  # noqa: E402
 
 URL = f"/api/tables/{TABLE}/labels"
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    st = Store(tmp_path / "store")
-    toy_table(st)
-    return st
+    return toy_store(tmp_path)
 
 
 def test_label_list_history_undo_suggest(store: Store) -> None:
