@@ -19,7 +19,6 @@ import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -29,17 +28,14 @@ from cytoretrieve.ids import tile_id
 from cytoretrieve.store import scores
 from cytoretrieve.store.filters import equals
 from cytoretrieve.store.tables import Store
+from helpers.browser import SLIDE, loopback_page, needs_chromium, serving_slides, slide_store
 from helpers.paths import SVS
 from helpers.synthetic_slides import CELL_TILES, TILE_L0, write_standard_slide
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser"))
-                 if p and Path(p).exists()), None)
-TIMEOUT_MS = 60_000
-SLIDE = "CMU-1-Small-Region"
 SYNTHETIC = {"syn-a": ("NILM", 0.0), "syn-b": ("NILM", 0.1), "syn-c": ("HSIL", 3.0)}  # label, vector offset
 RUN = "focus-demo"
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install -y chromium; .ci/run does)")
+pytestmark = needs_chromium
 
 
 def _save_demo_run(store: Store) -> int:
@@ -59,15 +55,8 @@ def _save_demo_run(store: Store) -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):  # noqa: ANN201
-    pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
-    if not SVS.exists():
-        pytest.skip(f"{SVS} not found")
-    from cytoretrieve.sources.slides.backends import open_slide_file
-    from cytoretrieve.views.web.app import create_app
-    from helpers.viewer_server import serving
-
     tmp = tmp_path_factory.mktemp("slide_tools")
-    store = Store(tmp / "store")
+    store = slide_store(tmp)
     assert run(["tile", str(SVS), "--store", store.uri, "--table", "cmu"]) == 0
     saved = _save_demo_run(store)
     pyramid = write_standard_slide(tmp / "standard.tiff")
@@ -85,7 +74,7 @@ def served(tmp_path_factory):  # noqa: ANN201
             x.append(rng.normal(size=8) * 0.1 + np.r_[1.0, offset, np.zeros(6)])
     vectors.add(vectors.make_rows(records, np.asarray(x, np.float32)))
     vectors.finish()
-    with serving(create_app(store.uri, slide_opener=open_slide_file)) as url:
+    with serving_slides(store) as url:
         yield url, store, saved
 
 
@@ -129,28 +118,9 @@ def _drawn(page, pane: str = "hit") -> dict:  # noqa: ANN001
 
 
 def test_measure_heat_map_and_similar_slides_in_the_browser(served, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     url, store, saved = served
-    host = urlparse(url).hostname
-    outside: list[str] = []
-    errors: list[str] = []
-
-    def route(r) -> None:  # noqa: ANN001 - only loopback may be reached
-        if urlparse(r.request.url).hostname != host and not r.request.url.startswith(("data:", "blob:")):
-            outside.append(r.request.url)
-            r.abort()
-        else:
-            r.continue_()
-
     full = "(n) => window.cytoSlides.panes[n] && window.cytoSlides.panes[n].fullAt !== null"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        context.route("**/*", route)
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with loopback_page(url) as page:
         page.goto(url)
         page.wait_for_selector("#table option[value='syn_vec']", state="attached")
         page.select_option("#table", "syn_vec")
@@ -233,5 +203,3 @@ def test_measure_heat_map_and_similar_slides_in_the_browser(served, tmp_path: Pa
         page.wait_for_function(full, arg="query")
         assert page.is_visible("#pane-query") and "syn-c" in page.inner_text("#query-caption")
         assert page.evaluate("() => window.cytoSlides.panes.query.tilesLoaded > 0 && window.cytoSlides.panes.query.tilesFailed === 0")
-        browser.close()
-    assert outside == [] and errors == []
