@@ -253,31 +253,7 @@ class Store:
     def describe_table(self, name: str) -> TableInfo:
         """Table `name`'s line of `tables`, read through LanceDB; a local store's summary of it is rewritten."""
         key = version_key(Path(self.uri), name) if self.local else None  # before opening: the version read is newer
-        tbl = self.db.open_table(name)
-        meta = read_meta(tbl)
-        backbone = meta.get("backbone") or {}
-        stats = tbl.stats()
-        tiles = meta if meta.get("kind") == "tiles" else (meta.get("dataset") or {}).get("tiles") or {}
-        detector = (tiles.get("detector") or {}).get("name", "") if isinstance(tiles, dict) else ""
-        weights = str(backbone.get("weights") or "")
-        info = TableInfo(
-            weights=weights if weights in ("timm", "random", "") else Path(weights).name,
-            detector=detector,
-            kind=_table_kind(meta),
-            internal=meta.get("kind") == "overviews",
-            name=name,
-            rows=int(stats["num_rows"]),
-            dim=int(backbone.get("dim", 0)),
-            arch=backbone.get("arch", f"({meta.get('kind', 'no vectors')})"),
-            fingerprint=backbone.get("fingerprint", ""),
-            dataset=(meta.get("dataset") or {}).get("name", ""),
-            bytes=int(stats["total_bytes"]),
-            duplicates=Table(self, tbl).duplicates() if "id" in tbl.schema.names else 0,
-            normaliser=stain_normaliser(meta),
-        )
-        if key is not None and key["version"] == int(tbl.version):  # no commit in between: the key is what was read
-            write_summary(Path(self.uri), info, key)
-        return replace(info, state=self.write_state(name))
+        return Table(self, self.db.open_table(name)).describe(key)
 
 
 def stain_normaliser(meta: dict[str, Any]) -> str:
@@ -418,13 +394,48 @@ class Table:
                 self.lease.release()
         self.keep_summary()
 
+    def describe(self, key: dict[str, Any] | None = None) -> TableInfo:
+        """This table's line of `tables` at the version this handle holds (its own commits move it, other writers'
+        do not). `key` is the table's newest manifest, read before (`summary.version_key`): when it names this
+        version, the line is kept as the table's summary, which is tied to the newest manifest."""
+        meta = read_meta(self.tbl)
+        backbone = meta.get("backbone") or {}
+        stats = self.tbl.stats()
+        tiles = meta if meta.get("kind") == "tiles" else (meta.get("dataset") or {}).get("tiles") or {}
+        detector = (tiles.get("detector") or {}).get("name", "") if isinstance(tiles, dict) else ""
+        weights = str(backbone.get("weights") or "")
+        info = TableInfo(
+            weights=weights if weights in ("timm", "random", "") else Path(weights).name,
+            detector=detector,
+            kind=_table_kind(meta),
+            internal=meta.get("kind") == "overviews",
+            name=self.name,
+            rows=int(stats["num_rows"]),
+            dim=int(backbone.get("dim", 0)),
+            arch=backbone.get("arch", f"({meta.get('kind', 'no vectors')})"),
+            fingerprint=backbone.get("fingerprint", ""),
+            dataset=(meta.get("dataset") or {}).get("name", ""),
+            bytes=int(stats["total_bytes"]),
+            duplicates=self.duplicates() if "id" in self.columns else 0,
+            normaliser=stain_normaliser(meta),
+        )
+        if key is not None and key["version"] == self.version:  # no commit in between: the key is what was read
+            write_summary(Path(self.store.uri), info, key)
+        return replace(info, state=self.store.write_state(self.name))
+
     def keep_summary(self) -> None:
         """Write this table's line of `tables` as its summary (local stores), so that the next `tables` answers
-        without importing LanceDB (see `store/summary.py`). Housekeeping: a failure only leaves that to `tables`."""
+        without importing LanceDB (see `store/summary.py`). Read from this handle when it holds the newest version
+        (the usual case after `finish`: no reopening); when another writer has committed since, the table is
+        reopened at its newest version instead. Housekeeping: a failure only leaves that to `tables`."""
         if not self.store.local:
             return
         try:
-            self.store.describe_table(self.name)
+            key = version_key(Path(self.store.uri), self.name)
+            if key is not None and key["version"] == self.version:
+                self.describe(key)
+            else:
+                self.store.describe_table(self.name)
         except Exception as e:  # noqa: BLE001 - the job's rows are stored; `tables` reads LanceDB instead
             log.warning("table %s: its summary for `tables` was not written (%s)", self.name, e)
 
