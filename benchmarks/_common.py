@@ -115,3 +115,51 @@ def start_server(store_uri: str, port: int) -> subprocess.Popen:
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"the server did not start: {proc.stdout.read() if proc.stdout else ''}")
+
+
+def _files(folder: Path) -> list[Path]:
+    return [f for f in Path(folder).rglob("*") if f.is_file() and f.stat().st_size]
+
+
+def page_cached(folder: Path) -> tuple[int, int]:
+    """(bytes of the files under `folder` now in the page cache, their total bytes), by `mincore` on a private
+    mapping of each file: the evidence that a "cold page cache" figure was taken with the files out of memory."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    cached = total = 0
+    for f in _files(folder):
+        size = f.stat().st_size
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                continue
+            pages = (size + page - 1) // page
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) == 0:
+                cached += sum(b & 1 for b in vec.raw) * page
+            libc.munmap(ctypes.c_void_p(addr), size)
+            total += size
+        finally:
+            os.close(fd)
+    return min(cached, total), total
+
+
+def evict(folder: Path) -> tuple[int, int]:
+    """Drop the files under `folder` from the page cache (`posix_fadvise(DONTNEED)` after `fdatasync`, no root
+    needed), so that the next process reads them from disk; returns `page_cached` afterwards."""
+    for f in _files(folder):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return page_cached(folder)

@@ -24,6 +24,12 @@ rows; the recall of each is against every row the table then holds.
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/search_latency.py --rows 1500000 --dims 384 \
         --kind ivfpq,ivfpq8,lance --append 10000 --queries 100 --fresh-runs 2
 
+A cold page cache (issue 27: 1.5M x 2048, first search <= 1 s): `--cold-cache` drops the store's files from the page
+cache before each `--fresh-runs` process and prints how much stayed resident (`mincore`):
+
+    .venv/bin/python benchmarks/search_latency.py --rows 1500000 --dims 2048 --kind ivfpq8 --queries 100 \
+        --fresh-runs 3 --cold-cache
+
 Before / after side by side: the same script run from outside the checkout (so that a fresh process's `-c` does
 not import the checkout) with an exported older tree of the package first on the path, then without it:
 
@@ -175,14 +181,21 @@ def fresh_process_searches(store: Any, table: str, ids: list[str]) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cold_first_searches(store: Any, table: str, ids: list[str]) -> list[float]:
+def cold_first_searches(store: Any, table: str, ids: list[str], cold_cache: bool = False) -> list[float]:
     """Seconds from opening the table to the first answer (index load included) in one new process per id: a
-    single cold figure on a busy machine swings with the scheduler, so several are taken."""
-    return [fresh_process_searches(store, table, [row_id])["first_search_s"] for row_id in ids]
+    single cold figure on a busy machine swings with the scheduler, so several are taken. `cold_cache`: before
+    each process the store's files (table and index) are dropped from the page cache and what stayed is printed."""
+    out = []
+    for row_id in ids:
+        if cold_cache:
+            resident, total = _common.evict(Path(store.uri))
+            print(f"  page cache emptied of the store: {resident / 2**20:.1f} of {total / 2**30:.2f} GiB still resident")
+        out.append(fresh_process_searches(store, table, [row_id])["first_search_s"])
+    return out
 
 
 def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append: int,
-                   fresh_runs: int = 0, kind: str = "auto") -> list[dict[str, Any]]:
+                   fresh_runs: int = 0, kind: str = "auto", cold_cache: bool = False) -> list[dict[str, Any]]:
     """Cohort scale: chunked table, then for each kind of `kind` (comma-separated: engines side by side on one
     table) its index build (peak memory of this process), fresh-process searches, an append. Each kind after the
     first is built on the table as the appends before it left it (its recall is against all those rows)."""
@@ -196,7 +209,7 @@ def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append
     out = []
     for one in kind.split(","):
         truth = exact_top_streamed(source, picks[1:], 10, chunks)
-        figures = bench_kind(store, table, name, one, picks, truth, fresh_runs)
+        figures = bench_kind(store, table, name, one, picks, truth, fresh_runs, cold_cache)
         figures.update(ingest_seconds=ingest_s, rows=chunks[-1][1])
         if append:
             rows = chunks[-1][1]
@@ -210,7 +223,7 @@ def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append
 
 
 def bench_kind(store: Any, table: Any, name: str, kind: str, picks: np.ndarray, truth: list[list[int]],
-               fresh_runs: int) -> dict[str, Any]:
+               fresh_runs: int, cold_cache: bool = False) -> dict[str, Any]:
     """One index kind on the table: built (from scratch), then searched in fresh processes."""
     from cytoretrieve.store.index import forget_loaded, table_index
 
@@ -236,10 +249,12 @@ def bench_kind(store: Any, table: Any, name: str, kind: str, picks: np.ndarray, 
            "recall_at_10": recall, "queries": len(picks) - 1,
            "fresh": {k: v for k, v in fresh.items() if k not in ("latencies", "hits")}}
     if fresh_runs:
-        cold = cold_first_searches(store, name, [f"c{i:07d}" for i in picks[1:fresh_runs + 1]])
-        print(f"[{dim}-d] {kind}, first search in {fresh_runs} more fresh processes: "
+        cold = cold_first_searches(store, name, [f"c{i:07d}" for i in picks[1:fresh_runs + 1]], cold_cache)
+        print(f"[{dim}-d] {kind}, first search in {fresh_runs} more fresh processes"
+              f"{' (page cache emptied of the store before each)' if cold_cache else ''}: "
               + ", ".join(f"{c * 1e3:.0f}" for c in cold) + f" ms (median {np.median(cold) * 1e3:.0f} ms)")
         out["cold_first_search_s"] = cold
+        out["cold_page_cache"] = cold_cache
     return out
 
 
@@ -420,6 +435,9 @@ def main() -> None:
                              "comma-separated, are measured one after the other on the same table")
     parser.add_argument("--fresh-runs", type=int, default=0,
                         help="cohort scale: this many more fresh processes timing their first search")
+    parser.add_argument("--cold-cache", action="store_true",
+                        help="cohort scale: empty the page cache of the store's files before each --fresh-runs process "
+                             "(posix_fadvise, no root needed), so their first search reads the index from disk")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     dims = [int(d) for d in args.dims.split(",")]
@@ -435,7 +453,7 @@ def main() -> None:
         for dim in dims:
             if args.streamed or args.append or args.rows > 200_000:
                 figures.extend(bench_streamed(store, args.rows, dim, args.queries, args.seed, args.append,
-                                              args.fresh_runs, args.kind))
+                                              args.fresh_runs, args.kind, args.cold_cache))
             else:
                 figures.append(bench_dim(store, args.rows, dim, args.queries, args.seed))
     info["loadavg_end"] = _common.print_load("at the end")
