@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -13,6 +13,10 @@ from rich.table import Table as RichTable
 from cytoretrieve.cli import options
 from cytoretrieve.cli.messages import incomplete_tables
 from cytoretrieve.queries.knn import votes_help
+
+if TYPE_CHECKING:
+    from cytoretrieve.store.snapshot import Snapshot
+    from cytoretrieve.store.tables import VectorTable
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -43,11 +47,9 @@ def classify(
     """
     with Console(stderr=True).status("loading the store and the k-NN protocol", spinner="dots"):
         from cytoretrieve.queries.knn import classify_table, parse_ks
-        from cytoretrieve.store.tables import Store
 
-    ks = parse_ks(k)
-    st = Store(store)
-    tables = [st.open(name) for name in table]
+        ks = parse_ks(k)
+        tables = _open(store, table)
     with incomplete_tables(store, table), Console(stderr=True).status(f"k-NN over {', '.join(table)}", spinner="dots"):
         results = [classify_table(t, runs=runs, train_fraction=train_fraction, ks=ks, vote=vote,
                                   temperature=temperature, seed=seed, labels=labels) for t in tables]
@@ -80,3 +82,28 @@ def classify(
             path = plot if len(tables) == 1 else plot.with_name(f"{plot.stem}_{t.name}{plot.suffix or '.png'}")
             plot_classify(r, path, title=f"{t.name} ({vote} vote)")
             console.print(f"plot written to {path}")
+    _keep_snapshots(tables)
+
+
+def _open(store: str, names: list[str]) -> list[Snapshot | VectorTable]:
+    """Each table's current snapshot (`queries/labelled_snapshot.py`: its labelled vectors, read without importing
+    LanceDB), else the table itself through LanceDB."""
+    from cytoretrieve.queries.labelled_snapshot import read
+
+    found = {name: read(store, name) for name in dict.fromkeys(names)}
+    if all(found.values()):
+        return [found[name] for name in names]
+    from cytoretrieve.store.tables import Store
+
+    st = Store(store)
+    opened = {name: found[name] or st.open(name) for name in found}
+    return [opened[name] for name in names]
+
+
+def _keep_snapshots(tables: list[Snapshot | VectorTable]) -> None:
+    """Snapshot the tables read through LanceDB, so that the next `classify` of them skips its import."""
+    from cytoretrieve.queries.labelled_snapshot import keep
+    from cytoretrieve.store.snapshot import Snapshot
+
+    for t in {t.name: t for t in tables if not isinstance(t, Snapshot)}.values():
+        keep(t)

@@ -90,6 +90,10 @@ def embed_rows(
     barrier()  # every process has committed its rows before one compacts the table
     if rank_world()[0] == 0 and (report.added or rank_world()[1] > 1):
         table.finish()
+        if not report.interrupted:  # the first `classify` of the table then skips importing LanceDB
+            from cytoretrieve.queries.labelled_snapshot import keep
+
+            keep(table)
     if rank_world()[0] == 0:  # `tables` shows a stopped run's table as interrupted until a run finishes it
         table.store.mark_interrupted(table.name, report.interrupted)
     report.seconds = time.perf_counter() - start

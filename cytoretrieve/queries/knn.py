@@ -444,20 +444,28 @@ def tied_labels(neighbours: Sequence[tuple[str, float]]) -> list[str]:
 
 def classify_table(table, labels: str = "stored", **kwargs) -> ClassifyResult:  # noqa: ANN001 - a store.VectorTable
     """`classify` over a store table's vectors and labels (`labels`: stored or reviewed, see `queries.labels`), with
-    the class order and binary mapping it records."""
-    from cytoretrieve.queries.labels import labelled_vectors
-    from cytoretrieve.store.tables import require_unique
+    the class order and binary mapping it records. `table` may be the table's current snapshot instead
+    (`queries.labelled_snapshot.read`): the same rows, read without LanceDB, and so the same result."""
+    from cytoretrieve.store.snapshot import Snapshot
 
-    vectors, meta, used = labelled_vectors(table, ["id", "label"], labels)
-    require_unique(table.name, meta.column("id"))
-    labels = meta.column("label").to_pylist()
+    if isinstance(table, Snapshot):
+        from cytoretrieve.queries.labelled_snapshot import labelled
+
+        vectors, row_labels, reviewed_rows = labelled(table, labels)
+    else:
+        from cytoretrieve.queries.labels import labelled_vectors
+        from cytoretrieve.store.tables import require_unique
+
+        vectors, meta, used = labelled_vectors(table, ["id", "label"], labels)
+        require_unique(table.name, meta.column("id"))
+        row_labels, reviewed_rows = meta.column("label").to_pylist(), used.reviewed_rows
     label_map = table.labels or {}
-    present = set(labels)
+    present = set(row_labels)
     classes = [c for c in label_map.get("classes", []) if c in present] or None
     if classes is not None:
         classes += sorted(c for c in present - set(classes) if c)
     mapping = label_map.get("binary")
     binary = {c: mapping.get(c) for c in classes or sorted(c for c in present if c)} if mapping else None
-    result = classify(vectors, labels, classes=classes, binary=binary, **kwargs)
-    result.labels, result.reviewed_rows = used.labels, used.reviewed_rows
+    result = classify(vectors, row_labels, classes=classes, binary=binary, **kwargs)
+    result.labels, result.reviewed_rows = labels, reviewed_rows
     return result

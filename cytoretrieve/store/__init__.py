@@ -1,7 +1,8 @@
 """The store: LanceDB tables (`tables`: the base table, vector tables; `tiles`: tile and cell tables; `overviews`:
 one picture per slide), row filters (`filters`: the one SQL quoting), the FAISS toolkit and index kinds (`ann`),
 a table's cached index (`index`), the label log (`labels`), the viewer's 2-D maps (`maps`), saved tile scores
-(`scores`) and what `tables` shows without LanceDB (`summary`). The only code that touches LanceDB.
+(`scores`), what `tables` shows without LanceDB (`summary`) and a small table's rows read without it (`snapshot`).
+The only code that touches LanceDB.
 
 `from cytoretrieve.store import Store` is the entry point; the names below are re-exported from `tables`, loaded
 on first use so that `import cytoretrieve.store.index` does not pull in lancedb.

@@ -32,6 +32,7 @@ from cytoretrieve.faults import failpoint
 from cytoretrieve.store.filters import equals
 from cytoretrieve.store.lease import Lease, acquire
 from cytoretrieve.store.summary import TableInfo, version_key, write_state, write_summary
+from cytoretrieve.store.vector_meta import VectorMeta
 from cytoretrieve.version import __version__
 
 DEFAULT_STORE = "indexes"
@@ -449,7 +450,7 @@ def build_rows(fields: Sequence[pa.Field], records: Sequence[dict[str, Any]]) ->
     return cols
 
 
-class VectorTable(Table):
+class VectorTable(Table, VectorMeta):
     """A table of vectors: rows of metadata + vector, and the backbone metadata of its vectors."""
 
     INDEXED = ("id", "key")
@@ -460,18 +461,6 @@ class VectorTable(Table):
             what = f"a {self.meta['kind']} table" if "kind" in self.meta else "not a table of vectors"
             raise CytoError(f"table '{tbl.name}' is {what}: it holds no vectors (embed it into a table first)")
 
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["backbone"]["fingerprint"]
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["backbone"]["dim"])
-
-    @property
-    def labels(self) -> dict[str, Any] | None:
-        """The dataset's label map (classes, binary mapping, names) as stored, or None."""
-        return self.meta.get("dataset", {}).get("labels")
 
     def ids(self) -> set[str]:
         """Every row id already stored: what a resumed job skips."""
