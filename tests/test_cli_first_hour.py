@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 from cytoretrieve.cli import run
 from cytoretrieve.queries.knn import majority_label, tied_labels
 from cytoretrieve.queries.search import Hit, SearchResult, percentile_of, search
+from cytoretrieve.store.index import table_index
 from cytoretrieve.store.tables import Store
 from cytoretrieve.views.hits import majority_words
 from helpers.herlev_subset import TABLE, TILE_TABLE, add_tiles, herlev_store, link_subset
@@ -84,13 +86,35 @@ def test_similarity_percentile_is_computed_once_per_version_and_cached(store: St
     ranks = [h.percentile for h in result.hits]
     assert ranks == sorted(ranks, reverse=True)  # best hit, highest percentile
     cached = json.loads((store.index_dir() / f"{TABLE}.nnsim.json").read_text())
-    assert cached["version"] == table.version and len(cached["percentiles"]) == 101
+    index = table_index(table)
+    assert cached["version"] == index.scale_version == f"faiss-{index.build}" and len(cached["percentiles"]) == 101
     scale = np.asarray(cached["percentiles"])
     assert percentile_of(scale, scale[0] - 1) == 0 and percentile_of(scale, scale[-1] + 1) == 100
     assert percentile_of(None, 0.5) is None
     import cytoretrieve.queries.search as module
 
     assert "nearest neighbour" in module.__doc__
+
+
+def test_similarity_scale_survives_a_small_append_and_follows_a_rebuild(store: Store, tmp_path: Path) -> None:
+    """Appended rows wait in the side index: the scale stays keyed to the main index's build (no thousands of
+    queries at the first search after an append); a rebuild of the main index makes a new scale."""
+    store = Store(str(shutil.copytree(store.uri, tmp_path / "store")))  # the module's store stays as it was
+    table = store.open(TABLE)
+    search(table, row_id=QUERY, k=5)
+    path = store.index_dir() / f"{TABLE}.nnsim.json"
+    before = json.loads(path.read_text())
+    vector = table.row_by_id(QUERY, ["vector"])["vector"]
+    table.add(table.make_rows([{"id": "appended/one.bmp", "path": "/x/one.bmp", "label": "normal_superficiel"}],
+                              np.asarray([vector], np.float32)))
+    table = store.open(TABLE)
+    search(table, row_id=QUERY, k=5)
+    index = table_index(table)
+    assert index.side is not None and index.side.ntotal == 1  # the appended row, beside the main index
+    assert json.loads(path.read_text()) == before
+    rebuilt = table_index(table, rebuild=True)
+    search(table, row_id=QUERY, k=5)
+    assert json.loads(path.read_text())["version"] == rebuilt.scale_version != before["version"]
 
 
 # ------------------------------------------------------------------------------------------------ provenance

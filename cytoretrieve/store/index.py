@@ -43,7 +43,7 @@ TABLE_MAX_LISTS = 1024  # and at most this many lists (more lists built slower: 
 MEMORY_CACHE_TABLES = 4  # indexes kept loaded per process (most recently used); each holds all its vectors
 TABLE_TRAIN_PER_LIST = 40  # a table index's k-means: fewer rows (FAISS warns below 39) and iterations ...
 TABLE_KMEANS_ITERATIONS = 5  # ... than `ann.IndexParams`' defaults, for the same recall (BENCHMARKS.md)
-UPDATE_SLICE = 4096  # keys per LanceDB query when an index picks up appended rows
+UPDATE_SLICE = 4096  # rows per LanceDB take when an index picks up appended rows
 SIDE_FRACTION = 0.05  # appended rows wait in a side index (the main file untouched) up to this x the main's rows
 CACHE_FORMAT = 2  # of a table's cache files; a cache of another format is rebuilt
 MAPPED = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE  # how a cached index is read (`_read_cache`)
@@ -130,6 +130,14 @@ class TableIndex:
     row_map: RowMap | None = None
     side: faiss.Index | None = None
     side_rows: RowMap | None = None
+    build: str = ""  # the main index's build id (new at each build or fold); "" for an index outside a cache
+
+    @property
+    def scale_version(self) -> str | int:
+        """What `queries.search.similarity_scale` keys the table's similarity scale to: the main index's build, so
+        that appended rows (the side index: a few percent of the main's at most) do not cost a new scale of
+        thousands of queries at their first search; the table version for an index outside a cache."""
+        return f"faiss-{self.build}" if self.build else self.version
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, keys) for L2-normalised queries; `allowed` restricts hits to these keys. With a side
@@ -406,7 +414,7 @@ def _write_rows(path: Path, rows: pa.Table) -> int:
 
 
 def _write_cache(table: VectorTable, paths: _Paths, index: faiss.Index, rows: pa.Table, meta: dict[str, Any],
-                 trained: np.ndarray | None = None) -> None:
+                 trained: np.ndarray | None = None) -> dict[str, Any]:
     """Write the main index's files, then its .json (a kill leaves the old .json, or one that does not describe
     the new files, which `_read_cache` refuses); any side index belonged to the previous main index."""
     sizes = {"rows_bytes": _write_rows(paths.rows, rows)}
@@ -420,6 +428,7 @@ def _write_cache(table: VectorTable, paths: _Paths, index: faiss.Index, rows: pa
             "format": CACHE_FORMAT, "build": os.urandom(8).hex()}
     _replace(paths.meta, lambda tmp: tmp.write_text(json.dumps(meta)))
     paths.side_meta.unlink(missing_ok=True)
+    return meta
 
 
 def _write_side(table: VectorTable, paths: _Paths, index: faiss.Index, rows: pa.Table,
@@ -432,31 +441,36 @@ def _write_side(table: VectorTable, paths: _Paths, index: faiss.Index, rows: pa.
     _replace(paths.side_meta, lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
-def _rows_by_keys(table: VectorTable, keys: np.ndarray) -> tuple[np.ndarray, pa.Table]:
-    """(vectors, key + ROW_COLUMNS) of the rows with these keys, read by the table's key index in slices."""
-    vecs, meta = [np.zeros((0, table.dim), np.float32)], []
-    for a in range(0, len(keys), UPDATE_SLICE):
-        part = ", ".join(str(int(k)) for k in keys[a:a + UPDATE_SLICE])
-        v, m = table.vectors(["key", *ROW_COLUMNS], where=f"key IN ({part})")
-        vecs.append(v)
-        meta.append(m)
-    return np.concatenate(vecs), pa.concat_tables(meta)
+def _table_keys(table: VectorTable) -> tuple[np.ndarray, np.ndarray]:
+    """(key, `_rowid`) of every row of the table, in scan order: the keys say which rows an index lacks, the row
+    ids fetch just those (`VectorTable.take`)."""
+    got = table.scan(["key"], row_id=True).read_all()
+    return got.column("key").to_numpy().astype(np.int64), got.column("_rowid").to_numpy()
+
+
+def _rows_at(table: VectorTable, row_ids: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+    """(vectors, key + ROW_COLUMNS) of the rows at these row ids, taken in slices of `UPDATE_SLICE`."""
+    row_ids = np.sort(row_ids)
+    parts = [table.take(row_ids[a:a + UPDATE_SLICE], ["key", *ROW_COLUMNS]) for a in range(0, len(row_ids), UPDATE_SLICE)]
+    if not parts:
+        return table.take(row_ids, ["key", *ROW_COLUMNS])
+    return np.concatenate([v for v, _ in parts]), pa.concat_tables([m for _, m in parts])
 
 
 def _update(table: VectorTable, meta: dict[str, Any], index: faiss.Index) -> faiss.Index | None:
     """The cached index brought up to the table's rows (new keys added, gone keys removed), or None when a fresh
     build is due: rows were deleted from a kind that cannot remove them (`IndexKind.removable`)."""
-    keys = table.read(["key"]).column("key").to_numpy().astype(np.int64)
+    keys, row_ids = _table_keys(table)
     held = ann.index_keys(index)
-    new, gone = np.setdiff1d(keys, held), np.setdiff1d(held, keys)
+    new, gone = ~np.isin(keys, held), np.setdiff1d(held, keys)
     if len(gone):
         if not ann.index_kind(meta["kind"]).removable:
             return None
         ann.remove_keys(index, gone)
-    if len(new):
-        vectors, got = _rows_by_keys(table, new)
+    if new.any():
+        vectors, got = _rows_at(table, row_ids[new])
         ann.add(index, vectors, got.column("key").to_numpy())
-    log.info("index of table %s updated: %d rows added, %d removed", table.name, len(new), len(gone))
+    log.info("index of table %s updated: %d rows added, %d removed", table.name, int(new.sum()), len(gone))
     return index
 
 
@@ -468,8 +482,9 @@ def _fold(table: VectorTable, paths: _Paths, meta: dict[str, Any], version: int)
         return None
     meta = {k: v for k, v in meta.items() if k in ("kind", "auto", "trained_rows", "trained_bytes")}
     rows = _row_table(table.read(["key", *ROW_COLUMNS]), index)
-    _write_cache(table, paths, index, rows, {**meta, "version": version})
-    return TableIndex(ann.to_gpu(index, meta["kind"]), meta["kind"], version, int(index.ntotal), row_map=RowMap(rows))
+    written = _write_cache(table, paths, index, rows, {**meta, "version": version})
+    return TableIndex(ann.to_gpu(index, meta["kind"]), meta["kind"], version, int(index.ntotal), row_map=RowMap(rows),
+                      build=written["build"])
 
 
 def _catch_up(table: VectorTable, paths: _Paths, main: _Cached, side: _Cached | None,
@@ -478,7 +493,7 @@ def _catch_up(table: VectorTable, paths: _Paths, main: _Cached, side: _Cached | 
     `auto` would pick has changed, or the table has outgrown the index's training: `IndexKind.retrain_growth` x the
     rows it was trained on). Appended rows go to the side index (the main file is not rewritten) until they are
     `SIDE_FRACTION` of the main rows; then, or when rows were deleted from the main index, it is folded."""
-    keys = table.read(["key"]).column("key").to_numpy().astype(np.int64)
+    keys, row_ids = _table_keys(table)
     kind, rows = main.meta["kind"], len(keys)
     if main.meta.get("auto") and kind != _faiss_auto(table, rows):
         return None
@@ -486,7 +501,7 @@ def _catch_up(table: VectorTable, paths: _Paths, main: _Cached, side: _Cached | 
     if growth is not None and rows > growth * int(main.meta.get("trained_rows", main.meta["rows"])):
         return None
     in_main = main.rows.find(keys)[0]
-    extra = keys[~in_main]
+    extra, extra_ids = keys[~in_main], row_ids[~in_main]
     if int(in_main.sum()) < len(main.rows) or len(extra) > SIDE_FRACTION * len(main.rows):
         return _fold(table, paths, main.meta, version)
     if not len(extra):  # no rows beyond the main index's (a compaction or a deleted side row moved the version)
@@ -494,15 +509,15 @@ def _catch_up(table: VectorTable, paths: _Paths, main: _Cached, side: _Cached | 
         paths.side_meta.unlink(missing_ok=True)
         return _loaded(main, None, version)
     kept = side is not None and int(side.rows.find(extra)[0].sum()) == len(side.rows)
-    new = extra[~side.rows.find(extra)[0]] if kept else extra
-    if kept and not len(new):  # the side index still holds exactly the appended rows
+    new = ~side.rows.find(extra)[0] if kept else np.ones(len(extra), bool)
+    if kept and not new.any():  # the side index still holds exactly the appended rows
         _replace(paths.side_meta, lambda tmp: tmp.write_text(json.dumps({**side.meta, "version": version})))
         return _loaded(main, side, version)
     if kept:
         index, held = side.index, side.rows.table.select(["key", *ROW_COLUMNS])
     else:  # none yet, or some of its rows were deleted: a fresh one of all rows the main index does not hold
         index, held = ann.with_ids(kind, faiss.deserialize_index(np.fromfile(paths.trained, dtype=np.uint8))), None
-    vectors, meta = _rows_by_keys(table, new)
+    vectors, meta = _rows_at(table, extra_ids[new])
     ann.add(index, vectors, meta.column("key").to_numpy())
     rows_table = _row_table(meta if held is None else pa.concat_tables([held, meta]), index)
     _write_side(table, paths, index, rows_table, {"main": main.meta["build"], "version": version})
@@ -515,7 +530,8 @@ def _loaded(main: _Cached, side: _Cached | None, version: int) -> TableIndex:
     kind = main.meta["kind"]
     return TableIndex(ann.to_gpu(main.index, kind), kind, version,
                       int(main.index.ntotal) + (0 if side_index is None else int(side_index.ntotal)),
-                      row_map=main.rows, side=ann.to_gpu(side_index, kind), side_rows=None if side is None else side.rows)
+                      row_map=main.rows, side=ann.to_gpu(side_index, kind), side_rows=None if side is None else side.rows,
+                      build=main.meta.get("build", ""))
 
 
 def _from_cache(table: VectorTable, paths: _Paths, kind: str, version: int) -> TableIndex | None:
@@ -601,6 +617,7 @@ def table_index(table: VectorTable, kind: str = "auto", rebuild: bool = False) -
     built = build_table(table, kind)
     rows = int(built.index.ntotal)
     meta = {"version": version, "kind": built.kind, "auto": kind == "auto", "trained_rows": rows}
-    _write_cache(table, paths, built.index, built.rows, meta, built.trained)
-    loaded = TableIndex(ann.to_gpu(built.index, built.kind), built.kind, version, rows, row_map=RowMap(built.rows))
+    written = _write_cache(table, paths, built.index, built.rows, meta, built.trained)
+    loaded = TableIndex(ann.to_gpu(built.index, built.kind), built.kind, version, rows, row_map=RowMap(built.rows),
+                        build=written["build"])
     return _remember(paths, loaded)

@@ -478,14 +478,22 @@ class VectorTable(Table, VectorMeta):
         schema = pa.schema([reader.schema.field(c) for c in columns])
         return np.concatenate(chunks).astype(np.float32, copy=False), pa.Table.from_batches(meta, schema)
 
-    def take_vectors(self, row_ids: np.ndarray) -> np.ndarray:
-        """Vectors (n, dim) float32 of the rows at these `_rowid`s, in ascending row-id order (LanceDB's take
-        returns them so): random access to a few thousand rows without scanning the table."""
+    def take(self, row_ids: np.ndarray, columns: Sequence[str]) -> tuple[np.ndarray, pa.Table]:
+        """(vectors (n, dim) float32, the `columns`) of the rows at these `_rowid`s, in ascending row-id order
+        (LanceDB's take returns them so): random access to rows, e.g. the ones appended since an index was built,
+        without a filtered query per slice of them."""
         if not len(row_ids):
-            return np.zeros((0, self.dim), np.float32)
-        vec = self.tbl.take_row_ids(np.asarray(row_ids, dtype=np.uint64).tolist()).select(["vector"]).to_arrow()
-        vec = vec.column("vector").combine_chunks()
-        return vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), self.dim).astype(np.float32, copy=False)
+            return np.zeros((0, self.dim), np.float32), pa.table({c: [] for c in columns})
+        got = self.tbl.take_row_ids(np.asarray(row_ids, dtype=np.uint64).tolist()).select([*columns, "vector"])
+        got = got.to_arrow()
+        vec = got.column("vector").combine_chunks()
+        vectors = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), self.dim).astype(np.float32, copy=False)
+        return vectors, got.select(list(columns))
+
+    def take_vectors(self, row_ids: np.ndarray) -> np.ndarray:
+        """Vectors (n, dim) float32 of the rows at these `_rowid`s, in ascending row-id order: random access to a
+        few thousand rows without scanning the table."""
+        return self.take(row_ids, [])[0]
 
     def rows_by_keys(self, keys: Sequence[int], columns: Sequence[str]) -> dict[int, dict[str, Any]]:
         """Metadata of the rows with these FAISS keys, as {key: row dict}."""
