@@ -11,9 +11,10 @@ the glass, `darkness`) before anything else looks at them.
 | `classic` (default) | `classic.py`: darkness, background removal, seeds, watershed, size / shape / contrast rules | nothing |
 | a path to a `.pt` file | `learned.py`: a small network trained from point annotations (`train_point_detector`) | the file |
 | `instanseg`, `torchscript` (or a path to a TorchScript file) | `torchscript.py`: the user's TorchScript segmentation model (InstanSeg's export convention: normalised image in, nucleus [and cell] label maps out) | `weights=PATH`; torch only, nothing downloaded |
+| `cellpose` | `cellpose.py`: the user's Cellpose 3 model file, run by Cellpose itself | `weights=PATH`; the `cellpose` extra |
+| `stardist` | `stardist.py`: the user's StarDist 2D model folder, run by StarDist itself | `weights=FOLDER`; the `stardist` extra (TensorFlow) |
 
-StarDist (TensorFlow) and Cellpose are not wrapped: their packages fetch pretrained weights at run time and bring
-their own frameworks; an InstanSeg model file covers the learned-segmenter case with torch alone.
+No detector downloads weights: the learned segmenters take the user's model file.
 
 Each detector has a `name` and a JSON-able `settings` dict (kept with any table made from its output).
 `register_detector(name, factory)` adds one; `get_detector(name_or_path, **settings)` builds one.
@@ -142,6 +143,25 @@ def _torchscript(name: str) -> DetectorFactory:
 
 register_detector("torchscript", _torchscript("torchscript"))
 register_detector("instanseg", _torchscript("instanseg"))
+
+
+# Optional learned segmenters whose packages are extras (pyproject.toml): imported only when asked for.
+def _cellpose(**settings: Any) -> Detector:
+    from cytoretrieve.sources.slides.detectors.cellpose import CellposeSegmenter
+
+    return CellposeSegmenter(**settings)
+
+
+register_detector("cellpose", _cellpose)
+
+
+def _stardist(**settings: Any) -> Detector:
+    from cytoretrieve.sources.slides.detectors.stardist import StarDistSegmenter
+
+    return StarDistSegmenter(**settings)
+
+
+register_detector("stardist", _stardist)
 
 
 def darkness(image: np.ndarray) -> np.ndarray:
