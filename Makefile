@@ -16,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/cytoretrieve demo
 
-test: install
+# the tests also run the optional detectors' wrappers on tiny models they train: Cellpose and StarDist (TensorFlow)
+$(VENV)/.installed-extras: $(VENV)/.installed
+	$(BIN)/python -m pip install -e '.[dev,cellpose,stardist]'
+	touch $@
+
+test: install $(VENV)/.installed-extras
 	$(BIN)/python -m pytest -q
 
 lint: install
