@@ -201,11 +201,18 @@ def bench_streamed(store: Any, n: int, dim: int, queries: int, seed: int, append
     first is built on the table as the appends before it left it (its recall is against all those rows)."""
     source = ClusteredSource(n, dim, seed)
     name = f"synthetic_{dim}"
-    table, ingest_s = make_table_streamed(store, name, source)
-    ingest_peak = peak_rss_gib()
-    print(f"[{dim}-d] {n} rows written through the store API in {ingest_s:.1f} s (peak RSS {ingest_peak:.2f} GiB)")
-    picks = np.random.default_rng(seed + 1).choice(n, size=queries + 1, replace=False)
+    held = store.open(name).count() if name in store.table_names() else 0
     chunks = written_chunks(0, n)
+    if held >= n:  # a kept store (--store) that already holds the rows and any appends of an earlier run
+        table, ingest_s = store.open(name), None
+        chunks += written_chunks(n, held - n)
+        print(f"[{dim}-d] the table of an earlier run reused: {held} rows ({n} + {held - n} appended)")
+    else:
+        if held:
+            raise SystemExit(f"{store.uri} holds {held} rows of {name}, fewer than --rows {n}: use an empty --store")
+        table, ingest_s = make_table_streamed(store, name, source)
+        print(f"[{dim}-d] {n} rows written through the store API in {ingest_s:.1f} s (peak RSS {peak_rss_gib():.2f} GiB)")
+    picks = np.random.default_rng(seed + 1).choice(n, size=queries + 1, replace=False)
     out = []
     for one in kind.split(","):
         truth = exact_top_streamed(source, picks[1:], 10, chunks)
@@ -438,6 +445,9 @@ def main() -> None:
     parser.add_argument("--cold-cache", action="store_true",
                         help="cohort scale: empty the page cache of the store's files before each --fresh-runs process "
                              "(posix_fadvise, no root needed), so their first search reads the index from disk")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="cohort scale: keep the store in this folder (default: a temporary one, removed); a run "
+                             "given the folder of an earlier one reuses its table instead of writing it again")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     dims = [int(d) for d in args.dims.split(",")]
@@ -449,7 +459,7 @@ def main() -> None:
 
     figures = []
     with tempfile.TemporaryDirectory(prefix="cytoretrieve-bench-") as tmp:
-        store = Store(Path(tmp) / "store")
+        store = Store(args.store or Path(tmp) / "store")
         for dim in dims:
             if args.streamed or args.append or args.rows > 200_000:
                 figures.extend(bench_streamed(store, args.rows, dim, args.queries, args.seed, args.append,
