@@ -266,6 +266,7 @@ def build_table(table: VectorTable, kind: str = "auto") -> _Built:
     if train_rows:
         ann.train(index, _table_sample(table, n, train_rows, params.seed))
     trained = faiss.serialize_index(index)
+    ann.reserve(index, n)
     index = ann.with_ids(kind, index)
     meta = []
     for batch in table.scan(["key", "vector", *ROW_COLUMNS]):

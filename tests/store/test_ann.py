@@ -174,3 +174,25 @@ def test_a_kind_registered_by_one_record_serves_index_build_and_search(tmp_path,
     assert table_index(t, "auto", rebuild=True).kind == "toy"  # its auto rule: up to 1,000 rows, tried first
     assert run(["index", "build", "--table", "t", "--store", store.uri, "--kind", "nope"]) == 2
     assert "unknown index kind 'nope'" in capsys.readouterr().err
+
+
+def test_reserve_sizes_the_refine_codes_once_and_changes_no_result() -> None:
+    """`ann.reserve` gives an IndexRefine's re-ranking codes their final capacity before the adds (no doubling
+    while both buffers are held); the index answers exactly as one built without it."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    x = ann.l2_normalise(rng.normal(size=(3000, 32)).astype(np.float32))
+    built = []
+    for reserved in (False, True):
+        index = faiss.index_factory(32, "IVF8,PQ8x4fs,Refine(SQfp16)", faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        if reserved:
+            ann.reserve(index, len(x))
+            codes = faiss.downcast_index(index.refine_index)
+            assert codes.ntotal == 0 and codes.codes.size() == 0
+        for b in range(0, len(x), 500):
+            index.add(x[b:b + 500])
+        built.append(index.search(x[:20], 5))
+    assert np.array_equal(built[0][1], built[1][1]) and np.allclose(built[0][0], built[1][0])
+    ann.reserve(faiss.IndexFlatIP(4), 10)  # other kinds: nothing to do
