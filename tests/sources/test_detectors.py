@@ -180,6 +180,59 @@ def test_point_detector_options_deeper_net_contrast_channel_bce_flips(tmp_path: 
         PointSettings(widths=(8,)).validate()
 
 
+def test_point_detector_ensemble_one_file_averages_members_equal_to_single_trainings(tmp_path: Path) -> None:
+    """An ensemble of three: member i is the network a single training with seed + i gives, its map is the mean of
+    the members' maps, and one file keeps all members, their seeds and records; `combine` of single trainings
+    gives the same detector; mismatched members are refused; files of the first format still load."""
+    torch = pytest.importorskip("torch")
+    from cytoretrieve.sources.slides.detectors.learned import combine, load, train_point_detector
+
+    torch.set_num_threads(1)
+    mpp = 0.5
+    image = draw_field(mpp)
+    samples = [(image, truth_px(mpp), mpp)]
+    kwargs = dict(steps=3, batch=2, patch_px=64, widths=(4, 8, 8), tune_threshold=False, threshold=0.3)
+    ensemble = train_point_detector(samples, names=["drawn"], seed=5, ensemble=3, **kwargs)
+    singles = [train_point_detector(samples, names=["drawn"], seed=s, **kwargs) for s in (5, 6, 7)]
+    assert len(ensemble.nets) == 3 and ensemble.params.seeds == [5, 6, 7]
+    assert [m["seed"] for m in ensemble.record["members"]] == [5, 6, 7]
+    od = darkness(image)
+    maps = [s.heat_map(od) for s in singles]
+    assert not np.array_equal(maps[0], maps[1])  # the seeds differ
+    np.testing.assert_allclose(ensemble.heat_map(od), np.mean(maps, axis=0), atol=1e-6)
+
+    path = ensemble.save(tmp_path / "ensemble.pt")
+    loaded = get_detector(path)
+    assert loaded.params == ensemble.params and loaded.settings["ensemble"] == 3
+    assert loaded.record["members"] == ensemble.record["members"] and loaded.record["names"] == ["drawn"]
+    np.testing.assert_array_equal(loaded.heat_map(od), ensemble.heat_map(od))
+    a, b = ensemble(image, mpp), loaded(image, mpp)
+    np.testing.assert_array_equal(a.xy, b.xy)
+    np.testing.assert_array_equal(a.confidence, b.confidence)
+    assert load(path, tta=True).params.tta and len(load(path, tta=True).nets) == 3
+    with pytest.raises(ValueError, match="ensemble"):
+        load(path, ensemble=2)
+
+    joined = combine(singles[::-1], threshold=0.4)  # any order: sorted by seed
+    assert joined.params.ensemble == 3 and joined.params.seed == 5 and joined.params.threshold == 0.4
+    assert [m["seed"] for m in joined.record["members"]] == [5, 6, 7]
+    np.testing.assert_allclose(joined.heat_map(od), ensemble.heat_map(od), atol=1e-6)
+    other = train_point_detector(samples, names=["drawn"], seed=8, **{**kwargs, "widths": (4, 8, 16)})
+    for bad in ([singles[0], singles[2]], [*singles, other], [singles[0], singles[0]], []):
+        with pytest.raises(ValueError):
+            combine(bad)
+    with pytest.raises(ValueError):
+        combine(singles, steps=9)  # training settings cannot change
+    with pytest.raises(ValueError):
+        train_point_detector(samples, ensemble=0, **kwargs)
+
+    blob = torch.load(singles[0].save(tmp_path / "single.pt"), weights_only=True)
+    blob["format"], blob["state_dict"] = "cytoretrieve-point-detector/1", blob.pop("state_dicts")[0]
+    del blob["settings"]["ensemble"]  # the one-network file written before ensembles
+    torch.save(blob, tmp_path / "first_format.pt")
+    np.testing.assert_array_equal(get_detector(tmp_path / "first_format.pt").heat_map(od), maps[0])
+
+
 def test_registry_returns_a_registered_toy_detector() -> None:
     class Toy:
         name = "toy"
@@ -283,3 +336,67 @@ def test_regions_measured_at_once_equal_region_by_region() -> None:
     ring, dot = len(seeds) - 2, len(seeds) - 1
     assert table["area_um2"][ring] > 0.8 * np.pi * (12 * px) ** 2 > 8 * table["area_um2"][dot] > 0  # filled: holds the dot
     assert labels[60, 200] == min(ring, dot) + 1  # a pixel two filled regions cover keeps the lower label
+
+
+def test_fast_darkness_seeds_and_holes_equal_their_definitions() -> None:
+    """The classic detector's shortcuts give exactly what they replace: `od_map` (a lookup table per channel) the
+    numbers of `darkness`, `seed_points` the rounded `center_of_mass` of each peak group, `_holes` the holes
+    `binary_fill_holes` fills."""
+    from scipy import ndimage as ndi
+
+    from cytoretrieve.sources.slides.detectors.classic import _holes, od_map, seed_points
+
+    rgb = draw_field(0.5, rgb=True)
+    for image in (rgb, rgb[..., 0], np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]), rgb[::3, ::2]):
+        np.testing.assert_array_equal(od_map(image), darkness(image))
+    with pytest.raises(ValueError):
+        od_map(np.zeros((4, 4), dtype=np.float32))
+    with pytest.raises(ValueError):
+        od_map(np.zeros((4, 4, 2), dtype=np.uint8))
+    rng = np.random.default_rng(3)
+    peaks = rng.random((60, 70)) > 0.93
+    peaks[10, 10:13] = peaks[11, 11] = True  # a group of several pixels
+    lab, n = ndi.label(peaks)
+    expected = np.round(np.asarray(ndi.center_of_mass(peaks, lab, np.arange(1, n + 1)))).astype(int)
+    np.testing.assert_array_equal(seed_points(peaks), expected)
+    assert seed_points(np.zeros((5, 5), bool)).shape == (0, 2)
+    for p in (0.3, 0.5, 0.7):
+        fg = ndi.binary_opening(rng.random((80, 90)) < p)
+        fg[20:30, 20:30], fg[23:27, 23:27] = True, False  # a hole for sure
+        np.testing.assert_array_equal(_holes(fg), ndi.binary_fill_holes(fg) & ~fg)
+    assert not _holes(np.ones((4, 4), bool)).any() and not _holes(np.zeros((4, 4), bool)).any()
+
+
+def test_prefiltered_candidates_select_the_same_nuclei_and_hulls_match_qhull() -> None:
+    """`candidates(prefilter=True)` skips the ring and the hull of candidates the cheaper rules reject: `select`
+    keeps the same ones, measured the same; `_solidity` (a monotone chain over each row's end corners) is what
+    Qhull gives over every pixel corner."""
+    from scipy import ndimage as ndi
+
+    from cytoretrieve.sources.slides.detectors.classic import (
+        ClassicSettings,
+        _solidity,
+        _solidity_qhull,
+        candidates,
+        select,
+    )
+
+    s = ClassicSettings()
+    for mpp, rgb in ((0.5, True), (0.25, False)):
+        image = draw_field(mpp, rgb=rgb)
+        full, fast = candidates(image, mpp, s), candidates(image, mpp, s, prefilter=True)
+        keep = select(full.table, s)
+        assert keep.sum() >= 3
+        np.testing.assert_array_equal(select(fast.table, s), keep)
+        for k, v in full.table.items():
+            np.testing.assert_array_equal(fast.table[k][keep], v[keep], err_msg=k)
+        assert np.isnan(fast.table["contrast_od"]).sum() > np.isnan(full.table["contrast_od"]).sum()
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        blob = ndi.binary_opening(ndi.gaussian_filter(rng.random((18, 18)), 2) > 0.5)
+        lab, n = ndi.label(blob)
+        if n:
+            rows, cols = np.nonzero(lab == 1)
+            assert abs(_solidity(rows, cols) - _solidity_qhull(rows, cols)) < 1e-12
+            assert abs(_solidity(rows[::-1], cols[::-1]) - _solidity_qhull(rows, cols)) < 1e-12  # any order
+    assert _solidity(np.array([0, 0]), np.array([0, 1])) == 1.0

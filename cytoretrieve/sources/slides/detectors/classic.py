@@ -4,8 +4,10 @@ On a Pap smear a nucleus is a small, compact, roughly round spot clearly darker 
 it. What else is dark is not: a cytoplasm fold is long and thin, an overlap of two cells is large with soft edges,
 debris is tiny or nearly black. So, on one image:
 
-1. **darkness**: optical density against the glass (`darkness`; RGB and grey alike), resampled to `work_mpp`
-   (finer images are smoothed and reduced, coarser ones used as they are);
+1. **darkness**: the image reduced to `work_mpp` when finer (each working pixel the mean of the pixels it
+   covers; coarser images are used as they are), then its optical density against the glass (`darkness`; RGB
+   and grey alike). At the default, 1 um/px, a nucleus of the smallest kept size (`min_area_um2`) still covers
+   about ten pixels, and a tile has a quarter of the pixels it has at 0.5 um/px (see `ClassicSettings`);
 2. **background removal**: a grey opening with a square of half-side `background_um` (larger than a nucleus) is
    the local level of the cytoplasm under and around it; subtracting it leaves what is darker than its
    surroundings at the nucleus scale (a white top-hat), so large overlaps and dark clusters of cytoplasm vanish;
@@ -52,23 +54,25 @@ class ClassicSettings:
     """Settings of the classic detector: lengths in um, areas in um^2, darkness in optical density (log10).
 
     The rule thresholds are those chosen on the 69 Cervix93 training fields (at an assumed 0.25 um/px) by
-    `experiments/cervix93_detection.py`; the candidate settings are set by the nucleus scale."""
+    `experiments/cervix93_detection.py`, at the working pixel size `work_mpp`; the candidate settings are set by
+    the nucleus scale. `work_mpp` 1.0 (it was 0.5) makes the detector several times faster on a slide's tiles for
+    a slightly lower test-field F1 (BENCHMARKS.md, "Cells"); 0.5 is still a setting."""
 
-    work_mpp: float = 0.5
+    work_mpp: float = 1.0
     background_um: float = 8.0
     sigma_um: float = 0.75
     min_separation_um: float = 2.0
     seed_min_od: float = 0.03
     region_fraction: float = 0.5
     ring_um: float = 1.5
-    min_area_um2: float = 8.0
+    min_area_um2: float = 10.0
     max_area_um2: float = 100.0
     min_solidity: float = 0.8
-    max_eccentricity: float = 0.95
+    max_eccentricity: float = 0.93
     min_contrast_od: float = 0.08
-    round_solidity: float = 0.9
+    round_solidity: float = 0.92
     round_eccentricity: float = 0.8
-    min_contrast_round_od: float = 0.06
+    min_contrast_round_od: float = 0.07
     min_tophat_od: float = 0.12
     max_tophat_od: float = 1.0
     max_darkness_od: float = 1.1
@@ -107,8 +111,67 @@ def to_working(od: np.ndarray, mpp: float, work_mpp: float) -> tuple[np.ndarray,
     return ndi.zoom(smooth, zoom, order=1, grid_mode=True, mode="nearest"), float(np.mean(zoom))
 
 
-def _solidity(rows: np.ndarray, cols: np.ndarray) -> float:
-    """Pixel count over the area of the convex hull of the pixels' corners (a filled square gives 1)."""
+def reduce_image(image: np.ndarray, mpp: float, work_mpp: float) -> tuple[np.ndarray, float]:
+    """A uint8 image finer than `work_mpp` reduced to it before anything else (each working pixel the mean of the
+    input pixels it covers: PIL's box filter, fast on uint8), with the scale applied (working px per input px);
+    an image already as coarse, or one `darkness` refuses, is returned as it is, scale 1."""
+    scale = mpp / work_mpp
+    arr = np.asarray(image)
+    if scale >= 1.0 or arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        return arr, 1.0
+    from PIL import Image
+
+    h, w = arr.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., :3] if arr.ndim == 3 else arr))
+                     .resize(size, Image.Resampling.BOX))
+    return out, float(np.mean((size[1] / h, size[0] / w)))
+
+
+def od_map(image: np.ndarray) -> np.ndarray:
+    """`darkness(image)`, the same numbers, through a lookup table per channel (a logarithm per grey level, not
+    per pixel); anything `darkness` refuses goes to it for its error."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        return darkness(arr)
+    arr = arr[..., :3] if arr.ndim == 3 else arr[..., None]
+    levels = np.maximum(np.arange(256, dtype=np.float32), 1.0)
+    total = np.zeros(arr.shape[:2], dtype=np.float32)
+    for c in range(arr.shape[2]):
+        channel = arr[..., c]
+        hist = np.bincount(channel.ravel(), minlength=256)
+        glass = max(float(np.searchsorted(np.cumsum(hist), 0.98 * channel.size)), 1.0)
+        total += np.log10(glass / levels)[channel]
+    return np.clip(total / arr.shape[2], 0.0, None)
+
+
+def seed_points(peaks: np.ndarray) -> np.ndarray:
+    """(n, 2) int row, col of each connected group of peak pixels: its centre of mass, rounded (as
+    `ndi.center_of_mass` gives it, by two bincounts)."""
+    seeds, n = ndi.label(peaks)
+    if n == 0:
+        return np.zeros((0, 2), dtype=int)
+    r, c = np.nonzero(seeds)
+    lab = seeds[r, c]
+    count = np.bincount(lab, minlength=n + 1)[1:]
+    centres = np.c_[np.bincount(lab, r, minlength=n + 1)[1:] / count, np.bincount(lab, c, minlength=n + 1)[1:] / count]
+    return np.round(centres).astype(int)
+
+
+def _holes(fg: np.ndarray) -> np.ndarray:
+    """`binary_fill_holes(fg) & ~fg` by one labelling of the background: the parts of it (4-connected, as
+    `binary_fill_holes` floods) that do not reach the image border."""
+    bg, n = ndi.label(~fg)
+    if n == 0:
+        return np.zeros(fg.shape, dtype=bool)
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[0] = True
+    outside[np.r_[bg[0], bg[-1], bg[:, 0], bg[:, -1]]] = True
+    return ~outside[bg]
+
+
+def _solidity_qhull(rows: np.ndarray, cols: np.ndarray) -> float:
+    """`_solidity` by Qhull over every pixel's corners: the definition, kept for the tests."""
     if len(rows) < 3:
         return 1.0
     corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
@@ -117,6 +180,40 @@ def _solidity(rows: np.ndarray, cols: np.ndarray) -> float:
         return float(min(1.0, len(rows) / ConvexHull(pts).volume))
     except QhullError:
         return 1.0
+
+
+def _solidity(rows: np.ndarray, cols: np.ndarray) -> float:
+    """Pixel count over the area of the convex hull of the pixels' corners (a filled square gives 1). Only the
+    outer corners of each row's first and last pixel can be hull vertices: their hull (a monotone chain over a
+    few dozen points, in plain Python, where numpy's and Qhull's per-call costs would dominate) has the area
+    Qhull gives over all corners (`_solidity_qhull`)."""
+    n = len(rows)
+    if n < 3:
+        return 1.0
+    ends: dict[int, list[int]] = {}
+    for r, c in zip(np.asarray(rows).tolist(), np.asarray(cols).tolist(), strict=True):
+        e = ends.get(r)
+        if e is None:
+            ends[r] = [c, c]
+        elif c < e[0]:
+            e[0] = c
+        elif c > e[1]:
+            e[1] = c
+    pts = sorted({p for r, (lo, hi) in ends.items()
+                  for p in ((r - 0.5, lo - 0.5), (r + 0.5, lo - 0.5), (r - 0.5, hi + 0.5), (r + 0.5, hi + 0.5))})
+    hull: list[tuple[float, float]] = []
+    for seq in (pts, pts[::-1]):  # lower, then upper chain
+        chain: list[tuple[float, float]] = []
+        for p in seq:
+            while len(chain) >= 2:
+                (ox, oy), (ax, ay) = chain[-2], chain[-1]
+                if (ax - ox) * (p[1] - oy) - (ay - oy) * (p[0] - ox) > 0:
+                    break
+                chain.pop()
+            chain.append(p)
+        hull += chain[:-1]
+    area = 0.5 * abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(hull, hull[1:] + hull[:1], strict=True)))
+    return float(min(1.0, n / area)) if area > 0 else 1.0
 
 
 def _eccentricity(rows: np.ndarray, cols: np.ndarray) -> float:
@@ -183,12 +280,10 @@ def _touching(labels: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate(out), axis=0)
 
 
-def _fill_holes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each region's holes filled with its label: the holes of the union of regions whose 4-neighbours all belong
-    to one region (exactly what `binary_fill_holes` of that region alone fills); and (m, 2) pairs of labels
-    around a hole they share (one may enclose the other: the caller checks)."""
-    fg = labels > 0
-    holes = ndi.binary_fill_holes(fg) & ~fg
+def _fill_holes(labels: np.ndarray, holes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each region's holes filled with its label: the holes of the union of regions (`holes`, see `_holes`)
+    whose 4-neighbours all belong to one region (exactly what `binary_fill_holes` of that region alone fills);
+    and (m, 2) pairs of labels around a hole they share (one may enclose the other: the caller checks)."""
     none = np.zeros((0, 2), labels.dtype)
     if not holes.any():
         return labels, none
@@ -219,11 +314,12 @@ def _fill_holes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, both[both[:, 0] != both[:, 1]].astype(labels.dtype)
 
 
-def _enclosers(pairs: np.ndarray, boxes: list[Any], labels: np.ndarray) -> np.ndarray:
+def _enclosers(pairs: np.ndarray, boxes: list[Any], labels: np.ndarray, holes: np.ndarray) -> np.ndarray:
     """The labels i of (i, j) pairs that may enclose j (so that `binary_fill_holes` of i alone covers j): j does
-    not touch the glass that reaches the image border, and its bounding box lies strictly inside i's."""
+    not touch the glass that reaches the image border (not `holes`, not a region), and its bounding box lies
+    strictly inside i's."""
     fg = labels > 0
-    outside = ~ndi.binary_fill_holes(fg)
+    outside = ~fg & ~holes
     free = np.zeros(len(boxes) + 1, dtype=bool)
     free[labels[ndi.binary_dilation(outside) & fg]] = True
     out = set()
@@ -238,10 +334,14 @@ def _enclosers(pairs: np.ndarray, boxes: list[Any], labels: np.ndarray) -> np.nd
 
 
 def _ring_means(labels: np.ndarray, values: np.ndarray, n: int, ring_px: int, inside_sum: np.ndarray,
-                inside_count: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+                inside_count: np.ndarray, block: int = 1 << 20,
+                only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sum, count) of `values` over each region's ring: its `ring_px`-step dilation (a diamond, as
-    `binary_dilation(iterations=ring_px)`) minus the region, neighbours' pixels included, for labels 1..n.
-    Every pixel near a region is gathered once per label that reaches it (in blocks), so rings may overlap."""
+    `binary_dilation(iterations=ring_px)`) minus the region, neighbours' pixels included, for labels 1..n (with
+    `only`, a mask over them, for those alone: the others' are meaningless). Every pixel near a region is
+    gathered once per label that reaches it (in blocks), so rings may overlap."""
+    if only is not None:
+        labels = np.where(np.r_[False, np.asarray(only, dtype=bool)][labels], labels, 0)
     near = ndi.binary_dilation(labels > 0, iterations=ring_px)
     rr, cc = np.nonzero(near)
     offsets = [(dr, dc) for dr in range(-ring_px, ring_px + 1) for dc in range(-ring_px, ring_px + 1)
@@ -289,9 +389,26 @@ def _grow_regions(smooth_tophat: np.ndarray, seeds_rc: np.ndarray,
     return own, ok
 
 
+def _centres_and_eccentricity(per_label: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, cols: np.ndarray,
+                              count: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean row, mean column and eccentricity of every region at once from per-label sums (`per_label` of the
+    labelled pixels' values; `c` the pixel counts, NaN for invalid regions): second moments with np.cov's n - 1
+    normalisation plus a pixel's own spread, as in `_eccentricity`."""
+    mr, mc = per_label(rows) / c, per_label(cols) / c
+    denom = np.where(count > 1, count - 1, np.nan)
+    vrr = (per_label(rows * rows) - count * mr**2) / denom + 1 / 12
+    vcc = (per_label(cols * cols) - count * mc**2) / denom + 1 / 12
+    vrc = (per_label(rows * cols) - count * mr * mc) / denom
+    half = np.sqrt(np.maximum(((vrr - vcc) / 2) ** 2 + vrc**2, 0.0))
+    large, small = (vrr + vcc) / 2 + half, (vrr + vcc) / 2 - half
+    ecc = np.sqrt(np.clip(1.0 - small / np.maximum(large, 1e-12), 0.0, None))
+    return mr, mc, np.where(count < 3, 0.0, ecc)
+
+
 def measure_regions(
     od: np.ndarray, smooth_tophat: np.ndarray, seeds_rc: np.ndarray, settings: ClassicSettings, work_px: float,
     solidity_where: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
+    measure_where: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Regions grown from seeds (row, col) on the smoothed top-hat (watershed, then `region_fraction` of each
     peak; the connected piece holding the seed, holes filled) and their measurements; (table in working px and
@@ -299,49 +416,43 @@ def measure_regions(
 
     Every measurement but solidity is made for all regions at once (`np.bincount` over the label image); solidity
     (a convex hull each) only for the rows `solidity_where(table)` selects (default all; NaN elsewhere), so a
-    detector computes it only for candidates the other rules have not already rejected."""
+    detector computes it only for candidates the other rules have not already rejected; likewise the contrast
+    to the ring around each region only for the rows `measure_where(table)` selects from the measurements
+    before it (default all)."""
     h, w = od.shape
     seeds_rc = np.asarray(seeds_rc, dtype=int).reshape(-1, 2)
     n = len(seeds_rc)
     if n == 0:
         return {k: np.zeros(0) for k in CANDIDATE_FIELDS}, np.zeros((h, w), dtype=np.int32)
     own, ok = _grow_regions(smooth_tophat, seeds_rc, settings.region_fraction)
-    labels, shared = _fill_holes(own)
+    holes = _holes(own > 0)
+    labels, shared = _fill_holes(own, holes)
     boxes = ndi.find_objects(own, max_label=n)
     # a region that may enclose a neighbour (one it touches or shares a hole with) is measured alone (below), as
     # `binary_fill_holes` of it alone fills it: over the neighbour too
-    alone = _enclosers(np.concatenate([_touching(own), shared]), boxes, own)
+    alone = _enclosers(np.concatenate([_touching(own), shared]), boxes, own, holes)
 
-    flat = labels.ravel()
+    on = np.flatnonzero(labels)  # sums over the labelled pixels only, in the same order (the same sums)
+    flat = labels.ravel()[on]
     count = np.bincount(flat, minlength=n + 1)[1:].astype(float)
-    rows, cols = np.indices((h, w))
-    rows, cols = rows.ravel().astype(float), cols.ravel().astype(float)
+    rows, cols = (on // w).astype(float), (on % w).astype(float)
 
-    def total(values: np.ndarray) -> np.ndarray:
-        return np.bincount(flat, values.ravel().astype(float), minlength=n + 1)[1:]
+    def per_label(values: np.ndarray) -> np.ndarray:  # values of the labelled pixels
+        return np.bincount(flat, values, minlength=n + 1)[1:]
+
+    def total(image: np.ndarray) -> np.ndarray:
+        return per_label(image.ravel()[on].astype(float))
 
     valid = ok & (count > 0)
     c = np.where(valid, count, np.nan)
-    mr, mc = total(rows) / c, total(cols) / c
-    # second moments (np.cov's n - 1 normalisation) plus a pixel's own spread, as in `_eccentricity`
-    denom = np.where(count > 1, count - 1, np.nan)
-    vrr = (total(rows * rows) - count * mr**2) / denom + 1 / 12
-    vcc = (total(cols * cols) - count * mc**2) / denom + 1 / 12
-    vrc = (total(rows * cols) - count * mr * mc) / denom
-    half = np.sqrt(np.maximum(((vrr - vcc) / 2) ** 2 + vrc**2, 0.0))
-    large, small = (vrr + vcc) / 2 + half, (vrr + vcc) / 2 - half
-    ecc = np.sqrt(np.clip(1.0 - small / np.maximum(large, 1e-12), 0.0, None))
-    ecc = np.where(count < 3, 0.0, ecc)
+    mr, mc, ecc = _centres_and_eccentricity(per_label, rows, cols, count, c)
     od_smooth = ndi.gaussian_filter(od, settings.sigma_um / work_px)
     in_sum = total(od_smooth)
     ring_px = max(1, int(round(settings.ring_um / work_px)))
-    ring_sum, ring_count = _ring_means(labels, od_smooth, n, ring_px, in_sum, count)
-    od_in = in_sum / c
-    od_ring = np.where(ring_count > 0, ring_sum / np.maximum(ring_count, 1), od_in)
     nan = np.where(valid, 1.0, np.nan)
     out = {
         "x": mc * nan, "y": mr * nan, "area_um2": count * work_px**2 * nan, "solidity": np.full(n, np.nan),
-        "eccentricity": ecc * nan, "contrast_od": (od_in - od_ring) * nan, "tophat_od": total(smooth_tophat) / c,
+        "eccentricity": ecc * nan, "contrast_od": np.full(n, np.nan), "tophat_od": total(smooth_tophat) / c,
         "darkness_od": total(od) / c,
     }
     filled: dict[int, tuple[tuple[slice, slice], np.ndarray]] = {}
@@ -364,6 +475,14 @@ def measure_regions(
         out["contrast_od"][i] = inner - (float(od_smooth[window][ring].mean()) if ring.any() else inner)
         out["tophat_od"][i] = float(smooth_tophat[window][region].mean())
         out["darkness_od"][i] = float(od[window][region].mean())
+    ringed = valid.copy()  # the others' contrast: to the ring around each, all at once
+    ringed[list(filled)] = False
+    if measure_where is not None:
+        ringed &= np.asarray(measure_where(out), dtype=bool)
+    ring_sum, ring_count = _ring_means(labels, od_smooth, n, ring_px, in_sum, count, only=ringed)
+    od_in = in_sum / c
+    od_ring = np.where(ring_count > 0, ring_sum / np.maximum(ring_count, 1), od_in)
+    out["contrast_od"][ringed] = (od_in - od_ring)[ringed]
     want = valid if solidity_where is None else valid & np.asarray(solidity_where(out), dtype=bool)
     for i in np.flatnonzero(want):
         if i in filled:
@@ -382,21 +501,21 @@ def measure_regions(
 def candidates(image: np.ndarray, mpp: float, settings: ClassicSettings | None = None,
                prefilter: bool = False) -> Candidates:
     """Steps 1-4: every seed's region and measurements, positions in working pixels (see `Candidates`). With
-    `prefilter`, solidity (the costly measurement) is left NaN where the other rules already reject the
-    candidate (`may_pass`): `select` gives the same answer, faster."""
+    `prefilter`, the costly measurements are left NaN where the cheaper rules already reject the candidate: the
+    contrast where `shape_ok` fails, solidity where `may_pass` fails. `select` gives the same answer, faster."""
     settings = settings or ClassicSettings()
     settings.validate()
     mpp = _check_mpp(mpp)
-    od, scale = to_working(darkness(image), mpp, settings.work_mpp)
+    reduced, scale = reduce_image(image, mpp, settings.work_mpp)
+    od = od_map(reduced)
     work_px = mpp / scale
     smooth = ndi.gaussian_filter(_tophat(od, settings, work_px), settings.sigma_um / work_px)
     window = int(round(2 * settings.min_separation_um / work_px)) + 1
     peaks = (smooth == ndi.maximum_filter(smooth, size=window, mode="nearest")) & (smooth >= settings.seed_min_od)
-    seeds, n = ndi.label(peaks)
-    centres = ndi.center_of_mass(peaks, seeds, np.arange(1, n + 1)) if n else []
-    seeds_rc = np.round(np.asarray(centres, dtype=float).reshape(-1, 2)).astype(int)
+    seeds_rc = seed_points(peaks)
     table, labels = measure_regions(od, smooth, seeds_rc, settings, work_px,
-                                    solidity_where=(lambda t: may_pass(t, settings)) if prefilter else None)
+                                    solidity_where=(lambda t: may_pass(t, settings)) if prefilter else None,
+                                    measure_where=(lambda t: shape_ok(t, settings)) if prefilter else None)
     valid = np.isfinite(table["x"])
     if not valid.all():
         table = {k: v[valid] for k, v in table.items()}
@@ -406,20 +525,27 @@ def candidates(image: np.ndarray, mpp: float, settings: ClassicSettings | None =
     return Candidates(table=table, labels=labels, od=od, scale=scale, mpp=mpp)
 
 
-def may_pass(table: dict[str, np.ndarray], settings: ClassicSettings) -> np.ndarray:
-    """The rules of `select` that do not need solidity: a candidate failing these is rejected whatever its
-    solidity, so its hull need not be measured."""
+def shape_ok(table: dict[str, np.ndarray], settings: ClassicSettings) -> np.ndarray:
+    """The rules of `select` that need neither solidity nor contrast: a candidate failing these is rejected
+    whatever the ring around it holds, so its ring need not be gathered."""
     s = settings
     with np.errstate(invalid="ignore"):
         return (
             (table["area_um2"] >= s.min_area_um2)
             & (table["area_um2"] <= s.max_area_um2)
             & (table["eccentricity"] <= s.max_eccentricity)
-            & (table["contrast_od"] >= min(s.min_contrast_od, s.min_contrast_round_od))
             & (table["tophat_od"] >= s.min_tophat_od)
             & (table["tophat_od"] <= s.max_tophat_od)
             & (table["darkness_od"] <= s.max_darkness_od)
         )
+
+
+def may_pass(table: dict[str, np.ndarray], settings: ClassicSettings) -> np.ndarray:
+    """The rules of `select` that do not need solidity: a candidate failing these is rejected whatever its
+    solidity, so its hull need not be measured."""
+    s = settings
+    with np.errstate(invalid="ignore"):
+        return shape_ok(table, s) & (table["contrast_od"] >= min(s.min_contrast_od, s.min_contrast_round_od))
 
 
 def select(table: dict[str, np.ndarray], settings: ClassicSettings) -> np.ndarray:
