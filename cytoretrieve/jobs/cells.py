@@ -6,7 +6,10 @@ so `classify`, `transfer`, `search`, `score` and the viewer take cell vectors wi
 in order: open (clear error if it is not a slide or image, or has no pixel size), detect, optional evaluation
 against a points file, optional preview, then its rows in one commit and its overview. A slide that fails is
 skipped (reported); mistakes in the command as a whole raise `CytoError` before anything is written. A rerun
-skips the slides the table already holds; under torchrun each process takes its share of the slides.
+skips the slides the table already holds; under torchrun each process takes its share of the slides, and a
+whole slide's tiles are shared among worker processes (`workers`: by default this process's share of the cores).
+A script that calls `find_cells_in` on whole slides needs the `if __name__ == "__main__":` guard, as for any
+process pool that starts fresh interpreters (forkserver).
 """
 
 from __future__ import annotations
@@ -249,11 +252,15 @@ def find_cells_in(
     focus: bool = True,
     plane: PlaneSetting | str = None,
     min_focus: float | None = None,
+    workers: int | None = None,
 ) -> CellsReport:
     """Find the cells of `sources` into the cell table `table` (created on the first slide with cells).
 
     With `focus` (the default) each cell's crop is scored (`sources.slides.focus`) and read from the focal
     plane(s) `plane` names (`sources.slides.cells`); cells under `min_focus` are dropped.
+
+    A whole slide's tiles are shared among `workers` processes (None: this process's share of the cores,
+    `sources.slides.cells.cell_workers`; 1: none besides this one).
 
     `points` (slide id -> (n, 2) level-0 px) evaluates the detector where given; `geojson` is a folder for one
     QuPath file of `cell` objects per slide. Callbacks: `on_slide(i, n, path)`
@@ -287,7 +294,7 @@ def find_cells_in(
             try:
                 found = find_cells(src.path, detector, spec, table=table, label=src.label, mpp=src.mpp,
                                    objective=objective, on_progress=on_progress, focus=focus, plane=plane,
-                                   min_focus=min_focus)
+                                   min_focus=min_focus, workers=workers)
                 result = found.result
                 matched = missed = None
                 if points is not None and sid in points:

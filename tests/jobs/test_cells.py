@@ -139,6 +139,30 @@ def test_a_smear_slide_is_searched_only_on_its_kept_tiles(tmp_path: Path) -> Non
     assert on_cells > 0.9
 
 
+def test_a_slide_shared_among_worker_processes_gives_the_same_cells(tmp_path: Path, monkeypatch) -> None:
+    """Tiles (and then crops) in chunks over two worker processes: the same rows, focus scores included, in the
+    same order as one process finds them."""
+    from cytoretrieve.sources.slides import cells as cells_module
+    from cytoretrieve.sources.slides.detectors import get_detector
+    from cytoretrieve.sources.slides.synthetic_smears import HERLEV, write_smear
+
+    if not HERLEV.is_dir():
+        pytest.skip("the real crops the synthetic smear is made of are not here")
+    smear = write_smear(tmp_path / "smear.tiff", "sparse", deposit_mm=0.6, margin_mm=0.1, seed=2)
+    monkeypatch.setattr(cells_module, "CHUNK_TILES", 3)
+    monkeypatch.setattr(cells_module, "CHUNK_CELLS", 7)
+    monkeypatch.setattr(cells_module, "MIN_PARALLEL_TILES", 2)
+    seen: list[tuple[int, int]] = []
+    found = {w: cells_module.find_cells(smear.path, get_detector("classic"), table="t", workers=w,
+                                        on_progress=(lambda d, n: seen.append((d, n))) if w == 2 else None)
+             for w in (1, 2)}
+    alone, shared = found[1], found[2]
+    assert alone.result.tiles > 6 and len(alone.rows) > 10  # several chunks of each kind
+    assert [r["id"] for r in shared.rows] == [r["id"] for r in alone.rows]
+    assert shared.rows == alone.rows and shared.result.blurred == alone.result.blurred
+    assert seen[0][0] == 3 and seen[-1] == (alone.result.tiles, alone.result.tiles)  # chunk by chunk: in workers
+
+
 def test_bad_input_is_one_line(tmp_path: Path, capsys, cervix93: Path) -> None:
     field = cervix93 / "EDF" / "frame000.png"
     assert run(["cells", str(field), "--store", str(tmp_path / "s")]) == 2  # no pixel size for a plain PNG

@@ -10,6 +10,10 @@ the nucleus, delivered at `cell_size` px, so `embed` reads it like a tile) plus 
 `store.tiles.CELL_FIELDS`, plus (with `focus`, the default) the crop's focus score at its read resolution
 (`focus.py`) and the focal plane it is read from (`planes.py`; cells under `min_focus` are dropped).
 
+On a whole slide the kept tiles (and then the crops to score) are shared among `workers` processes (by default
+this process's share of the cores: `cell_workers`), in chunks of neighbouring tiles each worker reads and
+detects on its own; the chunks come back in order, so the rows are those one process finds.
+
 Focal planes (`plane`): N reads plane N everywhere; `best` and `edf` find nuclei on the EDF composite of a field
 (every nucleus in focus somewhere is found; on a slide, on each tile read as asked) and then read each crop
 from its own sharpest plane (`best`) or as an EDF composite of the crop (`edf`). Its id is `SLIDE@nx,ny` (the nucleus centre in level-0 px): re-running finds the same
@@ -19,8 +23,12 @@ ids. Nothing here writes: `cytoretrieve.jobs.cells` stores the rows, the preview
 from __future__ import annotations
 
 import math
+import os
+import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,10 @@ FIELD_MAX_PIXELS = 64_000_000  # a one-level image up to this size is a field, r
 CROP_UM = 48.0  # the side of a cell's crop: a Herlev cell image spans ~30-70 um
 CELL_SIZE = 128  # px of a delivered crop (0.375 um/px at the default crop)
 OVERVIEW_SIDE = 1024  # px: the long side of a field's stored overview
+CHUNK_TILES = 48  # kept tiles a worker takes at a time (neighbours: they share the slide's decoded tiles)
+CHUNK_CELLS = 400  # crops a worker scores at a time
+MIN_PARALLEL_TILES = 8 * CHUNK_TILES  # fewer kept tiles are searched in this process: starting the workers
+# (fresh interpreters importing numpy, scipy and the slide readers) costs about what ~100 tiles do
 
 
 @dataclass(frozen=True)
@@ -147,12 +159,79 @@ def detect_field(slide: Slide, detector: Detector, plane: PlaneSetting = None) -
     return detector(rgb, slide.info.mpp), rgb
 
 
-def detect_tiles(slide: Slide, rows: list[dict[str, Any]], detector: Detector,
-                 on_progress: Callable[[int, int], None] | None = None,
-                 plane: PlaneSetting = None) -> tuple[Nuclei, list[str]]:
-    """The nuclei of a slide's kept tiles (level-0 px), each read at the grid's pixel size (from the focal
-    plane(s) `plane` asks for), and the id of the tile each lies in. A nucleus whose centre falls outside its
-    tile's square is left to the neighbouring tile."""
+def cell_workers() -> int:
+    """Worker processes for one slide's tiles when none are asked for: this process's share of the cores it may
+    run on (torchrun's LOCAL_WORLD_SIZE processes share them)."""
+    from cytoretrieve.distributed import local_rank_world
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_rank_world()[1]))
+
+
+@dataclass(frozen=True)
+class SlideRef:
+    """How a worker process opens the slide the parent has open (`Slide`'s arguments)."""
+
+    path: str
+    mpp: float | None = None
+    objective: float | None = None
+    cache_bytes: int | None = None
+
+    def open(self) -> Slide:
+        return Slide(self.path, mpp=self.mpp, objective=self.objective, cache_bytes=self.cache_bytes)
+
+
+_WORKER_SLIDES: dict[SlideRef, Slide] = {}  # in a worker process: the slides it has open (and their tile caches)
+
+
+def _worker_slide(ref: SlideRef) -> Slide:
+    """The slide `ref` names, opened once per worker process and kept open for its later chunks (the pool ends
+    with the slide's search, and the worker with it)."""
+    if ref not in _WORKER_SLIDES:
+        _WORKER_SLIDES[ref] = ref.open()
+    return _WORKER_SLIDES[ref]
+
+
+def _worker_init() -> None:
+    """A worker computes on one core: a detector with torch inside must not start a thread per core."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+@contextmanager
+def worker_pool(workers: int, detector: Detector) -> Iterator[Executor | None]:
+    """A pool of `workers` processes (forkserver: nothing of this process's threads or handles is inherited),
+    or None where one process is asked for or the detector cannot be sent to another process (a TorchScript
+    model): the caller then works alone."""
+    if workers <= 1:
+        yield None
+        return
+    try:
+        pickle.dumps(detector)
+    except Exception:  # noqa: BLE001 - whatever cannot be pickled runs here
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init)
+    try:
+        yield pool
+    except BaseException:  # an error or Ctrl-C: the chunks not started are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _detect_rows(slide: Slide, rows: list[dict[str, Any]], detector: Detector, plane: PlaneSetting,
+                 done: Callable[[int], None] | None = None) -> tuple[Nuclei, list[str]]:
     parts: list[Nuclei] = []
     owners: list[str] = []
     for i, row in enumerate(rows):
@@ -165,8 +244,35 @@ def detect_tiles(slide: Slide, rows: list[dict[str, Any]], detector: Detector,
         placed = placed.subset(inside)
         parts.append(placed)
         owners += [row["id"]] * len(placed)
+        if done:
+            done(i + 1)
+    return _concat(parts, slide.info.mpp), owners
+
+
+def _detect_chunk(ref: SlideRef, rows: list[dict[str, Any]], detector: Detector,
+                  plane: PlaneSetting) -> tuple[Nuclei, list[str]]:
+    return _detect_rows(_worker_slide(ref), rows, detector, plane)
+
+
+def detect_tiles(slide: Slide, rows: list[dict[str, Any]], detector: Detector,
+                 on_progress: Callable[[int, int], None] | None = None,
+                 plane: PlaneSetting = None, pool: Executor | None = None,
+                 ref: SlideRef | None = None) -> tuple[Nuclei, list[str]]:
+    """The nuclei of a slide's kept tiles (level-0 px), each read at the grid's pixel size (from the focal
+    plane(s) `plane` asks for), and the id of the tile each lies in. A nucleus whose centre falls outside its
+    tile's square is left to the neighbouring tile. With a `pool`, chunks of `CHUNK_TILES` tiles go to its
+    workers, which open the slide as `ref` says; the result is the same."""
+    if pool is None or ref is None:
+        return _detect_rows(slide, rows, detector, plane, on_progress and (lambda i: on_progress(i, len(rows))))
+    futures = [pool.submit(_detect_chunk, ref, chunk, detector, plane) for chunk in _chunks(rows, CHUNK_TILES)]
+    parts, owners, done = [], [], 0
+    for future, chunk in zip(futures, _chunks(rows, CHUNK_TILES)):
+        nuclei, chunk_owners = future.result()
+        parts.append(nuclei)
+        owners += chunk_owners
+        done += len(chunk)
         if on_progress:
-            on_progress(i + 1, len(rows))
+            on_progress(done, len(rows))
     return _concat(parts, slide.info.mpp), owners
 
 
@@ -201,17 +307,37 @@ def cell_rows(info: SlideInfo, nuclei: Nuclei, spec: CellSpec, *, table: str, la
     return sorted(rows, key=lambda r: (r["nucleus_y"], r["nucleus_x"]))
 
 
-def score_cells(slide: Slide, rows: list[dict[str, Any]], plane: PlaneSetting = None,
-                min_focus: float | None = None) -> tuple[list[dict[str, Any]], int]:
-    """Read each cell's crop at its read resolution (from the plane(s) `plane` asks for), set its `focus` and
-    `plane`, and drop those under `min_focus` (a crop with too little stain to score stays); the rows kept and
-    the number of blurred cells (dropped, or without `min_focus` under `focus.BLURRED`)."""
-    kept, blurred = [], 0
-    limit = BLURRED if min_focus is None else min_focus
+def _focus_rows(slide: Slide, rows: list[dict[str, Any]], plane: PlaneSetting) -> list[tuple[float | None, int]]:
+    out = []
     for row in rows:
         image, used = slide.read_tile_plane(row["x"], row["y"], row["level"], row["read_size"], row["read_size"],
                                             plane=plane)
-        row["focus"], row["plane"] = focus_score(np.asarray(image)), used
+        out.append((focus_score(np.asarray(image)), used))
+    return out
+
+
+def _focus_chunk(ref: SlideRef, rows: list[dict[str, Any]], plane: PlaneSetting) -> list[tuple[float | None, int]]:
+    return _focus_rows(_worker_slide(ref), rows, plane)
+
+
+def score_cells(slide: Slide, rows: list[dict[str, Any]], plane: PlaneSetting = None,
+                min_focus: float | None = None, pool: Executor | None = None,
+                ref: SlideRef | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Read each cell's crop at its read resolution (from the plane(s) `plane` asks for), set its `focus` and
+    `plane`, and drop those under `min_focus` (a crop with too little stain to score stays); the rows kept and
+    the number of blurred cells (dropped, or without `min_focus` under `focus.BLURRED`). With a `pool`, chunks
+    of `CHUNK_CELLS` crops are read and scored by its workers (opening the slide as `ref` says)."""
+    if pool is None or ref is None:
+        scores = _focus_rows(slide, rows, plane)
+    else:
+        # only what a crop is read by travels to the workers
+        keys = ("x", "y", "level", "read_size")
+        chunks = _chunks([{k: r[k] for k in keys} for r in rows], CHUNK_CELLS)
+        scores = [s for f in [pool.submit(_focus_chunk, ref, c, plane) for c in chunks] for s in f.result()]
+    kept, blurred = [], 0
+    limit = BLURRED if min_focus is None else min_focus
+    for row, (score, used) in zip(rows, scores):
+        row["focus"], row["plane"] = score, used
         low = row["focus"] is not None and row["focus"] < limit
         blurred += low
         if not (low and min_focus is not None):
@@ -233,10 +359,11 @@ def _shrink(rgb: np.ndarray, side: int = OVERVIEW_SIDE) -> tuple[np.ndarray, flo
 def find_cells(path: Path, detector: Detector, spec: CellSpec = CellSpec(), *, table: str,
                label: SlideLabel | None = None, mpp: float | None = None, objective: float | None = None,
                on_progress: Callable[[int, int], None] | None = None, focus: bool = True,
-               plane: PlaneSetting = None, min_focus: float | None = None) -> FoundCells:
+               plane: PlaneSetting = None, min_focus: float | None = None, workers: int | None = None) -> FoundCells:
     """Find the cells of one slide or field: its summary line, rows, nuclei and overview. Nothing is written.
     Errors propagate (`tiling.SLIDE_ERRORS`: the job skips the slide). With `focus`, each crop is scored and
-    read from the plane(s) `plane` asks for (see the module docstring); cells under `min_focus` are dropped."""
+    read from the plane(s) `plane` asks for (see the module docstring); cells under `min_focus` are dropped.
+    A slide's tiles are shared among `workers` processes (None: `cell_workers()`; 1: this process alone)."""
     start = time.perf_counter()
     spec.validate()
     cache = PLANES_CACHE_BYTES if plane in ("best", "edf") else None  # every plane of a crop is read in turn
@@ -246,16 +373,23 @@ def find_cells(path: Path, detector: Detector, spec: CellSpec = CellSpec(), *, t
             nuclei, rgb = detect_field(slide, detector, plane)
             overview, downsample = _shrink(rgb)
             kind, n_tiles, owners, grey = "field", 0, None, bool(info.grey) or is_grey(rgb)
+            rows = cell_rows(info, nuclei, spec, table=table, label=label, tiles=owners, grey=grey)
+            blurred = 0
+            if focus:
+                rows, blurred = score_cells(slide, rows, plane, min_focus)
         else:
             tiled = tile_slide(path, spec.tiles, table=table, label=label, mpp=mpp, objective=objective,
                                focus=False)
-            nuclei, owners = detect_tiles(slide, tiled.rows, detector, on_progress, plane)
-            overview, downsample = tiled.decision.thumbnail, tiled.decision.downsample
-            kind, n_tiles, grey = "slide", len(tiled.rows), bool(getattr(info, "grey", False))
-        rows = cell_rows(info, nuclei, spec, table=table, label=label, tiles=owners, grey=grey)
-        blurred = 0
-        if focus:
-            rows, blurred = score_cells(slide, rows, plane, min_focus)
+            n = cell_workers() if workers is None else int(workers)
+            ref = SlideRef(str(Path(path).absolute()), mpp, objective, cache)
+            with worker_pool(n if len(tiled.rows) >= MIN_PARALLEL_TILES else 1, detector) as pool:
+                nuclei, owners = detect_tiles(slide, tiled.rows, detector, on_progress, plane, pool, ref)
+                overview, downsample = tiled.decision.thumbnail, tiled.decision.downsample
+                kind, n_tiles, grey = "slide", len(tiled.rows), bool(getattr(info, "grey", False))
+                rows = cell_rows(info, nuclei, spec, table=table, label=label, tiles=owners, grey=grey)
+                blurred = 0
+                if focus:
+                    rows, blurred = score_cells(slide, rows, plane, min_focus, pool, ref)
     scores = [r["focus"] for r in rows if r.get("focus") is not None]
     why = "no nucleus found" if not len(nuclei) else f"all {blurred} cells are under `min_focus`"
     result = CellsResult(slide=info.id, path=info.path, status="found" if rows else "empty", kind=kind,
