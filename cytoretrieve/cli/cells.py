@@ -166,18 +166,24 @@ def _print_report(report: Any) -> None:
                   f"({e['tp']} found, {e['fp']} extra, {e['fn']} missed)", soft_wrap=True)
 
 
+# Networks per `cells train` model: on Cervix93 an ensemble of three steadied the held-out training fields but did
+# not beat single networks on the test fields, at three times the training and detection time (BENCHMARKS.md, "Cells").
+DEFAULT_ENSEMBLE = 1
+
+
 @app.command("train")
 def train(
     points: Annotated[Path, typer.Option("--points", help="One point inside each nucleus, in px of its image: a CSV slide (or frame),x,y, a QuPath GeoJSON export of point annotations (Point / MultiPoint; its image named by the file, frame012.geojson, or by an image property), or a folder of them.", show_default=False)],
     images: Annotated[list[Path], typer.Option("--images", help="The annotated fields (files or folders); each file's name without suffix is its id in the points file.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write (a few MB): use it with `cells --detector FILE`.")] = Path("nucleus_detector.pt"),
     mpp: Mpp = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (batches of patches); default the detector's own.", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (batches of patches) per network; default the detector's own.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (the same seed gives the same model).")] = 0,
+    ensemble: Annotated[int, typer.Option("--ensemble", min=1, help="Networks trained (seeds --seed, --seed + 1, ...) and averaged in the one model file: steadier than one network, N times the training and detection time.")] = DEFAULT_ENSEMBLE,
 ) -> None:
     """Learn a nucleus detector from point annotations (the clicks a pathologist makes in QuPath: export the
-    points as GeoJSON, or a CSV). The model is small and trains on the CPU in minutes; the file records its training data
-    and settings.
+    points as GeoJSON, or a CSV). The model is small and trains on the CPU in minutes; with `--ensemble N`, N
+    networks whose heat maps are averaged. One file records the training data, the members and the settings.
 
     Example: cytoretrieve cells train --points points.csv --images fields/ --mpp 0.25 --out nuclei.pt
     """
@@ -205,8 +211,10 @@ def train(
             names.append(src.path.name)
     if not samples:
         raise CytoError(f"none of the images is named in {points} (ids are file names without their suffix)")
-    err.print(f"training on {len(samples)} fields, {sum(len(s[1]) for s in samples)} points")
+    err.print(f"training {ensemble} network{'s' if ensemble > 1 else ''} on {len(samples)} fields, "
+              f"{sum(len(s[1]) for s in samples)} points")
     with err.status("training the nucleus detector"):
-        model = train_point_detector(samples, names=names, seed=seed, **({"steps": steps} if steps else {}))
+        model = train_point_detector(samples, names=names, seed=seed, ensemble=ensemble,
+                                     **({"steps": steps} if steps else {}))
     model.save(out)
     Console().print(f"wrote {out}: use it with `cytoretrieve cells SOURCES --detector {out}`")

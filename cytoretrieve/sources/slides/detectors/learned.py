@@ -13,13 +13,19 @@ against the glass), so grey and RGB fields look alike to it.
   contrast changes of the darkness, blur and noise; a weighted squared error (`loss="mse"`) or cross-entropy
   (`"bce"`), pixels near a point weighing more so the few positives are not drowned by the background; Adam with a
   one-cycle schedule; one torch thread, seeded;
-- **detection**: the predicted map (with `tta`, the mean of the maps of the field's eight flips and turns: eight
-  times the work); its local maxima at least `min_separation_um` apart and at least `threshold` high (the
-  threshold with the best F1 on the training fields unless given) are the nuclei; `confidence` is the map's value
-  there; area, darkness and the cell around it are measured as the classic detector measures its
-  regions (watershed on the background-removed darkness, from these seeds);
-- **file** (`save` / `load`): one torch file with the weights, the settings, the working mpp, a JSON-able record
-  of the training data (names, counts of fields and points) and the library versions.
+- **ensemble** (`ensemble` = N > 1): N networks trained alike but for their seeds (`seed`, `seed` + 1, ...), each
+  exactly the model a single training with that seed would give; their maps are averaged, which evens out the
+  seed-to-seed variation of one small network (N times the training and detection work); `combine` joins
+  separately trained members into one;
+- **detection**: the predicted map (the mean over the ensemble's members; with `tta`, also over the field's eight
+  flips and turns: eight times the work); its local maxima at least `min_separation_um` apart and at least
+  `threshold` high (the threshold with the best F1 on the training fields unless given) are the nuclei;
+  `confidence` is the map's value there; area, darkness and the cell around it are measured as the classic
+  detector measures its regions (watershed on the background-removed darkness, from these seeds);
+- **file** (`save` / `load`): one torch file with the weights of every member, the settings (the ensemble's size
+  and first seed among them), the working mpp, a JSON-able record of the training data (names, counts of fields
+  and points, each member's seed and training time) and the library versions; files of the first format (one
+  network) still load.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ from cytoretrieve.sources.slides.detectors.classic import (
 )
 from cytoretrieve.sources.slides.detectors.evaluate import Counts, count
 
-FORMAT = "cytoretrieve-point-detector/1"
+FORMAT = "cytoretrieve-point-detector/2"
+FORMATS = ("cytoretrieve-point-detector/1", FORMAT)  # /1: one network, `state_dict`
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class PointSettings:
     contrast_um: float = 0.0
     tta: bool = False
     loss: str = "mse"
+    ensemble: int = 1  # members, seeds `seed` .. `seed` + ensemble - 1
 
     def validate(self) -> None:
         for name in ("work_mpp", "sigma_um", "lr", "min_separation_um", "match_radius_um"):
@@ -86,6 +94,8 @@ class PointSettings:
             raise ValueError(f"`contrast_um` must be 0 (off) or positive, not {self.contrast_um}")
         if self.loss not in ("mse", "bce"):
             raise ValueError(f"`loss` must be 'mse' or 'bce', not {self.loss!r}")
+        if int(self.ensemble) != self.ensemble or self.ensemble < 1:
+            raise ValueError(f"`ensemble` must be a whole number of members, at least 1; not {self.ensemble}")
 
     @property
     def channels(self) -> int:
@@ -94,6 +104,11 @@ class PointSettings:
     @property
     def multiple(self) -> int:
         return 2 ** (len(self.widths) - 1)
+
+    @property
+    def seeds(self) -> list[int]:
+        """The members' seeds."""
+        return [int(self.seed) + i for i in range(int(self.ensemble))]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -208,19 +223,29 @@ def _batch(fields: list[_Field], settings: PointSettings, rng: np.random.Generat
 
 
 class PointDetector:
-    """A trained heat-map network with its settings; call it like any detector: `detector(image, mpp)`."""
+    """Trained heat-map networks (one, or the members of an ensemble) with their settings; call it like any
+    detector: `detector(image, mpp)`."""
 
     name = "points"
 
-    def __init__(self, net: HeatNet, params: PointSettings, record: dict[str, Any] | None = None) -> None:
-        self.net = net.eval()
+    def __init__(self, net: HeatNet | Sequence[HeatNet], params: PointSettings,
+                 record: dict[str, Any] | None = None) -> None:
+        self.nets: list[HeatNet] = [n.eval() for n in ([net] if isinstance(net, HeatNet) else net)]
+        if len(self.nets) != params.ensemble:
+            raise ValueError(f"{len(self.nets)} networks for an ensemble of {params.ensemble}")
         self.params = params
         self.record: dict[str, Any] = dict(record or {})
         self.settings: dict[str, Any] = {"detector": self.name, **params.to_dict()}
 
+    @property
+    def net(self) -> HeatNet:
+        """The first (or only) member's network."""
+        return self.nets[0]
+
     def heat_map(self, od: np.ndarray, work_px: float | None = None, tta: bool | None = None) -> np.ndarray:
         """The predicted map (0..1) of a working-resolution darkness map (`work_px` um per pixel, by default the
-        working mpp); with `tta` (default: the setting) the mean of the maps of its eight flips and turns."""
+        working mpp): the mean of the members' maps; with `tta` (default: the setting) the mean over its eight
+        flips and turns too."""
         h, w = od.shape
         m = self.params.multiple
         ph, pw = (-h) % m, (-w) % m
@@ -228,17 +253,18 @@ class PointDetector:
         x = np.pad(inp, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > max(ph, pw) else "edge")
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
         use_tta = self.params.tta if tta is None else tta
+        out = torch.zeros_like(x[:, :1])
         with torch.inference_mode():
-            if not use_tta:
-                out = torch.sigmoid(self.net(x))
-            else:
-                out = torch.zeros_like(x[:, :1])
+            for net in self.nets:
+                if not use_tta:
+                    out += torch.sigmoid(net(x))
+                    continue
                 for flip in (False, True):
                     xf = torch.flip(x, (-1,)) if flip else x
                     for k in range(4):
-                        y = torch.rot90(torch.sigmoid(self.net(torch.rot90(xf, k, (-2, -1)))), -k, (-2, -1))
+                        y = torch.rot90(torch.sigmoid(net(torch.rot90(xf, k, (-2, -1)))), -k, (-2, -1))
                         out += torch.flip(y, (-1,)) if flip else y
-                out /= 8
+        out /= len(self.nets) * (8 if use_tta else 1)
         return out[0, 0, :h, :w].numpy()
 
     def peaks(self, heat: np.ndarray, work_px: float, threshold: float | None = None) -> np.ndarray:
@@ -271,13 +297,13 @@ class PointDetector:
         return nuclei_from(cands, np.ones(len(seeds), dtype=bool), measure, confidence=confidence)
 
     def save(self, path: str | Path) -> Path:
-        """One file: weights, settings, working mpp, training record, versions."""
+        """One file: every member's weights, settings, working mpp, training record, versions."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
                 "format": FORMAT,
-                "state_dict": self.net.state_dict(),
+                "state_dicts": [net.state_dict() for net in self.nets],
                 "settings": self.params.to_dict(),
                 "work_mpp": self.params.work_mpp,
                 "record": json.loads(json.dumps(self.record)),
@@ -300,20 +326,63 @@ def _versions() -> dict[str, str]:
 def load(path: str | Path, **overrides: Any) -> PointDetector:
     """A detector saved by `PointDetector.save`; `overrides` change detection settings (e.g. `threshold`)."""
     blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a point-detector file ({FORMAT})")
+    if not isinstance(blob, dict) or blob.get("format") not in FORMATS:
+        raise ValueError(f"{path} is not a point-detector file ({' or '.join(FORMATS)})")
+    states = blob["state_dicts"] if "state_dicts" in blob else [blob["state_dict"]]
     raw = dict(blob["settings"])
     raw["widths"] = tuple(raw["widths"])
     params = PointSettings(**raw)
+    if "ensemble" in overrides:
+        raise ValueError("`ensemble` is fixed by the file's networks")
     unknown = set(overrides) - set(raw)
     if unknown:
         raise ValueError(f"unknown point detector settings: {sorted(unknown)}")
     params = replace(params, **overrides)
     params.validate()
-    net = HeatNet(params.widths, params.channels)
-    net.load_state_dict(blob["state_dict"])
+    if len(states) != params.ensemble:
+        raise ValueError(f"{path} holds {len(states)} networks for an ensemble of {params.ensemble}")
+    nets = []
+    for state in states:
+        net = HeatNet(params.widths, params.channels)
+        net.load_state_dict(state)
+        nets.append(net)
     record = {**blob.get("record", {}), "versions": blob.get("versions", {})}
-    return PointDetector(net, params, record)
+    return PointDetector(nets, params, record)
+
+
+# Settings that only change how a trained map is read, not the networks: members may differ in them.
+DETECTION_SETTINGS = ("threshold", "min_separation_um", "match_radius_um", "tta")
+
+
+def combine(members: Sequence[PointDetector], **detection: Any) -> PointDetector:
+    """One ensemble detector of `members` trained alike (same settings and training data, consecutive seeds,
+    one network each); `detection` sets `threshold`, `min_separation_um`, `match_radius_um` or `tta` (default:
+    the first member's). The record keeps the members' own records."""
+    if not members:
+        raise ValueError("no members to combine")
+    unknown = set(detection) - set(DETECTION_SETTINGS)
+    if unknown:
+        raise ValueError(f"only detection settings can be set when combining, not {sorted(unknown)}")
+    members = sorted(members, key=lambda m: m.params.seed)
+    if any(m.params.ensemble != 1 for m in members):
+        raise ValueError("combine joins single-network detectors")
+    fixed = [{k: v for k, v in m.params.to_dict().items() if k not in (*DETECTION_SETTINGS, "seed")} for m in members]
+    if any(f != fixed[0] for f in fixed[1:]):
+        raise ValueError("members differ in their training settings")
+    names = [m.record.get("names") for m in members]
+    if any(n != names[0] for n in names[1:]):
+        raise ValueError("members were trained on different data")
+    seeds = [m.params.seed for m in members]
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"members need consecutive seeds, not {seeds}")
+    params = replace(members[0].params, ensemble=len(members), **detection)
+    params.validate()
+    first = members[0].record
+    record = {k: first[k] for k in ("fields", "points", "names", "mpps") if k in first}
+    record["members"] = [{"seed": m.params.seed, **{k: m.record.get(k) for k in ("train_cpu_s", "final_loss")}}
+                         for m in members]
+    record["train_cpu_s"] = round(sum(float(m.record.get("train_cpu_s") or 0.0) for m in members), 1)
+    return PointDetector([m.net for m in members], params, record)
 
 
 Sample = tuple[np.ndarray, np.ndarray, float]  # image, points (n, 2) x y in its pixels, mpp
@@ -336,29 +405,10 @@ def choose_threshold(detector: PointDetector, samples: Sequence[Sample], grid: S
     return float(best), totals[best]
 
 
-def train_point_detector(
-    samples: Sequence[Sample],
-    *,
-    names: Sequence[str] | None = None,
-    settings: PointSettings | None = None,
-    tune_threshold: bool = True,
-    **overrides: Any,
-) -> PointDetector:
-    """Train a `PointDetector` on (image, points_xy, mpp) samples; deterministic for a given `seed`.
-
-    `names` (one per sample, e.g. file names) go into the model's training record. With `tune_threshold` the
-    detection threshold is the one with the best F1 on the same samples (else `settings.threshold`).
-    """
-    params = replace(settings or PointSettings(), **overrides)
-    params = replace(params, widths=tuple(int(w) for w in params.widths))
-    params.validate()
-    if params.patch_px % params.multiple:
-        raise ValueError(f"`patch_px` must be a multiple of {params.multiple} for {len(params.widths)} levels")
-    if not samples:
-        raise ValueError("no training samples")
-    torch.manual_seed(params.seed)
-    rng = np.random.default_rng(params.seed)
-    fields = [_prepare(img, pts, mpp, params) for img, pts, mpp in samples]
+def _train_net(fields: list[_Field], params: PointSettings, seed: int) -> tuple[HeatNet, dict[str, Any]]:
+    """One network trained on prepared `fields` with `seed`, and its record (CPU time, final loss)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     net = HeatNet(params.widths, params.channels)
     opt = torch.optim.Adam(net.parameters(), lr=params.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=max(1, params.steps), pct_start=0.1)
@@ -378,16 +428,48 @@ def train_point_detector(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-    record = {
+    return net, {"seed": seed, "train_cpu_s": round(time.process_time() - started, 1),
+                 "final_loss": float(np.mean(losses[-50:])) if losses else None}
+
+
+def train_point_detector(
+    samples: Sequence[Sample],
+    *,
+    names: Sequence[str] | None = None,
+    settings: PointSettings | None = None,
+    tune_threshold: bool = True,
+    **overrides: Any,
+) -> PointDetector:
+    """Train a `PointDetector` on (image, points_xy, mpp) samples; deterministic for a given `seed`.
+
+    With `ensemble` = N > 1, N networks with seeds `seed` .. `seed` + N - 1, member i the very network a single
+    training with seed `seed` + i gives. `names` (one per sample, e.g. file names) go into the model's training
+    record. With `tune_threshold` the detection threshold is the one with the best F1 on the same samples (else
+    `settings.threshold`).
+    """
+    params = replace(settings or PointSettings(), **overrides)
+    params = replace(params, widths=tuple(int(w) for w in params.widths))
+    params.validate()
+    if params.patch_px % params.multiple:
+        raise ValueError(f"`patch_px` must be a multiple of {params.multiple} for {len(params.widths)} levels")
+    if not samples:
+        raise ValueError("no training samples")
+    fields = [_prepare(img, pts, mpp, params) for img, pts, mpp in samples]
+    trained = [_train_net(fields, params, seed) for seed in params.seeds]
+    record: dict[str, Any] = {
         "fields": len(samples),
         "points": int(sum(len(np.asarray(p).reshape(-1, 2)) for _, p, _ in samples)),
         "names": list(names) if names is not None else None,
         "mpps": sorted({float(m) for _, _, m in samples}),
-        "train_cpu_s": round(time.process_time() - started, 1),
-        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "train_cpu_s": round(sum(r["train_cpu_s"] for _, r in trained), 1),
     }
-    detector = PointDetector(net, params, record)
+    if params.ensemble == 1:
+        record["final_loss"] = trained[0][1]["final_loss"]
+    else:
+        record["members"] = [r for _, r in trained]
+    nets = [net for net, _ in trained]
+    detector = PointDetector(nets, params, record)
     if tune_threshold:
         thr, counts = choose_threshold(detector, samples)
-        detector = PointDetector(net, replace(params, threshold=thr), {**record, "threshold_train_counts": counts.to_dict()})
+        detector = PointDetector(nets, replace(params, threshold=thr), {**record, "threshold_train_counts": counts.to_dict()})
     return detector
