@@ -4,7 +4,8 @@
                                                        [--seed S] [--out model.pt] [--json figures.json]
                                                        [--holdout 15] [--[no-]tta] [--work-mpp M] [--sigma-um S]
                                                        [--widths 16,32,48] [--contrast-um C] [--loss mse|bce]
-                                                       [--classic-only]
+                                                       [--ensemble N] [--members DIR] [--folds K]
+                                                       [--classic-only | --no-classic]
 
 Cervix93 (Phoulady & Mouton, arXiv:1811.09651): 93 grey 1280 x 960 EDF fields of conventional Pap smears, one
 point inside each nucleus, set 0 = 69 training fields, set 1 = 24 test fields. The test fields are only scored,
@@ -15,14 +16,24 @@ never used to choose anything.
    `--mpp` (default 0.25 um/px, a 40x objective) turns px into um for the detectors' physical settings.
 2. **classic**: candidates on the training fields once; unless `--no-tune`, the rule thresholds (area, solidity,
    eccentricity, contrast, top-hat, darkness) by coordinate ascent of training F1 from the defaults.
-3. **point-trained**: with `--holdout N` (default 15), N training fields (spread over the grades) are held out:
-   a model trained on the other training fields picks the detection threshold, the peak separation and whether
-   to average flips (`--tta`, unless given) by F1 on the held-out fields (reported). Then `train_point_detector`
-   on all training fields (`--epochs` passes of random crops, `--seed`) with those choices, saved to `--out`
-   (with `--holdout 0`: the threshold by training F1, as before). The network settings' defaults (`CHOSEN`) were
-   themselves chosen on the same held-out fields.
+3. **point-trained**: an ensemble of `--ensemble` N networks (seeds `--seed` .. `--seed` + N - 1, their heat maps
+   averaged; N = 1 is one network). With `--holdout H` (default 15), H training fields (spread over the grades)
+   are held out: the N members trained on the other training fields pick the detection threshold, the peak
+   separation and whether to average flips (`--tta`, unless given) by the ensemble's F1 on the held-out fields;
+   the held-out F1 of each single member and of the ensembles of its first 1..N members are reported too (the
+   seed-to-seed spread, and what averaging buys). Then N members on all training fields (`--epochs` passes of
+   random crops each), joined with those choices into ONE model file, `--out` (with `--holdout 0`: the threshold
+   by training F1). The network settings' defaults (`CHOSEN`) were themselves chosen on the same held-out fields.
+   With `--folds K` > 1 the choice is made on all training fields instead, cross-fitted: the held-out fields and
+   K - 1 more groups of the rest, each group's maps made by members trained on the training fields outside it
+   (K - 1 more trainings per member), so a threshold is chosen on ~4.5x the points.
+   `--members DIR` keeps each trained member there (one file per phase and seed) and reuses a file whose training
+   data and settings match: training is deterministic per seed, so a rerun gives the same figures faster.
 4. Both scored on the test fields: each point matched to at most one detection within the radius (Hungarian);
-   recall, precision, F1, detected nuclei per CPU-second (one thread), and the training CPU time.
+   recall, precision, F1, detected nuclei per CPU-second (one thread), and the training CPU time. With an
+   ensemble and a holdout, each final member alone is scored too (its threshold and separation chosen on the
+   held-out fields from its held-out twin, without flips unless `--tta`): the test spread of single networks
+   beside the ensemble.
 
 One torch thread, one process. Prints a table; `--json` keeps every figure and setting.
 """
@@ -53,7 +64,15 @@ from cytoretrieve.sources.slides.detectors.classic import (
     to_working,
 )
 from cytoretrieve.sources.slides.detectors.evaluate import Counts, count
-from cytoretrieve.sources.slides.detectors.learned import PointDetector, PointSettings, train_point_detector
+from cytoretrieve.sources.slides.detectors.learned import (
+    DETECTION_SETTINGS,
+    PointDetector,
+    PointSettings,
+    choose_threshold,
+    combine,
+    load,
+    train_point_detector,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cervix93"
@@ -189,28 +208,88 @@ def split_holdout(fields: list[Field], n: int) -> tuple[list[Field], list[Field]
     return [f for f in fields if f.frame not in held], [f for f in fields if f.frame in held]
 
 
-def holdout_grid(detector: PointDetector, fields: list[Field], mpp: float, radius_px: float,
-                 thresholds: list[float], separations: list[float], ttas: list[bool]) -> dict[tuple[bool, float, float], Counts]:
-    """Counts on `fields` for each (tta, min separation um, threshold): one heat map per field and tta."""
-    out: dict[tuple[bool, float, float], Counts] = {}
+def split_folds(fields: list[Field], holdout: int, folds: int) -> list[list[Field]]:
+    """`folds` groups of training fields that cover them all: the `split_holdout` held-out fields first, then the
+    rest in `folds` - 1 groups, each spread over the grades the same way (a fixed choice)."""
+    rest, held = split_holdout(fields, holdout)
+    groups = [held]
+    for k in range(folds - 1, 0, -1):
+        rest, group = split_holdout(rest, int(round(len(rest) / k)))
+        groups.append(group)
+    return groups
+
+
+def train_members(fields: list[Field], params: PointSettings, mpp: float, cache: Path | None, tag: str) -> list[PointDetector]:
+    """One single-network detector per seed of `params` (`params.seeds`), trained on `fields` (no threshold
+    tuning); with `cache`, a member file `<tag>_seed<S>.pt` there is reused when its training data and settings
+    match, else the trained member is written there."""
+    names = [f.frame for f in fields]
+    members = []
+    for seed in params.seeds:
+        single = replace(params, seed=seed, ensemble=1)
+        path = cache / f"{tag}_seed{seed}.pt" if cache else None
+        if path is not None and path.is_file():
+            found = load(path)
+            want = {k: v for k, v in single.to_dict().items() if k not in DETECTION_SETTINGS}
+            have = {k: v for k, v in found.params.to_dict().items() if k not in DETECTION_SETTINGS}
+            if have == want and found.record.get("names") == names:
+                print(f"  member {tag} seed {seed}: reused {path} ({found.record.get('train_cpu_s')} CPU s when trained)",
+                      flush=True)
+                members.append(found)
+                continue
+            print(f"  member {tag} seed {seed}: {path} was trained otherwise; training again", flush=True)
+        found = train_point_detector([(f.image, f.points, mpp) for f in fields], names=names, settings=single,
+                                     tune_threshold=False)
+        print(f"  member {tag} seed {seed}: trained, {found.record['train_cpu_s']} CPU s", flush=True)
+        if path is not None:
+            found.save(path)
+        members.append(found)
+    return members
+
+
+def holdout_grid(members: list[PointDetector], fields: list[Field], mpp: float, radius_px: float,
+                 thresholds: list[float], separations: list[float], ttas: list[bool]
+                 ) -> tuple[dict[int, dict[tuple[bool, float, float], Counts]], dict[int, dict[tuple[bool, float, float], Counts]]]:
+    """Counts on `fields` for each (tta, min separation um, threshold): `(ensembles, singles)`, `ensembles[k]` for
+    the mean map of the first k members, `singles[i]` for member i alone; each member's map made once per tta."""
+    ens: dict[int, dict[tuple[bool, float, float], Counts]] = {k: {} for k in range(1, len(members) + 1)}
+    singles: dict[int, dict[tuple[bool, float, float], Counts]] = {i: {} for i in range(len(members))}
+    params = members[0].params
+
+    def add(table: dict[tuple[bool, float, float], Counts], heat: np.ndarray, tta: bool, work_px: float,
+            truth: np.ndarray, radius: float) -> None:
+        for sep in separations:
+            d = PointDetector(members[0].net, replace(params, ensemble=1, min_separation_um=sep))
+            for t in thresholds:
+                rc = d.peaks(heat, work_px, t)
+                key = (tta, sep, t)
+                table[key] = table.get(key, Counts()) + count(rc[:, ::-1].astype(float), truth, radius)
+
     for f in fields:
-        od, scale = to_working(darkness(f.image), _check_mpp(mpp), detector.params.work_mpp)
+        od, scale = to_working(darkness(f.image), _check_mpp(mpp), params.work_mpp)
         work_px = mpp / scale
         truth = (f.points + 0.5) * scale - 0.5
         for tta in ttas:
-            heat = detector.heat_map(od, work_px, tta=tta)
-            for sep in separations:
-                d = PointDetector(detector.net, replace(detector.params, min_separation_um=sep))
-                for t in thresholds:
-                    rc = d.peaks(heat, work_px, t)
-                    key = (tta, sep, t)
-                    out[key] = out.get(key, Counts()) + count(rc[:, ::-1].astype(float), truth, radius_px * scale)
-    return out
+            maps = [m.heat_map(od, work_px, tta=tta) for m in members]
+            for i, heat in enumerate(maps):
+                add(singles[i], heat, tta, work_px, truth, radius_px * scale)
+            total = np.zeros_like(maps[0])
+            for k, heat in enumerate(maps, start=1):
+                total += heat
+                if k > 1:
+                    add(ens[k], total / k, tta, work_px, truth, radius_px * scale)
+    ens[1] = singles[0]
+    return ens, singles
+
+
+def best_key(grid: dict[tuple[bool, float, float], Counts]) -> tuple[bool, float, float]:
+    """The best (tta, separation, threshold) by F1; ties to no flips, separation 3 um, threshold 0.5."""
+    return max(grid, key=lambda k: (round(grid[k].f1, 6), -k[0], -abs(k[1] - 3.0), -abs(k[2] - 0.5)))
 
 
 # Settings chosen on held-out training fields (see `--holdout`); the script's defaults.
 CHOSEN: dict[str, Any] = {"epochs": 8.0, "work_mpp": 0.75, "sigma_um": 2.5, "widths": (16, 32, 48), "contrast_um": 0.0,
-                          "loss": "mse"}
+                          "loss": "mse", "ensemble": 3}
 THRESHOLDS = [round(float(t), 2) for t in np.arange(0.2, 0.96, 0.05)]
 SEPARATIONS = [2.0, 2.5, 3.0, 3.5, 4.0]
 
@@ -232,11 +311,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--holdout", type=int, default=15,
                         help="training fields held out to choose threshold, peak separation and flips (0: none, "
                              "threshold by training F1)")
+    parser.add_argument("--folds", type=int, default=1,
+                        help="with K > 1, choose the detection settings on all training fields, cross-fitted: the "
+                             "held-out fields and K - 1 more groups, each scored by members trained without it")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average the eight flips / turns (default: chosen on the held-out fields, else off)")
+    parser.add_argument("--ensemble", type=int, default=CHOSEN["ensemble"],
+                        help="networks averaged in the one model (seeds --seed, --seed + 1, ...)")
+    parser.add_argument("--members", type=Path, default=None,
+                        help="folder keeping each trained member; a matching member file there is reused")
     parser.add_argument("--out", type=Path, default=Path("/tmp/cervix93_points.pt"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--classic-only", action="store_true", help="stop after the classic detector (no training)")
+    parser.add_argument("--no-classic", action="store_true", help="only the point-trained detector")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     wall = time.time()
@@ -259,7 +346,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{scale_info['median_diameter_um']} um; match radius {radius_px} px", flush=True)
 
     results: dict[str, Any] = {"scale": scale_info}
-    if args.no_tune:
+    if args.no_classic:
+        pass
+    elif args.no_tune:
         classic = ClassicDetector()
         results["classic_train"] = None
     else:
@@ -268,8 +357,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         classic = ClassicDetector(settings)
         results["classic_train"] = {**train_counts.to_dict(), "tune_cpu_s": round(time.process_time() - t0, 1)}
         print(f"classic tuned on train: F1 {train_counts.f1:.3f} (candidates {cand_cpu:.0f} CPU s)", flush=True)
-    results["classic_settings"] = classic.settings
-    results["classic_test"] = score(classic, test, args.mpp, radius_px)
+    if not args.no_classic:
+        results["classic_settings"] = classic.settings
+        results["classic_test"] = score(classic, test, args.mpp, radius_px)
     if args.classic_only:
         r = results["classic_test"]
         print(f"classic on the {len(test)} test fields: recall {r['recall']:.3f} precision {r['precision']:.3f} "
@@ -280,51 +370,111 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return results
 
     params = PointSettings(seed=args.seed, work_mpp=args.work_mpp, sigma_um=args.sigma_um, widths=args.widths,
-                           contrast_um=args.contrast_um, loss=args.loss, match_radius_um=radius_px * args.mpp)
+                           contrast_um=args.contrast_um, loss=args.loss, match_radius_um=radius_px * args.mpp,
+                           ensemble=args.ensemble)
+    params.validate()
     chosen: dict[str, Any] = {}
+    single_chosen: list[dict[str, Any]] = []
     if args.holdout > 0:
-        # Detection settings chosen on held-out training fields, by a model trained on the rest; never the test.
+        # Detection settings chosen on held-out training fields, by models trained on the rest; never the test.
         fit, held = split_holdout(train, args.holdout)
         steps = steps_for(args.epochs, fit, args.mpp, params)
         t0 = time.process_time()
-        probe = train_point_detector([(f.image, f.points, args.mpp) for f in fit], settings=replace(params, steps=steps),
-                                     tune_threshold=False)
-        probe_cpu = time.process_time() - t0
+        probes = train_members(fit, replace(params, steps=steps), args.mpp, args.members, "holdout")
+        probe_cpu = sum(float(m.record.get("train_cpu_s") or 0.0) for m in probes)
         ttas = [False, True] if args.tta is None else [args.tta]
-        grid = holdout_grid(probe, held, args.mpp, radius_px, THRESHOLDS, SEPARATIONS, ttas)
-        key = max(grid, key=lambda k: (round(grid[k].f1, 6), -k[0], -abs(k[1] - 3.0), -abs(k[2] - 0.5)))
+        t1 = time.process_time()
+        ens, singles = holdout_grid(probes, held, args.mpp, radius_px, THRESHOLDS, SEPARATIONS, ttas)
+        held_only = best_key(ens[len(probes)])
+        held_only_counts = ens[len(probes)][held_only].to_dict()
+        folds: list[dict[str, Any]] = []
+        for g, group in enumerate(split_folds(train, args.holdout, args.folds)[1:] if args.folds > 1 else [], 1):
+            # cross-fitting: every other training field scored by members trained without its group
+            out = {f.frame for f in group}
+            fit_g = [f for f in train if f.frame not in out]
+            steps_g = steps_for(args.epochs, fit_g, args.mpp, params)
+            mem_g = train_members(fit_g, replace(params, steps=steps_g), args.mpp, args.members, f"fold{g}")
+            ens_g, singles_g = holdout_grid(mem_g, group, args.mpp, radius_px, THRESHOLDS, SEPARATIONS, ttas)
+            for table, extra in ((ens, ens_g), (singles, singles_g)):
+                for i in table:
+                    table[i] = {k: table[i][k] + extra[i][k] for k in table[i]}
+            probe_cpu += sum(float(m.record.get("train_cpu_s") or 0.0) for m in mem_g)
+            folds.append({"fields": sorted(out), "steps": steps_g})
+        key = best_key(ens[len(probes)])
         chosen = {"tta": key[0], "min_separation_um": key[1], "threshold": key[2]}
-        by_tta = {str(t): max((grid[k] for k in grid if k[0] == t), key=lambda c: c.f1).to_dict() for t in ttas}
+        by_tta = {str(t): max((c for k, c in ens[len(probes)].items() if k[0] == t), key=lambda c: c.f1).to_dict()
+                  for t in ttas}
+        per_k = {}
+        for k, grid in ens.items():
+            kk = best_key(grid)
+            per_k[k] = {"tta": kk[0], "min_separation_um": kk[1], "threshold": kk[2], **grid[kk].to_dict()}
+        per_member = []
+        for i, grid in singles.items():
+            no_flip = {k: c for k, c in grid.items() if not k[0]} or grid  # without flips unless forced on
+            kk = best_key(no_flip)
+            single_chosen.append({"tta": kk[0], "min_separation_um": kk[1], "threshold": kk[2]})
+            per_member.append({"seed": probes[i].params.seed, **single_chosen[-1], **no_flip[kk].to_dict()})
         results["holdout"] = {"fit_fields": [f.frame for f in fit], "held_out_fields": [f.frame for f in held],
                               "held_out_points": int(sum(len(f.points) for f in held)), "steps": steps,
-                              "train_cpu_s": round(probe_cpu, 1), "chosen": chosen, "counts": grid[key].to_dict(),
-                              "best_by_tta": by_tta}
-        print(f"held-out training fields ({len(held)}, {results['holdout']['held_out_points']} points; model on the "
-              f"other {len(fit)}, {probe_cpu:.0f} CPU s): chose {chosen}: recall {grid[key].recall:.3f} precision "
-              f"{grid[key].precision:.3f} F1 {grid[key].f1:.3f}", flush=True)
+                              "members": len(probes), "train_cpu_s": round(probe_cpu, 1),
+                              "grid_cpu_s": round(time.process_time() - t1, 1), "chosen": chosen,
+                              "counts": ens[len(probes)][key].to_dict(), "best_by_tta": by_tta,
+                              "best_by_members": per_k, "single_members": per_member,
+                              "held_out_fields_only": {"chosen": dict(zip(("tta", "min_separation_um", "threshold"),
+                                                                          held_only)), "counts": held_only_counts},
+                              "cross_fit_groups": folds,
+                              "chosen_on": f"all {len(train)} training fields, cross-fitted" if folds else
+                                           f"the {len(held)} held-out fields"}
+        if folds:
+            print(f"cross-fitted over all {len(train)} training fields ({len(folds) + 1} groups); held-out fields "
+                  f"alone would choose {results['holdout']['held_out_fields_only']['chosen']}")
+        print(f"scored on {results['holdout']['chosen_on']} (held-out: {len(held)}, {results['holdout']['held_out_points']}"
+              f" points; {len(probes)} member(s) on the other {len(fit)}; members {probe_cpu:.0f} CPU s; grid "
+              f"{time.process_time() - t0:.0f} CPU s in all):", flush=True)
+        for m in per_member:
+            print(f"  member seed {m['seed']} alone (flips {m['tta']}): F1 {m['f1']:.3f} at threshold {m['threshold']}, "
+                  f"separation {m['min_separation_um']}")
+        for k, r in per_k.items():
+            print(f"  first {k} member(s) averaged: F1 {r['f1']:.3f} (recall {r['recall']:.3f}, precision "
+                  f"{r['precision']:.3f}) with flips {r['tta']}, separation {r['min_separation_um']}, "
+                  f"threshold {r['threshold']}")
+        print(f"  chose {chosen}", flush=True)
     steps = steps_for(args.epochs, train, args.mpp, params)
     t0, w0 = time.process_time(), time.time()
-    learned = train_point_detector([(f.image, f.points, args.mpp) for f in train], names=[f.frame for f in train],
-                                   settings=replace(params, steps=steps, **{"tta": bool(args.tta), **chosen}),
-                                   tune_threshold=not chosen)
-    train_cpu, train_wall = time.process_time() - t0, time.time() - w0
+    finals = train_members(train, replace(params, steps=steps), args.mpp, args.members, "final")
+    train_cpu = sum(float(m.record.get("train_cpu_s") or 0.0) for m in finals)
+    train_wall = time.time() - w0
+    learned = combine(finals, **{"tta": bool(args.tta), **chosen})
+    if not chosen:  # no held-out fields: the threshold with the best training F1
+        thr, counts = choose_threshold(learned, [(f.image, f.points, args.mpp) for f in train])
+        learned = PointDetector(learned.nets, replace(learned.params, threshold=thr),
+                                {**learned.record, "threshold_train_counts": counts.to_dict()})
     learned.save(args.out)
     reloaded = get_detector(args.out)
-    results["points_training"] = {"epochs": args.epochs, "steps": steps, "cpu_s": round(train_cpu, 1),
-                                  "wall_s": round(train_wall, 1), "model_file": str(args.out),
-                                  "model_bytes": args.out.stat().st_size, "record": reloaded.record}
+    results["points_training"] = {"epochs": args.epochs, "steps": steps, "members": len(finals),
+                                  "cpu_s": round(train_cpu, 1), "wall_s_this_run": round(train_wall, 1),
+                                  "model_file": str(args.out), "model_bytes": args.out.stat().st_size,
+                                  "record": reloaded.record}
     results["points_settings"] = reloaded.settings
     results["points_test"] = score(reloaded, test, args.mpp, radius_px)
+    if single_chosen and len(finals) > 1:
+        results["points_test_single_members"] = [
+            {"seed": m.params.seed, **single_chosen[i],
+             **score(PointDetector(m.net, replace(m.params, **single_chosen[i])), test, args.mpp, radius_px)}
+            for i, m in enumerate(finals)]
     results["wall_s"] = round(time.time() - wall, 1)
 
     if "holdout" in results:
         h = results["holdout"]["counts"]
-        print(f"\nheld-out training fields: recall {h['recall']:.3f} precision {h['precision']:.3f} F1 {h['f1']:.3f}"
-              f" with {chosen}")
-    print(f"\n{'test fields':<16}{'recall':>8}{'precision':>11}{'F1':>7}{'nuclei/CPU-s':>14}{'train CPU s':>13}")
-    for label, key, train_s in (("classic", "classic_test", 0.0), ("point-trained", "points_test", train_cpu)):
-        r = results[key]
-        print(f"{label:<16}{r['recall']:>8.3f}{r['precision']:>11.3f}{r['f1']:>7.3f}{r['nuclei_per_cpu_s']:>14.1f}"
+        print(f"\n{results['holdout']['chosen_on']}: recall {h['recall']:.3f} precision {h['precision']:.3f} "
+              f"F1 {h['f1']:.3f} with {chosen}")
+    print(f"\n{'test fields':<24}{'recall':>8}{'precision':>11}{'F1':>7}{'nuclei/CPU-s':>14}{'train CPU s':>13}")
+    rows = [("classic", results["classic_test"], 0.0)] if "classic_test" in results else []
+    rows += [(f"point-trained x{len(finals)}", results["points_test"], train_cpu)]
+    rows += [(f"  member seed {r['seed']} alone", r, float(finals[i].record.get("train_cpu_s") or 0.0))
+             for i, r in enumerate(results.get("points_test_single_members", []))]
+    for label, r, train_s in rows:
+        print(f"{label:<24}{r['recall']:>8.3f}{r['precision']:>11.3f}{r['f1']:>7.3f}{r['nuclei_per_cpu_s']:>14.1f}"
               f"{train_s:>13.0f}")
     print(f"(test fields: {len(test)}, points {sum(len(f.points) for f in test)}; match radius {radius_px} px; "
           f"wall {results['wall_s']:.0f} s)")
