@@ -33,6 +33,25 @@ app = typer.Typer(cls=_FindByDefault, no_args_is_help=True, rich_markup_mode="ma
 Mpp = Annotated[float | None, typer.Option("--mpp", help="um per pixel of fields (and slides) whose files do not say: required for plain PNG/JPEG fields (a 40x camera field is ~0.25).", show_default=False)]
 
 
+def _detector_settings(options: list[str]) -> dict[str, Any]:
+    """`--detector-option KEY=VALUE` pairs as detector settings: each VALUE read as JSON (numbers, true, lists),
+    else kept as text."""
+    import json
+
+    from cytoretrieve.errors import CytoError
+
+    out: dict[str, Any] = {}
+    for item in options:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise CytoError(f"`detector-option`: {item!r} is not KEY=VALUE (e.g. model_mpp=0.5)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 @app.command("find")
 def find(
     sources: Annotated[list[Path], typer.Argument(help="Slides, field images (PNG, JPEG, TIFF; grey or RGB), folders of them, or a CSV with a path column (and optional mpp, label, binary).", show_default=False)],
@@ -40,8 +59,10 @@ def find(
     store: options.Store = options.DEFAULT_STORE,
     mpp: Mpp = None,
     objective: Annotated[float | None, typer.Option("--objective", help="Objective power for images without a pixel size: P means 10/P um/px (40 -> 0.25).", show_default=False)] = None,
-    detector: Annotated[str, typer.Option("--detector", "-d", help="classic (no weights: darkness, seeds, watershed, size and shape limits in um), a model file from `cells train`, or instanseg / torchscript with --weights (or the TorchScript file itself): your own segmentation model, nothing is downloaded.")] = "classic",
-    weights: Annotated[Path | None, typer.Option("--weights", help="Model file of a learned segmenter named by --detector (instanseg, torchscript: a TorchScript .pt, e.g. an InstanSeg model).", show_default=False)] = None,
+    detector: Annotated[str, typer.Option("--detector", "-d", help="classic (no weights: darkness, seeds, watershed, size and shape limits in um), a model file from `cells train`, or instanseg / torchscript / cellpose / stardist with --weights (or the TorchScript file itself): your own segmentation model, nothing is downloaded.")] = "classic",
+    weights: Annotated[Path | None, typer.Option("--weights", help="Model of a learned segmenter named by --detector: instanseg, torchscript (a TorchScript .pt, e.g. an InstanSeg model), cellpose (a Cellpose 3 model file; the cellpose extra), stardist (a StarDist 2D model folder; the stardist extra).", show_default=False)] = None,
+    detector_option: Annotated[list[str] | None, typer.Option("--detector-option", help="A detector setting KEY=VALUE (repeatable; VALUE read as JSON, else as text), e.g. model_mpp=0.5 for a model trained at 0.5 um/px, diameter_um=7 for cellpose, min_area_um2=12 for classic. Recorded with the table.", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Worker processes sharing a whole slide's tiles (default: one per core this process may use).", show_default=False)] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV slide,label[,binary]: each slide's or field's label, stored with its cells.")] = None,
     crop_um: Annotated[float, typer.Option("--crop-um", help="Side of each cell's crop in um, centred on its nucleus.")] = 48.0,
     cell_size: Annotated[int, typer.Option("--cell-size", help="Side of each crop in px (the crop is resampled to it).")] = 128,
@@ -72,12 +93,17 @@ def find(
         from cytoretrieve.sources.slides.detectors import get_detector
         from cytoretrieve.store.tables import Store
 
+    settings = _detector_settings(detector_option or [])
     try:
-        found = get_detector(detector, **({"weights": weights} if weights is not None else {}))
-    except (TypeError, ValueError) as e:  # TypeError: --weights given to a detector that takes none
-        if weights is not None and (isinstance(e, TypeError) or "unknown" in str(e)):
-            raise CytoError(f"`weights`: --detector {detector} takes no weights file (instanseg and torchscript "
-                            "do)") from None
+        found = get_detector(detector, **({"weights": weights} if weights is not None else {}), **settings)
+    except (TypeError, ValueError) as e:  # TypeError or "unknown ...": a setting the detector does not take
+        unknown = isinstance(e, TypeError) or "unknown" in str(e)
+        if unknown and weights is not None and "weights" in str(e):
+            raise CytoError(f"`weights`: --detector {detector} takes no weights file (instanseg, torchscript, "
+                            "cellpose and stardist do)") from None
+        if unknown and settings:
+            raise CytoError(f"`detector-option`: --detector {detector} does not take one of "
+                            f"{', '.join(settings)} ({e})") from None
         raise CytoError(f"`detector`: {e}") from None
     srcs = expand_sources(sources, mpp=mpp, labels=read_labels(labels) if labels else None, planes=plane is not None)
     left_out: list[str] = []
@@ -101,7 +127,7 @@ def find(
         report = find_cells_in(srcs, Store(store), table=table, detector=found,
                                spec=CellSpec(crop_um=crop_um, cell_size=cell_size), points=marked, objective=objective,
                                preview=preview, geojson=geojson, on_slide=on_slide, on_result=on_result,
-                               focus=focus, plane=plane, min_focus=min_focus)
+                               focus=focus, plane=plane, min_focus=min_focus, workers=workers)
     finally:
         progress.stop()
     failed = bool(report.results) and all(r.status == "skipped" for r in report.results)

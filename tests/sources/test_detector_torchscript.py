@@ -144,7 +144,23 @@ def test_cli_cells_with_an_instanseg_model(models: dict[str, Path], tmp_path: Pa
     capsys.readouterr()
     for args, words in ((["--detector", "instanseg"], "--weights"),
                         (["--weights", str(models["instanseg"])], "takes no weights"),
-                        (["--detector", "instanseg", "--weights", str(models["state"])], "not a TorchScript")):
+                        (["--detector", "instanseg", "--weights", str(models["state"])], "not a TorchScript"),
+                        (["--detector-option", "model_mpp"], "not KEY=VALUE"),
+                        (["--detector-option", "no_such_setting=1"], "does not take")):
         assert run(["cells", str(field), "--mpp", "0.5", "--store", store, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_cli_detector_options_reach_the_detector_and_the_table(models: dict[str, Path], tmp_path: Path) -> None:
+    field = tmp_path / "f1.png"
+    Image.fromarray(_field(MODEL_MPP)).save(field)
+    store = str(tmp_path / "store")
+    assert run(["cells", str(field), "--mpp", str(MODEL_MPP), "--detector", "instanseg", "--weights",
+                str(models["instanseg"]), "--detector-option", f"model_mpp={MODEL_MPP}", "--store", store,
+                "--table", "seg", "--no-focus", "--workers", "1"]) == 0
+    from cytoretrieve.store.tables import Store
+    from cytoretrieve.store.tiles import open_tile_table
+
+    meta = open_tile_table(Store(store), "seg").meta["detector"]
+    assert meta["model_mpp"] == MODEL_MPP and isinstance(meta["model_mpp"], float)
