@@ -9,6 +9,7 @@ side index and the scale are put back as the build left them, so each process do
 
     git archive 9de54f8 cytoretrieve | tar -x -C /tmp/old
     .venv/bin/python benchmarks/append_catch_up.py --rows 2000000 --append 100000 --before /tmp/old --rounds 2
+    .venv/bin/python benchmarks/append_catch_up.py --store /work/bench10m/store --before /tmp/old --rounds 1
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--before", type=Path, help="an exported older tree (the folder holding its cytoretrieve/)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--store", type=Path, help="a kept store of `search_latency.py --store` (its table, index and "
+                    "appended rows as they are) instead of a new table")
     ap.add_argument("--json")
     args = ap.parse_args()
     info = _common.machine()
@@ -69,19 +72,26 @@ def main() -> None:
     from cytoretrieve.store.tables import Store
 
     with tempfile.TemporaryDirectory(prefix="cytoretrieve-append-") as tmp:
-        store = Store(Path(tmp) / "store")
+        store = Store(args.store or Path(tmp) / "store")
         name = f"synthetic_{args.dim}"
-        table, ingest_s = make_table_streamed(store, name, ClusteredSource(args.rows, args.dim))
-        start = time.perf_counter()
-        table_index(table, "ivfpq")
-        search(table, row_id="c0000000", k=10, device="cpu")  # the scale of the built index
-        print(f"{args.rows} rows written in {ingest_s:.1f} s; index (ivfpq) and scale in {time.perf_counter() - start:.1f} s")
+        if args.store:  # a kept store of `search_latency.py --store`: its index as it is, its rows since appended
+            held = store.open(name).count()
+            print(f"{held} rows in the kept store; the index as cached there")
+        else:
+            table, ingest_s = make_table_streamed(store, name, ClusteredSource(args.rows, args.dim))
+            start = time.perf_counter()
+            table_index(table, "ivfpq")
+            search(table, row_id="c0000000", k=10, device="cpu")  # the scale of the built index
+            print(f"{args.rows} rows written in {ingest_s:.1f} s; index (ivfpq) and scale in "
+                  f"{time.perf_counter() - start:.1f} s")
         built = {p: p.read_bytes() for p in store.index_dir().glob(f"{name}.*") if ".side" not in p.name
                  and p.suffix == ".json"}  # the index's .json and the scale, as the build left them
-        _, append_s = make_table_streamed(store, name, ClusteredSource(args.rows + args.append, args.dim),
-                                          args.rows, args.append)
-        print(f"{args.append} rows appended in {append_s:.1f} s")
-        last = f"c{args.rows + args.append - 1:07d}"
+        if not args.store:
+            _, append_s = make_table_streamed(store, name, ClusteredSource(args.rows + args.append, args.dim),
+                                              args.rows, args.append)
+            print(f"{args.append} rows appended in {append_s:.1f} s")
+            held = args.rows + args.append
+        last = f"c{held - 1:07d}"
         trees = {"before": args.before, "after": None} if args.before else {"after": None}
         times: dict[str, list[float]] = {k: [] for k in trees}
         for r in range(args.rounds):
@@ -93,7 +103,8 @@ def main() -> None:
                     p.write_bytes(data)
                 times[label].append(first_search(tree, store.uri, name, last))
                 print(f"round {r + 1} {label}: first search after the append {times[label][-1]:.2f} s", flush=True)
-        shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
+        if not args.store:
+            shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
     med = {k: float(np.median(v)) for k, v in times.items()}
     print("median: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
           + (f"; before / after {med['before'] / med['after']:.1f}x" if "before" in med else ""))

@@ -44,6 +44,7 @@ MEMORY_CACHE_TABLES = 4  # indexes kept loaded per process (most recently used);
 TABLE_TRAIN_PER_LIST = 40  # a table index's k-means: fewer rows (FAISS warns below 39) and iterations ...
 TABLE_KMEANS_ITERATIONS = 5  # ... than `ann.IndexParams`' defaults, for the same recall (BENCHMARKS.md)
 UPDATE_SLICE = 4096  # rows per LanceDB take when an index picks up appended rows
+SORT_BEFORE_SEARCH = 4096  # `RowMap.find` sorts more keys than this before its binary searches
 SIDE_FRACTION = 0.05  # appended rows wait in a side index (the main file untouched) up to this x the main's rows
 CACHE_FORMAT = 2  # of a table's cache files; a cache of another format is rebuilt
 MAPPED = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE  # how a cached index is read (`_read_cache`)
@@ -79,7 +80,13 @@ class RowMap:
         wanted = np.asarray(keys, dtype=np.int64)
         if not len(self.keys):
             return np.zeros(len(wanted), bool), np.zeros(0, np.int64)
-        at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        if len(wanted) > SORT_BEFORE_SEARCH:  # searchsorted walks sorted needles in order: ~5x faster at 10M
+            order = np.argsort(wanted)
+            at = np.empty(len(wanted), np.int64)
+            at[order] = np.searchsorted(self.keys, wanted[order])
+        else:
+            at = np.searchsorted(self.keys, wanted)
+        at = np.minimum(at, len(self.keys) - 1)
         found = self.keys[at] == wanted
         return found, at[found]
 

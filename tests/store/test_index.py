@@ -292,3 +292,20 @@ def test_a_damaged_side_index_is_rebuilt_never_served(tmp_path, damage: str, cap
     want |= {row_key("n1x")} if damage != "truncated" else set()
     assert set(ann.index_keys(again.side).tolist()) == want
     assert again.search(l2_normalise(x[:1]), 1)[1][0, 0] == row_key("r0")
+
+
+def test_row_map_find_gives_the_same_rows_for_many_keys_as_key_by_key() -> None:
+    """Past `SORT_BEFORE_SEARCH` keys `RowMap.find` sorts them before its binary searches: same answer."""
+    import pyarrow as pa
+
+    from cytoretrieve.store.index import SORT_BEFORE_SEARCH, RowMap
+
+    rng = np.random.default_rng(0)
+    held = np.sort(rng.choice(10**9, 3 * SORT_BEFORE_SEARCH, replace=False)).astype(np.int64)
+    rows = RowMap(pa.table({"key": held, "pos": np.arange(len(held), dtype=np.int64)}))
+    wanted = rng.permutation(np.concatenate([held[::2], rng.integers(10**9, 2 * 10**9, SORT_BEFORE_SEARCH)]))
+    found, at = rows.find(wanted)
+    one = [rows.find(wanted[i:i + 1]) for i in range(len(wanted))]
+    assert len(wanted) > SORT_BEFORE_SEARCH and found.sum() == len(held[::2])
+    assert found.tolist() == [bool(f[0]) for f, _ in one]
+    assert at.tolist() == [int(a[0]) for f, a in one if f[0]] and (held[at] == wanted[found]).all()
