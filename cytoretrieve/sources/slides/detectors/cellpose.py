@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from cytoretrieve.sources.slides.detectors import Nuclei, darkness
-from cytoretrieve.sources.slides.detectors.torchscript import _digest, label_measures
+from cytoretrieve.sources.slides.detectors.torchscript import _digest, label_measures, model_file
 
 DEFAULT_DIAMETER_UM = 8.0  # an intermediate squamous cell's nucleus; HSIL nuclei are larger, pyknotic ones smaller
 FIRST_CONV = "downsample.down.res_down_{}.proj.1.weight"  # CPnet: each level's 1x1 projection, (out, in, 1, 1)
@@ -69,12 +69,7 @@ class CellposeSegmenter:
     def __init__(self, weights: str | Path | None = None, diameter_um: float | None = None,
                  model_mpp: float | None = None, invert: bool = False, flow_threshold: float = 0.4,
                  cellprob_threshold: float = 0.0, min_area_um2: float = 4.0, name: str = "cellpose") -> None:
-        if weights is None or str(weights) == "":
-            raise ValueError(f"the {name} detector needs the model file: --weights PATH (a Cellpose 3 model, e.g. "
-                             "one trained in the Cellpose GUI; nothing is downloaded)")
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ValueError(f"no model file {path} for the {name} detector")
+        path = model_file(weights, name, "a Cellpose 3 model, e.g. one trained in the Cellpose GUI")
         for key, value in (("diameter_um", diameter_um), ("model_mpp", model_mpp)):
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ValueError(f"`{key}` must be a positive number, not {value}")

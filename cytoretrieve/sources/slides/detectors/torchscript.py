@@ -34,6 +34,18 @@ from cytoretrieve.sources.slides.detectors import Nuclei, darkness
 PERCENTILES = (0.1, 99.9)
 
 
+def model_file(weights: str | Path | None, detector: str, what: str) -> Path:
+    """The user's model file of a learned segmenter (`what` it should be): one clear error when it is not given
+    or not there. Nothing is ever downloaded in its place."""
+    if weights is None or str(weights) == "":
+        raise ValueError(f"the {detector} detector needs the model file: --weights PATH ({what}; nothing is "
+                         "downloaded)")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no model file {path} for the {detector} detector")
+    return path
+
+
 def is_torchscript(path: str | Path) -> bool:
     """True for a TorchScript archive (`torch.jit.save`): a zip with a `code/` folder, unlike `torch.save` files."""
     try:
@@ -99,12 +111,7 @@ class TorchScriptSegmenter:
 
     def __init__(self, weights: str | Path | None = None, model_mpp: float | None = None, channels: int | None = None,
                  min_area_um2: float = 0.0, name: str = "torchscript") -> None:
-        if weights is None or str(weights) == "":
-            raise ValueError(f"the {name} detector needs the model file: --weights PATH (a TorchScript .pt file, e.g. "
-                             "an InstanSeg model; nothing is downloaded)")
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ValueError(f"no model file {path} for the {name} detector")
+        path = model_file(weights, name, "a TorchScript .pt file, e.g. an InstanSeg model")
         if not is_torchscript(path):
             raise ValueError(f"{path} is not a TorchScript model file (torch.jit.save); {name} needs one")
         import torch
