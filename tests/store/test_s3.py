@@ -115,7 +115,8 @@ def test_embed_with_two_torchrun_processes_then_classify_and_search(cells: Path,
            "--master_port", str(_free_port()), "-m", "cytoretrieve", "embed", str(cells), "--label-map",
            str(cells / "label_map.json"), *EMBED, "--store", uri, "--table", "cells"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # both ends of stderr: a failing rank's own error comes before torchrun's summary of it
+    assert done.returncode == 0, done.stderr[:4000] + "\n...\n" + done.stderr[-2000:]
     added = [int(line.split(":")[1].split()[0]) for line in done.stdout.splitlines() if line.startswith("table cells:")]
     assert len(added) == 2 and all(n > 0 for n in added)  # both processes wrote their share
     ids = _ids(uri, "cells")
